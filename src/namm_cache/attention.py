@@ -1,0 +1,188 @@
+"""Attention observation: an attention function registered with transformers that wraps eager / sdpa.
+
+transformers calls `cache.update(keys, values, layer_idx)` and then, right after, the attention function of
+`config._attn_implementation` with the exact post-RoPE queries and the keys `update` returned. A NAMM layer
+hands itself over in `update` (keyed by the very key tensor it returns); the wrapper below picks it up,
+builds the mask this layer needs (its own kept tokens, causal inside the chunk, padding, per-head
+eviction), runs the model's own eager attention with it (so the post-softmax probabilities are exact and
+free), and gives the probabilities back to the layer. Calls with no hand-over (other caches, sliding
+layers) go to the base implementation untouched.
+
+transformers builds one mask for all layers; it cannot describe layers that keep different tokens. The mask
+function registered beside the attention function therefore returns an `ObservedMask`: the mask the base
+implementation would have built (for layers we do not own) plus the 2D padding mask (for layers we do).
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .cache import NAMMLayer
+
+SUPPORTED_BASE_IMPLEMENTATIONS = ("sdpa", "eager")
+NAMM_PREFIX = "namm_"
+
+_handoff = threading.local()
+
+
+def hand_over(layer: "NAMMLayer", keys: torch.Tensor) -> None:
+    """Called by a NAMM layer at the end of `update`: the next attention call with `keys` is this layer's."""
+    _handoff.layer = layer
+    _handoff.keys = keys
+
+
+def take_handover(keys: torch.Tensor) -> "NAMMLayer | None":
+    """Return (and clear) the layer that returned exactly `keys` from its last `update`, if any."""
+    layer = getattr(_handoff, "layer", None)
+    if layer is None or getattr(_handoff, "keys", None) is not keys:
+        return None
+    _handoff.layer = None
+    _handoff.keys = None
+    return layer
+
+
+@dataclass
+class ObservedMask:
+    """What the NAMM mask function returns in place of a mask.
+
+    Attributes:
+        standard: the mask the base implementation would have built (None for sdpa's is_causal fast path).
+        padding: the model's 2D attention mask `(batch, tokens so far)`, True/1 = real token, or None.
+    """
+
+    standard: Any
+    padding: torch.Tensor | None
+
+    # Some callers inspect masks generically; behave like the standard one for those.
+    @property
+    def shape(self):  # pragma: no cover - defensive
+        return None if self.standard is None else self.standard.shape
+
+
+def _generic_eager_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain softmax attention with GQA, used only for model families that define no eager function."""
+    groups = query.shape[1] // key.shape[1]
+    key = key.repeat_interleave(groups, dim=1)
+    value = value.repeat_interleave(groups, dim=1)
+    scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
+    weights = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        weights = weights + attention_mask
+    weights = torch.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    output = torch.matmul(weights, value).transpose(1, 2).contiguous()
+    return output, weights
+
+
+_eager_functions: dict[type, Callable] = {}
+
+
+def model_eager_attention(module: nn.Module) -> Callable:
+    """The eager attention function of the module's own modeling file (softcapping, sinks... included)."""
+    cls = type(module)
+    if cls not in _eager_functions:
+        modeling = sys.modules.get(cls.__module__)
+        _eager_functions[cls] = getattr(modeling, "eager_attention_forward", None) or _generic_eager_attention
+    return _eager_functions[cls]
+
+
+def _base_attention(name: str) -> Callable | None:
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    return None if name == "eager" else ALL_ATTENTION_FUNCTIONS[name]
+
+
+def _make_attention_function(base: str) -> Callable:
+    def namm_attention(
+        module: nn.Module,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: Any,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        observed = attention_mask if isinstance(attention_mask, ObservedMask) else None
+        standard = observed.standard if observed is not None else attention_mask
+        layer = take_handover(key)
+        if layer is None:
+            function = _base_attention(base) or model_eager_attention(module)
+            return function(module, query, key, value, standard, **kwargs)
+
+        q_length = query.shape[2]
+        padding = observed.padding if observed is not None else None
+        new_is_padding = layer.new_token_padding(padding, q_length, batch_size=query.shape[0])
+        bias = layer.attention_bias(q_length, new_is_padding, query_heads=query.shape[1], dtype=query.dtype)
+        output, weights = model_eager_attention(module)(module, query, key, value, bias, **kwargs)
+        layer.observe(weights, new_is_padding)
+        return output, (weights if base == "eager" else None)
+
+    namm_attention.__name__ = f"namm_{base}_attention"
+    return namm_attention
+
+
+def _make_mask_function(base: str) -> Callable:
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+    base_mask = ALL_MASK_ATTENTION_FUNCTIONS[base]
+
+    def namm_mask(*args: Any, attention_mask: torch.Tensor | None = None, **kwargs: Any) -> ObservedMask:
+        standard = base_mask(*args, attention_mask=attention_mask, **kwargs)
+        return ObservedMask(standard=standard, padding=attention_mask)
+
+    namm_mask.__name__ = f"namm_{base}_mask"
+    return namm_mask
+
+
+_registered = False
+
+
+def register_attention_functions() -> None:
+    """Register `namm_sdpa` and `namm_eager` with transformers' attention and mask interfaces (idempotent)."""
+    global _registered
+    if _registered:
+        return
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    for base in SUPPORTED_BASE_IMPLEMENTATIONS:
+        AttentionInterface.register(NAMM_PREFIX + base, _make_attention_function(base))
+        AttentionMaskInterface.register(NAMM_PREFIX + base, _make_mask_function(base))
+    _registered = True
+
+
+def install_attention(model: nn.Module) -> str:
+    """Route the model's attention through the NAMM wrapper around its current eager/sdpa implementation.
+
+    Models keep working with any other cache afterwards: calls without a NAMM hand-over pass straight
+    through. Returns the name now set (`namm_sdpa` or `namm_eager`).
+    """
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(model, "set_attn_implementation"):
+        raise ValueError("NAMMCache(model=...) needs a transformers PreTrainedModel.")
+    current = config._attn_implementation
+    base = current[len(NAMM_PREFIX):] if current and current.startswith(NAMM_PREFIX) else current
+    if base not in SUPPORTED_BASE_IMPLEMENTATIONS:
+        raise ValueError(
+            f"NAMMCache observes attention through eager or sdpa, but this model uses {current!r}. Load it with "
+            "attn_implementation='sdpa' (or 'eager'), or call model.set_attn_implementation('sdpa') first."
+        )
+    register_attention_functions()
+    name = NAMM_PREFIX + base
+    if current != name:
+        model.set_attn_implementation(name)
+    return name

@@ -1,0 +1,445 @@
+"""`NAMMCache`: a transformers `Cache` whose full-attention layers score tokens and evict them in `update`."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import nn
+from transformers.cache_utils import DYNAMIC_LAYER_TYPE_MAPPING, Cache, CacheLayerMixin, get_layer_types_and_kwargs
+
+from .attention import hand_over, install_attention
+from .config import NAMMConfig
+from .features import SpectrogramState, fold_attention
+from .policies import NAMMPolicy, Observation, Policy
+from .scorers import BAMScorer, Scorer
+from .selection import compaction_indices, select_tokens
+
+FeatureObserver = Callable[[int, torch.Tensor], None]
+
+
+class NAMMLayer(CacheLayerMixin):
+    """Cache layer of one full-attention layer that evicts tokens every `update_interval` tokens seen.
+
+    Storage (B = batch, H = KV heads, S = slots = the most tokens any (row, head) keeps, D = head dim):
+        keys, values: `(B, H, S, D)`, each (row, head) in chronological order; slots past a head's count
+            are empty and masked.
+        positions: `(B, H, S)` absolute position of each slot's token (index in the padded sequence).
+        token_valid: `(B, H, S)` False for empty slots and for padding tokens.
+        spectrogram state: EMA `(B, H, S, n_bins)`, tail and pending attention `(B, H, S, hop)`.
+    Per batch row: tokens of real (non-padding) input seen, pending attention count, next eviction point.
+
+    Invariants: `get_seq_length()` is the number of tokens seen (padding included), so positions and
+    masks built by transformers stay right; an evicted token is gone from storage and never attended
+    again; whatever the layer keeps per token moves with the kept indices; eviction is decided per batch
+    row on that row's own real tokens, so a left-padded batch evicts what each prompt would alone.
+    """
+
+    is_compileable = False
+    is_croppable = False
+    is_sliding = False
+
+    def __init__(self, layer_idx: int, config: NAMMConfig, policy: Policy, observer: FeatureObserver | None = None):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.config = config
+        self.policy = policy
+        self.observer = observer
+        self.tokens_seen = 0
+        self.tokens_evicted = 0
+        self.evictions = 0
+        self.awaiting_observation = False
+
+    # ------------------------------------------------------------------ storage
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        batch, heads, _, head_dim = key_states.shape
+        device, config = key_states.device, self.config
+        self.device = device
+        self.keys = key_states.new_zeros(batch, heads, 0, head_dim)
+        self.values = value_states.new_zeros(batch, heads, 0, value_states.shape[-1])
+        self.positions = torch.zeros(batch, heads, 0, dtype=torch.long, device=device)
+        self.token_valid = torch.zeros(batch, heads, 0, dtype=torch.bool, device=device)
+        self.ema = torch.zeros(batch, heads, 0, config.n_bins, device=device)
+        self.tail = torch.zeros(batch, heads, 0, config.hop_length, device=device)
+        self.pending = torch.zeros(batch, heads, 0, config.hop_length, device=device)
+        self.pending_count = [0] * batch
+        self.real_tokens_seen = [0] * batch
+        self.next_eviction = [config.update_interval] * batch
+        self.is_initialized = True
+
+    @property
+    def batch_size(self) -> int:
+        return self.keys.shape[0] if self.is_initialized else 0
+
+    def _per_token_tensors(self) -> list[str]:
+        return ["keys", "values", "positions", "token_valid", "ema", "tail", "pending"]
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
+        """Evict if an eviction point was reached, then append the new chunk and return all stored K/V.
+
+        Returns keys and values `(B, H, S + q, D)`: stored slots (some possibly empty) then the new tokens.
+        """
+        if torch.compiler.is_compiling():
+            raise RuntimeError(
+                "NAMMCache cannot run under torch.compile: eviction changes tensor shapes at data-dependent points. "
+                "Run the model uncompiled (generate() does not auto-compile this cache)."
+            )
+        if self.awaiting_observation:
+            raise RuntimeError(
+                f"NAMM layer {self.layer_idx} received no attention observation for its last chunk, so it cannot score "
+                "tokens (it never evicts blind). The model must run its attention through the NAMM wrapper: build the "
+                "cache with NAMMCache(model=model, ...) or call namm_cache.install_attention(model), and use "
+                "attn_implementation 'sdpa' or 'eager'."
+            )
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        elif key_states.shape[0] != self.keys.shape[0]:
+            raise ValueError(
+                f"Batch size changed from {self.keys.shape[0]} to {key_states.shape[0]}; a NAMMCache serves one batch of "
+                "sequences. Call cache.reset() before a new batch."
+            )
+        due = [b for b in range(self.batch_size) if self.real_tokens_seen[b] >= self.next_eviction[b]]
+        if due:
+            self._evict(due)
+            for b in due:
+                while self.next_eviction[b] <= self.real_tokens_seen[b]:
+                    self.next_eviction[b] += self.config.update_interval
+
+        batch, heads, q, _ = key_states.shape
+        device = self.keys.device
+        new_positions = torch.arange(self.tokens_seen, self.tokens_seen + q, device=device).expand(batch, heads, q)
+        self.keys = torch.cat([self.keys, key_states], dim=-2)
+        self.values = torch.cat([self.values, value_states], dim=-2)
+        self.positions = torch.cat([self.positions, new_positions], dim=-1)
+        self.token_valid = torch.cat([self.token_valid, torch.ones(batch, heads, q, dtype=torch.bool, device=device)], dim=-1)
+        for name in ("ema", "tail", "pending"):
+            state = getattr(self, name)
+            setattr(self, name, torch.cat([state, state.new_zeros(batch, heads, q, state.shape[-1])], dim=-2))
+        self.tokens_seen += q
+        self.awaiting_observation = True
+        hand_over(self, self.keys)
+        return self.keys, self.values
+
+    # ------------------------------------------------------------------ masks
+    def new_token_padding(self, padding_mask: torch.Tensor | None, q_length: int, batch_size: int) -> torch.Tensor:
+        """`(B, q)` bool, True where a token of the current chunk is padding, from the model's 2D mask."""
+        if padding_mask is None:
+            return torch.zeros(batch_size, q_length, dtype=torch.bool, device=self.keys.device)
+        if padding_mask.dim() != 2:
+            raise ValueError("NAMMCache needs a 2D attention mask (batch, sequence); got a prepared 4D mask.")
+        if padding_mask.shape[-1] != self.tokens_seen:
+            raise RuntimeError(
+                f"This NAMMCache has seen {self.tokens_seen} tokens but the attention mask covers {padding_mask.shape[-1]}. "
+                "A NAMMCache serves one sequence (per batch row) from its start: call cache.reset() before a new prompt, "
+                "and do not pass a cache used for another prompt."
+            )
+        return ~padding_mask[:, -q_length:].to(device=self.keys.device, dtype=torch.bool)
+
+    def attention_bias(self, q_length: int, new_is_padding: torch.Tensor, query_heads: int, dtype: torch.dtype) -> torch.Tensor:
+        """Additive mask `(B, 1 or query_heads, q, S_total)` for this chunk's queries over stored + new keys.
+
+        A stored slot is visible iff it holds a real token of that head; new tokens are causal and
+        visible unless they are padding. Mask value is the dtype's minimum, like transformers' eager masks.
+        """
+        batch, heads, total = self.token_valid.shape
+        stored = total - q_length
+        self.token_valid[:, :, stored:] &= ~new_is_padding.unsqueeze(1)
+        device = self.keys.device
+        causal = torch.ones(q_length, q_length, dtype=torch.bool, device=device).tril()
+        new_part = causal.unsqueeze(0) & ~new_is_padding.unsqueeze(1)  # (B, q, q)
+        old_valid = self.token_valid[:, :, :stored]
+        if bool(old_valid.all()):
+            allowed = torch.cat([torch.ones(batch, q_length, stored, dtype=torch.bool, device=device), new_part], dim=-1)
+            allowed = allowed.unsqueeze(1)
+        else:
+            old_part = old_valid.unsqueeze(2).expand(batch, heads, q_length, stored)
+            allowed = torch.cat([old_part, new_part.unsqueeze(1).expand(batch, heads, q_length, q_length)], dim=-1)
+            groups = query_heads // heads
+            if groups > 1:
+                allowed = allowed.unsqueeze(2).expand(batch, heads, groups, q_length, total).reshape(batch, query_heads, q_length, total)
+        bias = torch.zeros(allowed.shape, dtype=dtype, device=device)
+        return bias.masked_fill_(~allowed, torch.finfo(dtype).min)
+
+    # ------------------------------------------------------------------ observation -> features
+    def observe(self, weights: torch.Tensor, new_is_padding: torch.Tensor) -> None:
+        """Fold this chunk's attention probabilities into each token's spectrogram state.
+
+        Args:
+            weights: `(B, query_heads, q, S_total)` post-softmax attention of the chunk's queries.
+            new_is_padding: `(B, q)` bool; padding queries are not part of any time series.
+        """
+        batch, heads, total = self.token_valid.shape
+        q = weights.shape[2]
+        groups = weights.shape[1] // heads
+        probs = weights.detach().to(torch.float32).view(batch, heads, groups, q, total).mean(2)
+        real_queries = ~new_is_padding
+        if bool(real_queries.all()) and len(set(self.pending_count)) == 1:
+            self._fold_rows(list(range(batch)), probs.transpose(-1, -2))
+            for b in range(batch):
+                self.real_tokens_seen[b] += q
+        else:
+            for b in range(batch):
+                rows = real_queries[b]
+                self._fold_rows([b], probs[b : b + 1][:, :, rows].transpose(-1, -2))
+                self.real_tokens_seen[b] += int(rows.sum())
+        self.awaiting_observation = False
+
+    def _fold_rows(self, rows: list[int], values: torch.Tensor) -> None:
+        """Fold `values` `(len(rows), H, S_total, q_real)` into the state of batch `rows` (same pending count)."""
+        index = torch.tensor(rows, device=self.ema.device)
+        shape = values.shape[:3]
+        state = SpectrogramState(
+            ema=self.ema[index].reshape(-1, self.config.n_bins),
+            tail=self.tail[index].reshape(-1, self.config.hop_length),
+            pending=self.pending[index].reshape(-1, self.config.hop_length),
+            pending_count=self.pending_count[rows[0]],
+        )
+        state = fold_attention(state, values.reshape(-1, values.shape[-1]), self.config)
+        self.ema[index] = state.ema.view(*shape, -1)
+        self.tail[index] = state.tail.view(*shape, -1)
+        self.pending[index] = state.pending.view(*shape, -1)
+        for b in rows:
+            self.pending_count[b] = state.pending_count
+
+    # ------------------------------------------------------------------ eviction
+    def _evict(self, due_rows: list[int]) -> None:
+        batch, heads, slots = self.token_valid.shape
+        keep = self.token_valid.clone()
+        index = torch.tensor(due_rows, device=self.keys.device)
+        positions = self.positions[index].reshape(-1, slots)
+        valid = self.token_valid[index].reshape(-1, slots)
+        observation = Observation(
+            layer_idx=self.layer_idx,
+            keys=self.keys[index].reshape(-1, slots, self.keys.shape[-1]),
+            positions=positions,
+            valid=valid,
+            age=(self.tokens_seen - 1) - positions,
+            spectrogram=self.ema[index].reshape(-1, slots, self.config.n_bins),
+            config=self.config,
+        )
+        if self.observer is not None:
+            self.observer(self.layer_idx, observation.spectrogram[valid])
+        scores = self.policy.score(observation)
+        if scores.shape != valid.shape:
+            raise ValueError(f"Policy {type(self.policy).__name__} returned scores of shape {tuple(scores.shape)}, expected {tuple(valid.shape)}.")
+        kept = select_tokens(scores, valid, positions, threshold=self.config.threshold, max_tokens=self.config.max_tokens)
+        keep[index] = kept.view(len(due_rows), heads, slots)
+        self.tokens_evicted += int(self.token_valid.sum() - keep.sum())
+        self.evictions += 1
+        self._compact(keep)
+
+    def _compact(self, keep: torch.Tensor) -> None:
+        """Shrink storage to the kept slots of every (row, head); kept tokens stay in chronological order."""
+        batch, heads, slots = keep.shape
+        order, slot_valid = compaction_indices(keep.reshape(batch * heads, slots))
+        new_slots = order.shape[-1]
+        order = order.view(batch, heads, new_slots)
+        for name in self._per_token_tensors():
+            tensor = getattr(self, name)
+            if tensor.dim() == 4:
+                gathered = tensor.gather(2, order.unsqueeze(-1).expand(batch, heads, new_slots, tensor.shape[-1]))
+            else:
+                gathered = tensor.gather(2, order)
+            setattr(self, name, gathered.contiguous())
+        self.token_valid &= slot_valid.view(batch, heads, new_slots)
+
+    # ------------------------------------------------------------------ transformers API
+    def get_seq_length(self) -> int:
+        return self.tokens_seen
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        stored = self.keys.shape[-2] if self.is_initialized else 0
+        return stored + query_length, self.tokens_seen - stored
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.keys = self.values = None
+        self.is_initialized = False
+        self.tokens_seen = 0
+        self.tokens_evicted = 0
+        self.evictions = 0
+        self.awaiting_observation = False
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError(
+            "NAMMCache cannot be cropped: evicted tokens cannot be restored, so assisted / speculative decoding (which "
+            "rolls the cache back) is not supported. Use generate() without an assistant model."
+        )
+
+    def _select_batch(self, index: torch.Tensor) -> None:
+        if not self.is_initialized:
+            return
+        index = index.to(self.keys.device)
+        for name in self._per_token_tensors():
+            setattr(self, name, getattr(self, name).index_select(0, index))
+        rows = index.tolist()
+        self.pending_count = [self.pending_count[i] for i in rows]
+        self.real_tokens_seen = [self.real_tokens_seen[i] for i in rows]
+        self.next_eviction = [self.next_eviction[i] for i in rows]
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._select_batch(beam_idx)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.is_initialized:
+            self._select_batch(torch.arange(self.batch_size, device=self.keys.device).repeat_interleave(repeats))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.is_initialized:
+            if indices.dtype == torch.bool:
+                indices = indices.nonzero().flatten()
+            self._select_batch(indices)
+
+    # ------------------------------------------------------------------ accounting
+    def kv_bytes(self) -> int:
+        if not self.is_initialized:
+            return 0
+        return self.keys.nbytes + self.values.nbytes
+
+    def state_bytes(self) -> int:
+        if not self.is_initialized:
+            return 0
+        return sum(getattr(self, name).nbytes for name in ("positions", "token_valid", "ema", "tail", "pending"))
+
+    def kept_per_head(self) -> torch.Tensor:
+        """`(B, H)` number of real tokens each (row, KV head) holds."""
+        if not self.is_initialized:
+            return torch.zeros(0, 0, dtype=torch.long)
+        return self.token_valid.sum(-1)
+
+
+def _layer_bytes(layer: Any) -> int:
+    keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
+    return sum(t.nbytes for t in (keys, values) if isinstance(t, torch.Tensor))
+
+
+class NAMMCache(Cache):
+    """A drop-in transformers cache that keeps only the tokens a NAMM scorer (or another policy) keeps.
+
+    Full-attention layers get a `NAMMLayer`; sliding-window, linear-attention and shared-KV layers get
+    transformers' own layer classes, so hybrid models (Gemma3) work. Every `update_interval` tokens seen,
+    in prefill chunks and decoding alike, each NAMM layer scores its tokens per (batch row, KV head) from
+    the attention they received and frees the ones it evicts.
+
+    Args:
+        model: the model this cache serves. Its attention is routed through the NAMM observation wrapper
+            (eager or sdpa); its config gives the layer layout.
+        scorer: the shared scorer (default: a zero-initialised `BAMScorer`, which keeps every token).
+        config: a `NAMMConfig` (default: the paper's constants).
+        model_config: the model config, when no `model` is given (then call `install_attention(model)`).
+        policy: an explicit `Policy`; by default `NAMMPolicy(scorer)`.
+        **overrides: `NAMMConfig` fields to change, e.g. `update_interval=128, max_tokens=1024`.
+
+    Example:
+        >>> cache = NAMMCache(model=model, scorer=BAMScorer(), update_interval=512)
+        >>> out = model.generate(**inputs, past_key_values=cache, prefill_chunk_size=512, max_new_tokens=64)
+        >>> cache.stats()["kv_bytes"]
+    """
+
+    def __init__(
+        self,
+        model: nn.Module | None = None,
+        *,
+        scorer: Scorer | None = None,
+        config: NAMMConfig | None = None,
+        model_config: Any = None,
+        policy: Policy | None = None,
+        **overrides: Any,
+    ):
+        namm_config = (config or NAMMConfig()).replace(**overrides) if overrides else (config or NAMMConfig())
+        if model is None and model_config is None:
+            raise ValueError("NAMMCache needs the model it serves: NAMMCache(model=model, ...).")
+        model_config = model_config if model_config is not None else model.config
+        text_config = model_config.get_text_config(decoder=True)
+        layer_types, layer_kwargs = get_layer_types_and_kwargs(text_config)
+        if "full_attention" not in layer_types:
+            raise ValueError(
+                f"This model has no full-attention layer (layer types: {sorted(set(layer_types))}); NAMM evicts from "
+                "full-attention layers only, so there is nothing to manage. Use transformers' DynamicCache."
+            )
+        if scorer is None and policy is None:
+            scorer = BAMScorer(input_dim=namm_config.feature_dim, n_bins=namm_config.n_bins)
+        if scorer is not None:
+            if scorer.input_dim != namm_config.feature_dim or scorer.n_bins != namm_config.n_bins:
+                raise ValueError(
+                    f"The scorer reads {scorer.input_dim} features with {scorer.n_bins} spectrogram bins, but this NAMMConfig "
+                    f"produces {namm_config.feature_dim} features ({namm_config.recency_dim} recency + {namm_config.n_bins} bins). "
+                    f"Build the scorer with input_dim={namm_config.feature_dim}, n_bins={namm_config.n_bins}, or change "
+                    "n_fft / recency_dim to match the scorer."
+                )
+        self.namm_config = namm_config
+        self.scorer = scorer
+        self.policy = policy if policy is not None else NAMMPolicy(scorer)
+        self.feature_observer: FeatureObserver | None = None
+        layers = []
+        for idx, (layer_type, kwargs) in enumerate(zip(layer_types, layer_kwargs)):
+            if layer_type == "full_attention":
+                layers.append(NAMMLayer(idx, namm_config, self.policy, observer=self._observe_features))
+            else:
+                layers.append(DYNAMIC_LAYER_TYPE_MAPPING[layer_type](**kwargs))
+        super().__init__(layers=layers)
+        self.peak_kv_bytes = 0
+        if model is not None:
+            install_attention(model)
+
+    def _observe_features(self, layer_idx: int, spectrogram: torch.Tensor) -> None:
+        if self.feature_observer is not None:
+            self.feature_observer(layer_idx, spectrogram)
+
+    @property
+    def namm_layers(self) -> list[NAMMLayer]:
+        return [layer for layer in self.layers if isinstance(layer, NAMMLayer)]
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any):
+        keys, values = super().update(key_states, value_states, layer_idx, *args, **kwargs)
+        self.peak_kv_bytes = max(self.peak_kv_bytes, self.kv_bytes())
+        return keys, values
+
+    def kv_bytes(self) -> int:
+        """Bytes of keys and values held now, all layers."""
+        return sum(_layer_bytes(layer) for layer in self.layers)
+
+    def reset(self) -> None:
+        """Forget everything: the cache can then serve a new prompt."""
+        for layer in self.layers:
+            layer.reset()
+        self.peak_kv_bytes = 0
+
+    def crop(self, tokens_to_remove: int) -> None:
+        self.namm_layers[0].crop(tokens_to_remove)
+
+    def stats(self) -> dict[str, Any]:
+        """Tokens seen and kept, per layer and head, and the memory held versus a full cache.
+
+        Returns a dict with `tokens_seen`, `kept_per_layer` (`{layer: (B, H) list}`, NAMM layers),
+        `mean_kept_fraction` (kept real tokens / real tokens seen, NAMM layers), `kv_bytes` (held now, all
+        layers), `full_cache_kv_bytes` (a DynamicCache at the same point), `peak_kv_bytes`,
+        `state_bytes` (NAMM per-token feature state), `evicted_tokens` and `evictions`.
+        """
+        namm = [layer for layer in self.namm_layers if layer.is_initialized]
+        full_bytes = 0
+        for layer in self.layers:
+            if isinstance(layer, NAMMLayer):
+                if layer.is_initialized:
+                    b, h, _, d = layer.keys.shape
+                    full_bytes += 2 * b * h * layer.tokens_seen * d * layer.keys.element_size()
+            else:
+                full_bytes += _layer_bytes(layer)
+        kept_fraction = None
+        if namm:
+            real_seen = sum(sum(layer.real_tokens_seen) * layer.keys.shape[1] for layer in namm)
+            kept = sum(int(layer.token_valid.sum()) for layer in namm)
+            kept_fraction = kept / real_seen if real_seen else 1.0
+        return {
+            "tokens_seen": self.get_seq_length(),
+            "kept_per_layer": {layer.layer_idx: layer.kept_per_head().tolist() for layer in namm},
+            "mean_kept_fraction": kept_fraction,
+            "kv_bytes": self.kv_bytes(),
+            "full_cache_kv_bytes": full_bytes,
+            "peak_kv_bytes": self.peak_kv_bytes,
+            "state_bytes": sum(layer.state_bytes() for layer in namm),
+            "evicted_tokens": sum(layer.tokens_evicted for layer in namm),
+            "evictions": sum(layer.evictions for layer in namm),
+        }

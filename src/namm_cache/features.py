@@ -1,0 +1,190 @@
+"""The NAMM feature pipeline as pure tensor functions (no cache knowledge).
+
+Per cached token, the attention it receives from successive queries is a time series. Its short-time
+Fourier transform (magnitude, periodic Hann window, `n_fft=32`, hop 16, `center=False`) gives 17 bins per
+frame; frames are reduced with an exponential moving average carried across updates. The reduced
+spectrogram is z-normalised with stored statistics and prefixed with a sinusoidal embedding of the
+token's age, giving the `recency_dim + n_bins` features a scorer reads.
+
+The time series is consumed as a stream: each token carries the last `hop_length` values already
+framed (its *tail*) and up to `hop_length - 1` values not yet framed (its *pending* values). Folding new
+attention rows in any chunking gives the same result as framing the whole series at once, which is what
+lets prefill chunks and single decode steps share one code path.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .config import NAMMConfig
+
+
+def hann_window(n_fft: int, *, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Periodic Hann window of length `n_fft` (the STFT convention)."""
+    return torch.hann_window(n_fft, periodic=True, dtype=dtype, device=device)
+
+
+def stft_magnitude(series: torch.Tensor, config: NAMMConfig) -> torch.Tensor:
+    """Magnitude STFT of attention time series.
+
+    Args:
+        series: `(N, T)` attention values, time last, with `T >= n_fft`.
+        config: supplies `n_fft` and `hop_length`.
+
+    Returns:
+        `(N, n_bins, frames)` with `frames = (T - n_fft) // hop_length + 1`.
+    """
+    if series.shape[-1] < config.n_fft:
+        raise ValueError(f"Need at least n_fft={config.n_fft} values per series, got {series.shape[-1]}.")
+    window = hann_window(config.n_fft, dtype=series.dtype, device=series.device)
+    spectrum = torch.stft(
+        series,
+        n_fft=config.n_fft,
+        hop_length=config.hop_length,
+        window=window,
+        center=False,
+        onesided=True,
+        return_complex=True,
+    )
+    return spectrum.abs()
+
+
+def ema_over_frames(frames: torch.Tensor, previous: torch.Tensor, frame_decay: float) -> torch.Tensor:
+    """Fold `F` new frames into an exponential moving average.
+
+    `ema = frame_decay**F * previous + sum_f frame_decay**(F - 1 - f) * frames[..., f]`: the newest frame
+    has weight 1, and the previous EMA decays by one factor per new frame (`gamma ** new_queries`).
+
+    Args:
+        frames: `(..., n_bins, F)`.
+        previous: `(..., n_bins)`.
+    """
+    n_frames = frames.shape[-1]
+    exponents = torch.arange(n_frames - 1, -1, -1, device=frames.device, dtype=frames.dtype)
+    weights = torch.pow(torch.tensor(frame_decay, dtype=frames.dtype, device=frames.device), exponents)
+    return previous * (frame_decay**n_frames) + (frames * weights).sum(-1)
+
+
+@dataclass
+class SpectrogramState:
+    """Streaming state of the attention spectrogram of a set of tokens.
+
+    Attributes:
+        ema: `(N, n_bins)` EMA of the frames computed so far.
+        tail: `(N, hop_length)` last values already framed (zeros for a new token).
+        pending: `(N, hop_length)` values not yet framed; the first `pending_count` are meaningful.
+        pending_count: how many pending values every series in this state holds (shared).
+    """
+
+    ema: torch.Tensor
+    tail: torch.Tensor
+    pending: torch.Tensor
+    pending_count: int
+
+    @classmethod
+    def zeros(cls, n: int, config: NAMMConfig, *, dtype=torch.float32, device="cpu") -> "SpectrogramState":
+        return cls(
+            ema=torch.zeros(n, config.n_bins, dtype=dtype, device=device),
+            tail=torch.zeros(n, config.hop_length, dtype=dtype, device=device),
+            pending=torch.zeros(n, config.hop_length, dtype=dtype, device=device),
+            pending_count=0,
+        )
+
+
+def fold_attention(state: SpectrogramState, new_values: torch.Tensor, config: NAMMConfig) -> SpectrogramState:
+    """Fold new attention values into a streaming spectrogram state.
+
+    Args:
+        state: the state before; its tensors hold `N` series.
+        new_values: `(N, q)` attention each series' token received from `q` new queries, oldest first.
+        config: supplies `n_fft`, `hop_length`, `ema_gamma`.
+
+    Returns:
+        The new state. Whole frames (`hop_length` new values each) are taken as soon as they are complete,
+        so the result does not depend on how the queries were chunked.
+    """
+    hop = config.hop_length
+    count = state.pending_count
+    q = new_values.shape[-1]
+    if q == 0:
+        return state
+    unframed = torch.cat([state.pending[:, :count], new_values.to(state.pending.dtype)], dim=-1)
+    n_frames = unframed.shape[-1] // hop
+    leftover = unframed.shape[-1] - n_frames * hop
+    ema, tail = state.ema, state.tail
+    if n_frames > 0:
+        series = torch.cat([tail, unframed[:, : n_frames * hop]], dim=-1)
+        frames = stft_magnitude(series, config)
+        ema = ema_over_frames(frames, ema, config.frame_decay)
+        tail = series[:, -hop:]
+    pending = torch.zeros_like(state.pending)
+    if leftover:
+        pending[:, :leftover] = unframed[:, n_frames * hop :]
+    return SpectrogramState(ema=ema, tail=tail, pending=pending, pending_count=leftover)
+
+
+def recency_embedding(age: torch.Tensor, dim: int, max_frequency: float) -> torch.Tensor:
+    """Sinusoidal embedding of token ages.
+
+    Args:
+        age: `(...)` non-negative ages (newest position minus the token's position).
+        dim: even embedding size; `dim // 2` frequencies `max_frequency ** (-2i / dim)`.
+
+    Returns:
+        `(..., dim)`: sines of all frequencies, then cosines.
+    """
+    if dim == 0:
+        return age.new_zeros(*age.shape, 0, dtype=torch.float32)
+    exponents = torch.arange(0, dim, 2, device=age.device, dtype=torch.float32) / dim
+    inverse_frequency = torch.exp(-math.log(max_frequency) * exponents)
+    angles = age.to(torch.float32).unsqueeze(-1) * inverse_frequency
+    return torch.cat([angles.sin(), angles.cos()], dim=-1)
+
+
+def normalize_spectrogram(ema: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """z-normalise `(..., n_bins)` spectrogram features with stored per-bin statistics."""
+    return (ema - mean.to(ema)) / (std.to(ema) + eps)
+
+
+def token_features(
+    ema: torch.Tensor,
+    age: torch.Tensor,
+    mean: torch.Tensor,
+    std: torch.Tensor,
+    config: NAMMConfig,
+) -> torch.Tensor:
+    """The scorer's input: `(..., recency_dim + n_bins)` = [age embedding, normalised spectrogram]."""
+    recency = recency_embedding(age, config.recency_dim, config.recency_max_frequency)
+    return torch.cat([recency, normalize_spectrogram(ema.to(torch.float32), mean, std)], dim=-1)
+
+
+class RunningMoments:
+    """Streaming per-feature mean and standard deviation (Chan et al. parallel update), in float64."""
+
+    def __init__(self, dim: int):
+        self.count = 0
+        self.mean = torch.zeros(dim, dtype=torch.float64)
+        self.m2 = torch.zeros(dim, dtype=torch.float64)
+
+    def update(self, samples: torch.Tensor) -> None:
+        """Add `(n, dim)` samples."""
+        samples = samples.detach().to(torch.float64).reshape(-1, self.mean.shape[0]).cpu()
+        n = samples.shape[0]
+        if n == 0:
+            return
+        batch_mean = samples.mean(0)
+        batch_m2 = ((samples - batch_mean) ** 2).sum(0)
+        total = self.count + n
+        delta = batch_mean - self.mean
+        self.mean = self.mean + delta * (n / total)
+        self.m2 = self.m2 + batch_m2 + delta**2 * (self.count * n / total)
+        self.count = total
+
+    @property
+    def std(self) -> torch.Tensor:
+        if self.count < 2:
+            raise ValueError("Need at least two samples to compute a standard deviation.")
+        return (self.m2 / (self.count - 1)).sqrt()

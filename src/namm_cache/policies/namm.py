@@ -1,0 +1,37 @@
+"""NAMM: scores from an evolved scorer reading attention spectrograms and token age."""
+
+from __future__ import annotations
+
+import torch
+
+from ..features import token_features
+from ..scorers import Scorer
+from .base import Observation, Policy
+
+
+class NAMMPolicy(Policy):
+    """Sakana AI, "An Evolved Universal Transformer Memory" (Cetin et al., 2024).
+
+    Rule: features = [sinusoidal age embedding, z-normalised EMA of the attention spectrogram]; the shared
+    scorer (BAM or MLP) maps them to scores; tokens scoring >= threshold (0) are kept.
+    """
+
+    name = "namm"
+
+    def __init__(self, scorer: Scorer):
+        self.scorer = scorer
+
+    def score(self, observation: Observation) -> torch.Tensor:
+        features = token_features(
+            observation.spectrogram,
+            observation.age,
+            self.scorer.spectrogram_mean,
+            self.scorer.spectrogram_std,
+            observation.config,
+        )
+        parameter = next(self.scorer.parameters(), None)
+        if parameter is not None:
+            features = features.to(parameter.device)
+        with torch.no_grad():
+            scores = self.scorer(features, observation.positions.to(features.device), observation.valid.to(features.device))
+        return scores.to(observation.keys.device)

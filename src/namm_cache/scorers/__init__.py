@@ -1,0 +1,33 @@
+"""NAMM scorers: small networks, shared across layers and heads, that turn token features into scores."""
+
+from __future__ import annotations
+
+import torch
+
+from .bam import BAMScorer
+from .base import Scorer
+from .mlp import MLPScorer
+
+SCORER_KINDS: dict[str, type[Scorer]] = {"bam": BAMScorer, "mlp": MLPScorer}
+
+
+def build_scorer(kind: str, **kwargs) -> Scorer:
+    """Build a scorer from its `config_dict()` (kind plus constructor arguments)."""
+    if kind not in SCORER_KINDS:
+        raise ValueError(f"Unknown scorer kind {kind!r}; known kinds: {sorted(SCORER_KINDS)}.")
+    return SCORER_KINDS[kind](**kwargs)
+
+
+def attention_mass_scorer(input_dim: int = 25, n_bins: int = 17, weight: float = 1.0, bias: float = 0.0) -> MLPScorer:
+    """A hand-set scorer: `score = weight * z(bin 0) + bias`, where bin 0 of the spectrogram is the
+    EMA of the attention mass a token received. It keeps tokens that receive more attention than the
+    calibration average (heavy hitters), and is a sensible default before an evolved scorer exists."""
+    scorer = MLPScorer(input_dim=input_dim, n_bins=n_bins)
+    recency_dim = input_dim - n_bins
+    with torch.no_grad():
+        scorer.readout.weight[0, recency_dim] = weight
+        scorer.readout.bias[0] = bias
+    return scorer
+
+
+__all__ = ["Scorer", "BAMScorer", "MLPScorer", "SCORER_KINDS", "build_scorer", "attention_mass_scorer"]

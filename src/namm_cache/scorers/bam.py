@@ -1,0 +1,54 @@
+"""BAM: the backward attention memory scorer of the NAMM paper."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .base import Scorer
+
+
+class BAMScorer(Scorer):
+    """Backward-masked single-head self-attention over a layer's tokens, then a gated linear read-out.
+
+    For features `x` (one row per token, chronological by position):
+        `a = Attention(x)` with queries/keys/values `input_dim -> hidden_dim` (bias, no RoPE) and a backward
+        mask: token i attends to itself and to newer tokens only (position_j >= position_i);
+        `[res, mult] = Linear(hidden_dim -> 2 * input_dim)(a)`; `h = x * (1 + mult) + res`;
+        `score = Linear(input_dim -> 1)(h)`.
+    At the paper's sizes (25 features, hidden 32) that is 4,172 parameters. All parameters start at zero,
+    so every score is 0 and, with the default threshold 0, every token is kept.
+    """
+
+    kind = "bam"
+
+    def __init__(self, input_dim: int = 25, hidden_dim: int = 32, n_bins: int = 17):
+        super().__init__(input_dim=input_dim, n_bins=n_bins)
+        if hidden_dim <= 0:
+            raise ValueError(f"hidden_dim must be positive, got {hidden_dim}.")
+        self.hidden_dim = hidden_dim
+        self.query = nn.Linear(input_dim, hidden_dim)
+        self.key = nn.Linear(input_dim, hidden_dim)
+        self.value = nn.Linear(input_dim, hidden_dim)
+        self.gates = nn.Linear(hidden_dim, 2 * input_dim)
+        self.readout = nn.Linear(input_dim, 1)
+        for parameter in self.parameters():
+            nn.init.zeros_(parameter)
+
+    def score_tokens(self, features: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        x = features.to(self.readout.weight.dtype)
+        queries, keys, values = self.query(x), self.key(x), self.value(x)
+        logits = queries @ keys.transpose(-1, -2) / math.sqrt(self.hidden_dim)
+        allowed = (positions.unsqueeze(-1) <= positions.unsqueeze(-2)) & valid.unsqueeze(-2)
+        # A slot with no token still attends to itself, so no row is empty (its score is ignored).
+        allowed |= torch.eye(allowed.shape[-1], dtype=torch.bool, device=allowed.device)
+        logits = logits.masked_fill(~allowed, float("-inf"))
+        attended = torch.softmax(logits, dim=-1) @ values
+        residual, multiplier = self.gates(attended).chunk(2, dim=-1)
+        hidden = x * (1 + multiplier) + residual
+        return self.readout(hidden).squeeze(-1)
+
+    def config_dict(self) -> dict:
+        return {**super().config_dict(), "hidden_dim": self.hidden_dim}

@@ -1,0 +1,83 @@
+"""Common machinery of NAMM scorers: normalisation statistics and the flat parameter view."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class Scorer(nn.Module):
+    """A network that maps per-token features to eviction scores (higher = keep; keep if >= threshold).
+
+    Subclasses implement `score_tokens`. One scorer is shared by every layer and KV head of a model.
+
+    Buffers:
+        spectrogram_mean, spectrogram_std: `(n_bins,)` statistics the spectrogram part of the features
+            is z-normalised with (identity until calibrated, see `namm_cache.calibration`).
+    """
+
+    kind: str = "base"
+
+    def __init__(self, input_dim: int, n_bins: int):
+        super().__init__()
+        if n_bins <= 0 or input_dim < n_bins:
+            raise ValueError(f"input_dim ({input_dim}) must be at least n_bins ({n_bins}) > 0.")
+        self.input_dim = input_dim
+        self.n_bins = n_bins
+        self.register_buffer("spectrogram_mean", torch.zeros(n_bins))
+        self.register_buffer("spectrogram_std", torch.ones(n_bins))
+
+    def set_normalization(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        """Store calibrated per-bin statistics (shape `(n_bins,)` each, std > 0)."""
+        mean = torch.as_tensor(mean, dtype=torch.float32).flatten()
+        std = torch.as_tensor(std, dtype=torch.float32).flatten()
+        if mean.shape != (self.n_bins,) or std.shape != (self.n_bins,):
+            raise ValueError(f"Normalisation statistics must have shape ({self.n_bins},), got {tuple(mean.shape)}, {tuple(std.shape)}.")
+        if not (torch.isfinite(mean).all() and torch.isfinite(std).all() and (std > 0).all()):
+            raise ValueError("Normalisation statistics must be finite with std > 0.")
+        self.spectrogram_mean.copy_(mean)
+        self.spectrogram_std.copy_(std)
+
+    def score_tokens(self, features: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """Score tokens.
+
+        Args:
+            features: `(N, S, input_dim)` per-token features (one row per (batch, KV head) of one layer).
+            positions: `(N, S)` absolute positions, used to know which tokens are newer.
+            valid: `(N, S)` bool, False for storage slots that hold no token (their scores are ignored).
+
+        Returns:
+            `(N, S)` float scores.
+        """
+        raise NotImplementedError
+
+    def forward(self, features: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        if features.shape[-1] != self.input_dim:
+            raise ValueError(
+                f"{type(self).__name__} reads {self.input_dim} features per token but got {features.shape[-1]}; "
+                "build the scorer with input_dim=config.feature_dim of the NAMMConfig you use."
+            )
+        return self.score_tokens(features, positions, valid)
+
+    # Evolution works on one flat vector of the trainable parameters (buffers are not included).
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def get_flat_params(self) -> torch.Tensor:
+        """All trainable parameters as one detached float32 vector, in `named_parameters` order."""
+        return torch.nn.utils.parameters_to_vector([p.detach() for p in self.parameters()]).to(torch.float32).clone()
+
+    def set_flat_params(self, flat: torch.Tensor) -> None:
+        """Load parameters from a vector produced by `get_flat_params` (same length, finite)."""
+        flat = torch.as_tensor(flat, dtype=torch.float32).flatten()
+        expected = self.num_parameters()
+        if flat.numel() != expected:
+            raise ValueError(f"{type(self).__name__} has {expected} parameters, got a vector of {flat.numel()}.")
+        if not torch.isfinite(flat).all():
+            raise ValueError("Parameter vector contains NaN or inf.")
+        with torch.no_grad():
+            torch.nn.utils.vector_to_parameters(flat.to(next(self.parameters()).device), list(self.parameters()))
+
+    def config_dict(self) -> dict:
+        """Constructor arguments that rebuild this scorer (used by save/load)."""
+        return {"kind": self.kind, "input_dim": self.input_dim, "n_bins": self.n_bins}

@@ -1,0 +1,66 @@
+"""From scores to kept tokens: threshold, hard cap, the newest-token rule, and storage compaction."""
+
+from __future__ import annotations
+
+import torch
+
+
+def select_tokens(
+    scores: torch.Tensor,
+    valid: torch.Tensor,
+    positions: torch.Tensor,
+    *,
+    threshold: float | None = 0.0,
+    max_tokens: int | None = None,
+) -> torch.Tensor:
+    """Decide which tokens to keep.
+
+    Args:
+        scores: `(N, S)` scores, higher = keep. Must be finite where `valid`.
+        valid: `(N, S)` bool, False for empty slots and padding tokens (never kept).
+        positions: `(N, S)` absolute positions; the newest valid token of each row is always kept.
+        threshold: keep tokens with `score >= threshold` (None: no threshold, only the cap applies).
+        max_tokens: keep at most this many per row, the highest-scoring ones (the newest counts first).
+
+    Returns:
+        `(N, S)` bool keep mask (a subset of `valid`).
+    """
+    if scores.shape != valid.shape or positions.shape != valid.shape:
+        raise ValueError(f"scores {tuple(scores.shape)}, valid {tuple(valid.shape)} and positions "
+                         f"{tuple(positions.shape)} must have the same shape.")
+    if not torch.isfinite(scores[valid]).all():
+        raise ValueError(
+            "The scorer returned NaN or inf scores for real tokens; refusing to evict on them. Check the scorer's "
+            "parameters and normalisation statistics (std must be > 0)."
+        )
+    keep = valid.clone() if threshold is None else valid & (scores >= threshold)
+    has_token = valid.any(-1)
+    newest = torch.where(valid, positions, torch.full_like(positions, -1)).argmax(-1)
+    rows = torch.arange(valid.shape[0], device=valid.device)
+    keep[rows[has_token], newest[has_token]] = True
+    if max_tokens is not None and keep.shape[-1] > max_tokens:
+        ranked = torch.where(keep, scores.to(torch.float32), torch.full_like(scores, float("-inf"), dtype=torch.float32))
+        ranked[rows[has_token], newest[has_token]] = float("inf")
+        top = ranked.topk(max_tokens, dim=-1).indices
+        capped = torch.zeros_like(keep)
+        capped.scatter_(-1, top, True)
+        keep &= capped
+    return keep
+
+
+def compaction_indices(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gather indices that move each row's kept slots to the front, in their original order.
+
+    Args:
+        keep: `(N, S)` bool.
+
+    Returns:
+        `index`: `(N, S_new)` slot indices to gather, `S_new = max kept per row` (at least 0);
+        `slot_valid`: `(N, S_new)` bool, False for the padding slots of rows that keep fewer.
+    """
+    counts = keep.sum(-1)
+    new_length = int(counts.max().item()) if keep.numel() else 0
+    # A stable sort on "not kept" lists kept slots first, each group in slot (= chronological) order.
+    order = torch.sort((~keep).to(torch.int8), dim=-1, stable=True).indices[:, :new_length]
+    slot_valid = torch.arange(new_length, device=keep.device).unsqueeze(0) < counts.unsqueeze(-1)
+    return order, slot_valid
