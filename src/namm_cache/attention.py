@@ -126,10 +126,23 @@ def _make_attention_function(base: str) -> Callable:
         q_length = query.shape[2]
         padding = observed.padding if observed is not None else None
         new_is_padding = layer.new_token_padding(padding, q_length, batch_size=query.shape[0])
-        bias = layer.attention_bias(q_length, new_is_padding, query_heads=query.shape[1], dtype=query.dtype)
-        output, weights = model_eager_attention(module)(module, query, key, value, bias, **kwargs)
-        layer.observe(weights, new_is_padding)
-        return output, (weights if base == "eager" else None)
+        layer.mark_padding(new_is_padding)
+        eager = model_eager_attention(module)
+        chunk_start = layer.tokens_seen - q_length
+        query_positions = torch.arange(chunk_start, layer.tokens_seen, device=query.device)
+        outputs, weights, start = [], None, 0
+        for end in layer.segment_ends(new_is_padding):
+            bias = layer.attention_bias(query_positions[start:end], query_heads=query.shape[1], dtype=query.dtype)
+            output, weights = eager(module, query[:, :, start:end], layer.keys, layer.values, bias, **kwargs)
+            layer.observe(weights, new_is_padding[:, start:end])
+            if end < q_length:
+                # A row reached its eviction point inside this chunk: evict now, as it would between chunks.
+                layer.evict_due_rows(now=chunk_start + end - 1)
+            outputs.append(output)
+            start = end
+        if len(outputs) == 1:
+            return outputs[0], (weights if base == "eager" else None)
+        return torch.cat(outputs, dim=1), None
 
     namm_attention.__name__ = f"namm_{base}_attention"
     return namm_attention

@@ -98,12 +98,7 @@ class NAMMLayer(CacheLayerMixin):
                 f"Batch size changed from {self.keys.shape[0]} to {key_states.shape[0]}; a NAMMCache serves one batch of "
                 "sequences. Call cache.reset() before a new batch."
             )
-        due = [b for b in range(self.batch_size) if self.real_tokens_seen[b] >= self.next_eviction[b]]
-        if due:
-            self._evict(due)
-            for b in due:
-                while self.next_eviction[b] <= self.real_tokens_seen[b]:
-                    self.next_eviction[b] += self.config.update_interval
+        self.evict_due_rows(now=self.tokens_seen - 1)
 
         batch, heads, q, _ = key_states.shape
         device = self.keys.device
@@ -135,30 +130,52 @@ class NAMMLayer(CacheLayerMixin):
             )
         return ~padding_mask[:, -q_length:].to(device=self.keys.device, dtype=torch.bool)
 
-    def attention_bias(self, q_length: int, new_is_padding: torch.Tensor, query_heads: int, dtype: torch.dtype) -> torch.Tensor:
-        """Additive mask `(B, 1 or query_heads, q, S_total)` for this chunk's queries over stored + new keys.
+    def mark_padding(self, new_is_padding: torch.Tensor) -> None:
+        """Flag the padding tokens of the chunk just appended: never attended, never kept."""
+        q_length = new_is_padding.shape[-1]
+        self.token_valid[:, :, -q_length:] &= ~new_is_padding.unsqueeze(1)
 
-        A stored slot is visible iff it holds a real token of that head; new tokens are causal and
-        visible unless they are padding. Mask value is the dtype's minimum, like transformers' eager masks.
+    def attention_bias(self, query_positions: torch.Tensor, query_heads: int, dtype: torch.dtype) -> torch.Tensor:
+        """Additive mask `(B, 1 or query_heads, q, S)` for queries at `query_positions` over the stored slots.
+
+        A slot is visible to a query iff it holds a real token of that (row, head) at a position <= the
+        query's: stored tokens, padding, per-head eviction and causality inside the chunk in one rule,
+        whatever the slot layout. Masked entries get the dtype's minimum, like transformers' eager masks.
         """
-        batch, heads, total = self.token_valid.shape
-        stored = total - q_length
-        self.token_valid[:, :, stored:] &= ~new_is_padding.unsqueeze(1)
-        device = self.keys.device
-        causal = torch.ones(q_length, q_length, dtype=torch.bool, device=device).tril()
-        new_part = causal.unsqueeze(0) & ~new_is_padding.unsqueeze(1)  # (B, q, q)
-        old_valid = self.token_valid[:, :, :stored]
-        if bool(old_valid.all()):
-            allowed = torch.cat([torch.ones(batch, q_length, stored, dtype=torch.bool, device=device), new_part], dim=-1)
-            allowed = allowed.unsqueeze(1)
-        else:
-            old_part = old_valid.unsqueeze(2).expand(batch, heads, q_length, stored)
-            allowed = torch.cat([old_part, new_part.unsqueeze(1).expand(batch, heads, q_length, q_length)], dim=-1)
+        batch, heads, slots = self.token_valid.shape
+        valid, positions = self.token_valid, self.positions
+        uniform_heads = heads == 1 or (bool((positions == positions[:, :1]).all()) and bool((valid == valid[:, :1]).all()))
+        if uniform_heads:
+            valid, positions = valid[:, :1], positions[:, :1]
+        allowed = valid.unsqueeze(2) & (positions.unsqueeze(2) <= query_positions.view(1, 1, -1, 1))
+        if not uniform_heads and query_heads != heads:
             groups = query_heads // heads
-            if groups > 1:
-                allowed = allowed.unsqueeze(2).expand(batch, heads, groups, q_length, total).reshape(batch, query_heads, q_length, total)
-        bias = torch.zeros(allowed.shape, dtype=dtype, device=device)
+            q_length = query_positions.shape[0]
+            allowed = allowed.unsqueeze(2).expand(batch, heads, groups, q_length, slots).reshape(batch, query_heads, q_length, slots)
+        bias = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
         return bias.masked_fill_(~allowed, torch.finfo(dtype).min)
+
+    def segment_ends(self, new_is_padding: torch.Tensor) -> list[int]:
+        """Where to split this chunk's queries so that each row evicts exactly at its eviction points.
+
+        A row reaches an eviction point after a given number of its own real tokens; with left padding (or
+        chunks longer than `update_interval`) that can fall inside a chunk. Returns sorted exclusive ends;
+        the last is always the chunk length (an eviction point there is handled by the next `update`).
+        """
+        q_length = new_is_padding.shape[-1]
+        ends = {q_length}
+        interval = self.config.update_interval
+        real_counts = (~new_is_padding).cumsum(-1)
+        for b in range(new_is_padding.shape[0]):
+            target = self.next_eviction[b]
+            reached = self.real_tokens_seen[b] + real_counts[b]
+            while True:
+                hits = (reached == target) & ~new_is_padding[b]
+                if not bool(hits.any()):
+                    break
+                ends.add(int(hits.nonzero()[0]) + 1)
+                target += interval
+        return sorted(ends)
 
     # ------------------------------------------------------------------ observation -> features
     def observe(self, weights: torch.Tensor, new_is_padding: torch.Tensor) -> None:
@@ -202,18 +219,34 @@ class NAMMLayer(CacheLayerMixin):
             self.pending_count[b] = state.pending_count
 
     # ------------------------------------------------------------------ eviction
-    def _evict(self, due_rows: list[int]) -> None:
+    def evict_due_rows(self, now: int) -> None:
+        """Score and evict in every batch row that has reached its next eviction point.
+
+        `now` is the position of the newest token processed; tokens at later positions (the rest of the
+        current chunk, when a row's point falls inside it) are neither scored nor evicted.
+        """
+        due = [b for b in range(self.batch_size) if self.real_tokens_seen[b] >= self.next_eviction[b]]
+        if not due:
+            return
+        self._evict(due, now)
+        for b in due:
+            while self.next_eviction[b] <= self.real_tokens_seen[b]:
+                self.next_eviction[b] += self.config.update_interval
+
+    def _evict(self, due_rows: list[int], now: int) -> None:
         batch, heads, slots = self.token_valid.shape
         keep = self.token_valid.clone()
         index = torch.tensor(due_rows, device=self.keys.device)
         positions = self.positions[index].reshape(-1, slots)
-        valid = self.token_valid[index].reshape(-1, slots)
+        present = self.token_valid[index].reshape(-1, slots)
+        arrived = positions <= now
+        valid = present & arrived
         observation = Observation(
             layer_idx=self.layer_idx,
             keys=self.keys[index].reshape(-1, slots, self.keys.shape[-1]),
             positions=positions,
             valid=valid,
-            age=(self.tokens_seen - 1) - positions,
+            age=(now - positions).clamp_min(0),
             spectrogram=self.ema[index].reshape(-1, slots, self.config.n_bins),
             config=self.config,
         )
@@ -223,6 +256,7 @@ class NAMMLayer(CacheLayerMixin):
         if scores.shape != valid.shape:
             raise ValueError(f"Policy {type(self.policy).__name__} returned scores of shape {tuple(scores.shape)}, expected {tuple(valid.shape)}.")
         kept = select_tokens(scores, valid, positions, threshold=self.config.threshold, max_tokens=self.config.max_tokens)
+        kept |= present & ~arrived
         keep[index] = kept.view(len(due_rows), heads, slots)
         self.tokens_evicted += int(self.token_valid.sum() - keep.sum())
         self.evictions += 1
