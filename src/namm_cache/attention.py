@@ -127,14 +127,22 @@ def _make_attention_function(base: str) -> Callable:
         padding = observed.padding if observed is not None else None
         new_is_padding = layer.new_token_padding(padding, q_length, batch_size=query.shape[0])
         layer.mark_padding(new_is_padding)
-        eager = model_eager_attention(module)
+        segment_ends = layer.segment_ends(new_is_padding)
+        if not layer.observing and len(segment_ends) == 1 and layer.holds_every_token():
+            # Nothing evicted, no padding, no observation needed: transformers' own mask is exactly right.
+            if standard is None or (isinstance(standard, torch.Tensor) and standard.shape[-1] == key.shape[-2]):
+                output = (_base_attention(base) or model_eager_attention(module))(module, query, key, value, standard, **kwargs)
+                layer.observe(None, new_is_padding)
+                return output
+        # Probabilities are only needed when scores depend on them; otherwise run the model's own (fast) kernel.
+        attend = model_eager_attention(module) if layer.observing else (_base_attention(base) or model_eager_attention(module))
         chunk_start = layer.tokens_seen - q_length
         query_positions = torch.arange(chunk_start, layer.tokens_seen, device=query.device)
         outputs, weights, start = [], None, 0
-        for end in layer.segment_ends(new_is_padding):
+        for end in segment_ends:
             bias = layer.attention_bias(query_positions[start:end], query_heads=query.shape[1], dtype=query.dtype)
-            output, weights = eager(module, query[:, :, start:end], layer.keys, layer.values, bias, **kwargs)
-            layer.observe(weights, new_is_padding[:, start:end])
+            output, weights = attend(module, query[:, :, start:end], layer.keys, layer.values, bias, **kwargs)
+            layer.observe(weights if layer.observing else None, new_is_padding[:, start:end])
             if end < q_length:
                 # A row reached its eviction point inside this chunk: evict now, as it would between chunks.
                 layer.evict_due_rows(now=chunk_start + end - 1)

@@ -49,6 +49,7 @@ class NAMMLayer(CacheLayerMixin):
         self.tokens_evicted = 0
         self.evictions = 0
         self.awaiting_observation = False
+        self.observing = True
 
     # ------------------------------------------------------------------ storage
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -111,6 +112,7 @@ class NAMMLayer(CacheLayerMixin):
             state = getattr(self, name)
             setattr(self, name, torch.cat([state, state.new_zeros(batch, heads, q, state.shape[-1])], dim=-2))
         self.tokens_seen += q
+        self.observing = self.policy.constant_score() is None
         self.awaiting_observation = True
         hand_over(self, self.keys)
         return self.keys, self.values
@@ -178,44 +180,54 @@ class NAMMLayer(CacheLayerMixin):
         return sorted(ends)
 
     # ------------------------------------------------------------------ observation -> features
-    def observe(self, weights: torch.Tensor, new_is_padding: torch.Tensor) -> None:
-        """Fold this chunk's attention probabilities into each token's spectrogram state.
+    def observe(self, weights: torch.Tensor | None, new_is_padding: torch.Tensor) -> None:
+        """Fold these queries' attention probabilities into each token's spectrogram state.
 
         Args:
-            weights: `(B, query_heads, q, S_total)` post-softmax attention of the chunk's queries.
+            weights: `(B, query_heads, q, S)` post-softmax attention of `q` consecutive queries over the
+                stored slots, or None when the policy does not need observations (only counts advance).
             new_is_padding: `(B, q)` bool; padding queries are not part of any time series.
         """
-        batch, heads, total = self.token_valid.shape
-        q = weights.shape[2]
-        groups = weights.shape[1] // heads
-        probs = weights.detach().to(torch.float32).view(batch, heads, groups, q, total).mean(2)
         real_queries = ~new_is_padding
-        if bool(real_queries.all()) and len(set(self.pending_count)) == 1:
-            self._fold_rows(list(range(batch)), probs.transpose(-1, -2))
-            for b in range(batch):
-                self.real_tokens_seen[b] += q
-        else:
-            for b in range(batch):
-                rows = real_queries[b]
-                self._fold_rows([b], probs[b : b + 1][:, :, rows].transpose(-1, -2))
-                self.real_tokens_seen[b] += int(rows.sum())
+        real_counts = real_queries.sum(-1).tolist()
+        if weights is not None:
+            batch, heads, slots = self.token_valid.shape
+            q = weights.shape[2]
+            groups = weights.shape[1] // heads
+            probs = weights.detach().to(torch.float32)
+            probs = probs.view(batch, heads, groups, q, slots).mean(2) if groups > 1 else probs
+            if bool(real_queries.all()) and len(set(self.pending_count)) == 1:
+                self._fold_rows(None, probs.transpose(-1, -2))
+            else:
+                for b in range(batch):
+                    rows = real_queries[b]
+                    if bool(rows.any()):
+                        self._fold_rows([b], probs[b : b + 1][:, :, rows].transpose(-1, -2))
+        for b, count in enumerate(real_counts):
+            self.real_tokens_seen[b] += count
         self.awaiting_observation = False
 
-    def _fold_rows(self, rows: list[int], values: torch.Tensor) -> None:
-        """Fold `values` `(len(rows), H, S_total, q_real)` into the state of batch `rows` (same pending count)."""
-        index = torch.tensor(rows, device=self.ema.device)
+    def _fold_rows(self, rows: list[int] | None, values: torch.Tensor) -> None:
+        """Fold `values` `(len(rows), H, S, q)` into the state of batch `rows` (all rows if None)."""
+        config = self.config
+        index = slice(None) if rows is None else torch.tensor(rows, device=self.ema.device)
         shape = values.shape[:3]
         state = SpectrogramState(
-            ema=self.ema[index].reshape(-1, self.config.n_bins),
-            tail=self.tail[index].reshape(-1, self.config.hop_length),
-            pending=self.pending[index].reshape(-1, self.config.hop_length),
-            pending_count=self.pending_count[rows[0]],
+            ema=self.ema[index].reshape(-1, config.n_bins),
+            tail=self.tail[index].reshape(-1, config.hop_length),
+            pending=self.pending[index].reshape(-1, config.hop_length),
+            pending_count=self.pending_count[0 if rows is None else rows[0]],
         )
-        state = fold_attention(state, values.reshape(-1, values.shape[-1]), self.config)
-        self.ema[index] = state.ema.view(*shape, -1)
-        self.tail[index] = state.tail.view(*shape, -1)
-        self.pending[index] = state.pending.view(*shape, -1)
-        for b in rows:
+        state = fold_attention(state, values.reshape(-1, values.shape[-1]), config)
+        if rows is None:
+            self.ema = state.ema.view(*shape, -1)
+            self.tail = state.tail.view(*shape, -1)
+            self.pending = state.pending.view(*shape, -1)
+        else:
+            self.ema[index] = state.ema.view(*shape, -1)
+            self.tail[index] = state.tail.view(*shape, -1)
+            self.pending[index] = state.pending.view(*shape, -1)
+        for b in range(self.batch_size) if rows is None else rows:
             self.pending_count[b] = state.pending_count
 
     # ------------------------------------------------------------------ eviction
@@ -258,9 +270,15 @@ class NAMMLayer(CacheLayerMixin):
         kept = select_tokens(scores, valid, positions, threshold=self.config.threshold, max_tokens=self.config.max_tokens)
         kept |= present & ~arrived
         keep[index] = kept.view(len(due_rows), heads, slots)
-        self.tokens_evicted += int(self.token_valid.sum() - keep.sum())
+        removed = int(self.token_valid.sum() - keep.sum())
+        self.tokens_evicted += removed
         self.evictions += 1
-        self._compact(keep)
+        if removed or not bool(keep.all()):
+            self._compact(keep)
+
+    def holds_every_token(self) -> bool:
+        """True while nothing was evicted or masked: slots are exactly the tokens seen, all real."""
+        return self.keys.shape[-2] == self.tokens_seen and bool(self.token_valid.all())
 
     def _compact(self, keep: torch.Tensor) -> None:
         """Shrink storage to the kept slots of every (row, head); kept tokens stay in chronological order."""

@@ -41,5 +41,13 @@ class Policy:
 
     name: str = "policy"
 
+    def constant_score(self) -> float | None:
+        """If every token would get the same score whatever the observation, that score; else None.
+
+        A layer whose policy scores constantly does not need attention probabilities, so it runs the
+        model's fast attention (sdpa) without observing.
+        """
+        return None
+
     def score(self, observation: Observation) -> torch.Tensor:
         raise NotImplementedError

@@ -21,7 +21,13 @@ class NAMMPolicy(Policy):
     def __init__(self, scorer: Scorer):
         self.scorer = scorer
 
+    def constant_score(self) -> float | None:
+        return self.scorer.constant_score()
+
     def score(self, observation: Observation) -> torch.Tensor:
+        constant = self.constant_score()
+        if constant is not None:
+            return torch.full(observation.valid.shape, constant, device=observation.keys.device)
         features = token_features(
             observation.spectrogram,
             observation.age,

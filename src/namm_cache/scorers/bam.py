@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .base import Scorer
@@ -40,12 +39,10 @@ class BAMScorer(Scorer):
     def score_tokens(self, features: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         x = features.to(self.readout.weight.dtype)
         queries, keys, values = self.query(x), self.key(x), self.value(x)
-        logits = queries @ keys.transpose(-1, -2) / math.sqrt(self.hidden_dim)
         allowed = (positions.unsqueeze(-1) <= positions.unsqueeze(-2)) & valid.unsqueeze(-2)
         # A slot with no token still attends to itself, so no row is empty (its score is ignored).
         allowed |= torch.eye(allowed.shape[-1], dtype=torch.bool, device=allowed.device)
-        logits = logits.masked_fill(~allowed, float("-inf"))
-        attended = torch.softmax(logits, dim=-1) @ values
+        attended = F.scaled_dot_product_attention(queries, keys, values, attn_mask=allowed)
         residual, multiplier = self.gates(attended).chunk(2, dim=-1)
         hidden = x * (1 + multiplier) + residual
         return self.readout(hidden).squeeze(-1)

@@ -59,6 +59,16 @@ class Scorer(nn.Module):
             )
         return self.score_tokens(features, positions, valid)
 
+    def constant_score(self) -> float | None:
+        """The score every token gets if it does not depend on the features (e.g. a zero read-out), else None.
+
+        The cache uses this to skip observing attention when scores cannot depend on it.
+        """
+        readout = getattr(self, "readout", None)
+        if isinstance(readout, nn.Linear) and not bool(readout.weight.detach().any()):
+            return float(readout.bias.detach()[0]) if readout.bias is not None else 0.0
+        return None
+
     # Evolution works on one flat vector of the trainable parameters (buffers are not included).
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
