@@ -126,6 +126,7 @@ def _make_attention_function(base: str) -> Callable:
         q_length = query.shape[2]
         padding = observed.padding if observed is not None else None
         new_is_padding = layer.new_token_padding(padding, q_length, batch_size=query.shape[0])
+        layer.check_positions(kwargs.get("position_ids"), new_is_padding)
         layer.mark_padding(new_is_padding)
         segment_ends = layer.segment_ends(new_is_padding)
         if not layer.observing and len(segment_ends) == 1 and layer.holds_every_token():

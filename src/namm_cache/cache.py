@@ -86,12 +86,7 @@ class NAMMLayer(CacheLayerMixin):
                 "Run the model uncompiled (generate() does not auto-compile this cache)."
             )
         if self.awaiting_observation:
-            raise RuntimeError(
-                f"NAMM layer {self.layer_idx} received no attention observation for its last chunk, so it cannot score "
-                "tokens (it never evicts blind). The model must run its attention through the NAMM wrapper: build the "
-                "cache with NAMMCache(model=model, ...) or call namm_cache.install_attention(model), and use "
-                "attn_implementation 'sdpa' or 'eager'."
-            )
+            self.raise_missing_observation()
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         elif key_states.shape[0] != self.keys.shape[0]:
@@ -100,7 +95,18 @@ class NAMMLayer(CacheLayerMixin):
                 "sequences. Call cache.reset() before a new batch."
             )
         self.evict_due_rows(now=self.tokens_seen - 1)
+        return self._append(key_states, value_states)
 
+    def raise_missing_observation(self) -> None:
+        """The error for a layer whose attention never reached the observation wrapper."""
+        raise RuntimeError(
+            f"NAMM layer {self.layer_idx} received no attention observation for its last chunk, so it cannot score "
+            "tokens (it never evicts blind). The model must run its attention through the NAMM wrapper: build the "
+            "cache with NAMMCache(model=model, ...) or call namm_cache.install_attention(model), and use "
+            "attn_implementation 'sdpa' or 'eager'."
+        )
+
+    def _append(self, key_states: torch.Tensor, value_states: torch.Tensor):
         batch, heads, q, _ = key_states.shape
         device = self.keys.device
         new_positions = torch.arange(self.tokens_seen, self.tokens_seen + q, device=device).expand(batch, heads, q)
@@ -131,6 +137,28 @@ class NAMMLayer(CacheLayerMixin):
                 "and do not pass a cache used for another prompt."
             )
         return ~padding_mask[:, -q_length:].to(device=self.keys.device, dtype=torch.bool)
+
+    def check_positions(self, position_ids: torch.Tensor | None, new_is_padding: torch.Tensor) -> None:
+        """Refuse a chunk whose position ids do not continue this cache's sequence (a reused cache).
+
+        The last real token of each row must sit at that row's real-token count (generate's padding-aware
+        positions) or at the absolute index (positions counted over padding, as a bare forward does).
+        """
+        if position_ids is None or position_ids.dim() != 2 or position_ids.shape[-1] != new_is_padding.shape[-1]:
+            return
+        last = position_ids[:, -1].tolist()
+        real_in_chunk = (~new_is_padding).sum(-1).tolist()
+        for b in range(new_is_padding.shape[0]):
+            row_last = last[b if len(last) > 1 else 0]
+            if new_is_padding[b, -1]:
+                continue
+            expected = {self.real_tokens_seen[b] + real_in_chunk[b] - 1, self.tokens_seen - 1}
+            if row_last not in expected:
+                raise RuntimeError(
+                    f"This NAMMCache has seen {self.tokens_seen} tokens, but the chunk's last position id is {row_last} "
+                    f"(expected {max(expected)}). A NAMMCache serves one sequence (per batch row) from its start: call "
+                    "cache.reset() before a new prompt, and do not pass a cache used for another prompt."
+                )
 
     def mark_padding(self, new_is_padding: torch.Tensor) -> None:
         """Flag the padding tokens of the chunk just appended: never attended, never kept."""
@@ -433,6 +461,7 @@ class NAMMCache(Cache):
                 layers.append(DYNAMIC_LAYER_TYPE_MAPPING[layer_type](**kwargs))
         super().__init__(layers=layers)
         self.peak_kv_bytes = 0
+        self._last_namm_layer: NAMMLayer | None = None
         if model is not None:
             install_attention(model)
 
@@ -445,7 +474,12 @@ class NAMMCache(Cache):
         return [layer for layer in self.layers if isinstance(layer, NAMMLayer)]
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any):
+        previous = self._last_namm_layer
+        if previous is not None and previous.awaiting_observation and previous is not self.layers[layer_idx]:
+            previous.raise_missing_observation()
         keys, values = super().update(key_states, value_states, layer_idx, *args, **kwargs)
+        if isinstance(self.layers[layer_idx], NAMMLayer):
+            self._last_namm_layer = self.layers[layer_idx]
         self.peak_kv_bytes = max(self.peak_kv_bytes, self.kv_bytes())
         return keys, values
 
@@ -458,6 +492,7 @@ class NAMMCache(Cache):
         for layer in self.layers:
             layer.reset()
         self.peak_kv_bytes = 0
+        self._last_namm_layer = None
 
     def crop(self, tokens_to_remove: int) -> None:
         self.namm_layers[0].crop(tokens_to_remove)
