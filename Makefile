@@ -37,6 +37,7 @@ demo: install
 
 bench: install
 	$(PY) benchmarks/overhead_memory.py
+	$(PY) benchmarks/render_readme.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info
