@@ -90,7 +90,7 @@ def test_layer_observations_match_reference():
         block = torch.tensor(attention[:, start : start + size, :slots], dtype=torch.float32)
         # Query heads of one group see the same probabilities, so the group mean is the value itself.
         weights = block.unsqueeze(1).expand(heads, groups, size, slots).reshape(1, heads * groups, size, slots)
-        layer.observe(weights, torch.zeros(1, size, dtype=torch.bool))
+        layer.observe(weights, torch.zeros(1, size, dtype=torch.bool), size)
     assert layer.keys.shape[-2] == total  # the zero scorer keeps everything
 
     ema = np.zeros((heads * total, 17))

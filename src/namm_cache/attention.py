@@ -125,15 +125,15 @@ def _make_attention_function(base: str) -> Callable:
 
         q_length = query.shape[2]
         padding = observed.padding if observed is not None else None
-        new_is_padding = layer.new_token_padding(padding, q_length, batch_size=query.shape[0])
+        new_is_padding = layer.new_token_padding(padding, q_length)
         layer.check_positions(kwargs.get("position_ids"), new_is_padding)
         layer.mark_padding(new_is_padding)
-        segment_ends = layer.segment_ends(new_is_padding)
+        segment_ends = layer.segment_ends(new_is_padding, q_length)
         if not layer.observing and len(segment_ends) == 1 and layer.holds_every_token():
             # Nothing evicted, no padding, no observation needed: transformers' own mask is exactly right.
             if standard is None or (isinstance(standard, torch.Tensor) and standard.shape[-1] == key.shape[-2]):
                 output = (_base_attention(base) or model_eager_attention(module))(module, query, key, value, standard, **kwargs)
-                layer.observe(None, new_is_padding)
+                layer.observe(None, new_is_padding, q_length)
                 return output
         # Probabilities are only needed when scores depend on them; otherwise run the model's own (fast) kernel.
         attend = model_eager_attention(module) if layer.observing else (_base_attention(base) or model_eager_attention(module))
@@ -143,7 +143,8 @@ def _make_attention_function(base: str) -> Callable:
         for end in segment_ends:
             bias = layer.attention_bias(query_positions[start:end], query_heads=query.shape[1], dtype=query.dtype)
             output, weights = attend(module, query[:, :, start:end], layer.keys, layer.values, bias, **kwargs)
-            layer.observe(weights if layer.observing else None, new_is_padding[:, start:end])
+            segment_padding = new_is_padding[:, start:end] if new_is_padding is not None else None
+            layer.observe(weights if layer.observing else None, segment_padding, end - start)
             if end < q_length:
                 # A row reached its eviction point inside this chunk: evict now, as it would between chunks.
                 layer.evict_due_rows(now=chunk_start + end - 1)

@@ -60,9 +60,8 @@ class NAMMLayer(CacheLayerMixin):
         self.values = value_states.new_zeros(batch, heads, 0, value_states.shape[-1])
         self.positions = torch.zeros(batch, heads, 0, dtype=torch.long, device=device)
         self.token_valid = torch.zeros(batch, heads, 0, dtype=torch.bool, device=device)
-        self.ema = torch.zeros(batch, heads, 0, config.n_bins, device=device)
-        self.tail = torch.zeros(batch, heads, 0, config.hop_length, device=device)
-        self.pending = torch.zeros(batch, heads, 0, config.hop_length, device=device)
+        # Spectrogram state is allocated when the policy first needs observations (see _ensure_feature_state).
+        self.ema = self.tail = self.pending = None
         self.pending_count = [0] * batch
         self.real_tokens_seen = [0] * batch
         self.next_eviction = [config.update_interval] * batch
@@ -73,7 +72,19 @@ class NAMMLayer(CacheLayerMixin):
         return self.keys.shape[0] if self.is_initialized else 0
 
     def _per_token_tensors(self) -> list[str]:
-        return ["keys", "values", "positions", "token_valid", "ema", "tail", "pending"]
+        names = ["keys", "values", "positions", "token_valid"]
+        return names + (["ema", "tail", "pending"] if self.ema is not None else [])
+
+    def _ensure_feature_state(self) -> None:
+        """Allocate zero spectrogram state for every slot (tokens observed from now on)."""
+        if self.ema is not None:
+            return
+        batch, heads, slots = self.token_valid.shape
+        device = self.keys.device
+        self.ema = torch.zeros(batch, heads, slots, self.config.n_bins, device=device)
+        self.tail = torch.zeros(batch, heads, slots, self.config.hop_length, device=device)
+        self.pending = torch.zeros(batch, heads, slots, self.config.hop_length, device=device)
+        self.pending_count = [0] * batch
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
         """Evict if an eviction point was reached, then append the new chunk and return all stored K/V.
@@ -114,9 +125,10 @@ class NAMMLayer(CacheLayerMixin):
         self.values = torch.cat([self.values, value_states], dim=-2)
         self.positions = torch.cat([self.positions, new_positions], dim=-1)
         self.token_valid = torch.cat([self.token_valid, torch.ones(batch, heads, q, dtype=torch.bool, device=device)], dim=-1)
-        for name in ("ema", "tail", "pending"):
-            state = getattr(self, name)
-            setattr(self, name, torch.cat([state, state.new_zeros(batch, heads, q, state.shape[-1])], dim=-2))
+        if self.ema is not None:
+            for name in ("ema", "tail", "pending"):
+                state = getattr(self, name)
+                setattr(self, name, torch.cat([state, state.new_zeros(batch, heads, q, state.shape[-1])], dim=-2))
         self.tokens_seen += q
         self.observing = self.policy.constant_score() is None
         self.awaiting_observation = True
@@ -124,10 +136,11 @@ class NAMMLayer(CacheLayerMixin):
         return self.keys, self.values
 
     # ------------------------------------------------------------------ masks
-    def new_token_padding(self, padding_mask: torch.Tensor | None, q_length: int, batch_size: int) -> torch.Tensor:
-        """`(B, q)` bool, True where a token of the current chunk is padding, from the model's 2D mask."""
+    def new_token_padding(self, padding_mask: torch.Tensor | None, q_length: int) -> torch.Tensor | None:
+        """`(B, q)` bool, True where a token of the current chunk is padding, from the model's 2D mask
+        (None when the model got no mask: no padding anywhere)."""
         if padding_mask is None:
-            return torch.zeros(batch_size, q_length, dtype=torch.bool, device=self.keys.device)
+            return None
         if padding_mask.dim() != 2:
             raise ValueError("NAMMCache needs a 2D attention mask (batch, sequence); got a prepared 4D mask.")
         if padding_mask.shape[-1] != self.tokens_seen:
@@ -138,19 +151,24 @@ class NAMMLayer(CacheLayerMixin):
             )
         return ~padding_mask[:, -q_length:].to(device=self.keys.device, dtype=torch.bool)
 
-    def check_positions(self, position_ids: torch.Tensor | None, new_is_padding: torch.Tensor) -> None:
+    def check_positions(self, position_ids: torch.Tensor | None, new_is_padding: torch.Tensor | None) -> None:
         """Refuse a chunk whose position ids do not continue this cache's sequence (a reused cache).
 
         The last real token of each row must sit at that row's real-token count (generate's padding-aware
         positions) or at the absolute index (positions counted over padding, as a bare forward does).
         """
-        if position_ids is None or position_ids.dim() != 2 or position_ids.shape[-1] != new_is_padding.shape[-1]:
+        if position_ids is None or position_ids.dim() != 2:
             return
+        q_length = position_ids.shape[-1]
         last = position_ids[:, -1].tolist()
-        real_in_chunk = (~new_is_padding).sum(-1).tolist()
-        for b in range(new_is_padding.shape[0]):
+        if new_is_padding is None:
+            real_in_chunk, last_is_padding = [q_length] * self.batch_size, [False] * self.batch_size
+        else:
+            real_in_chunk = (~new_is_padding).sum(-1).tolist()
+            last_is_padding = new_is_padding[:, -1].tolist()
+        for b in range(self.batch_size):
             row_last = last[b if len(last) > 1 else 0]
-            if new_is_padding[b, -1]:
+            if last_is_padding[b]:
                 continue
             expected = {self.real_tokens_seen[b] + real_in_chunk[b] - 1, self.tokens_seen - 1}
             if row_last not in expected:
@@ -160,8 +178,10 @@ class NAMMLayer(CacheLayerMixin):
                     "cache.reset() before a new prompt, and do not pass a cache used for another prompt."
                 )
 
-    def mark_padding(self, new_is_padding: torch.Tensor) -> None:
+    def mark_padding(self, new_is_padding: torch.Tensor | None) -> None:
         """Flag the padding tokens of the chunk just appended: never attended, never kept."""
+        if new_is_padding is None:
+            return
         q_length = new_is_padding.shape[-1]
         self.token_valid[:, :, -q_length:] &= ~new_is_padding.unsqueeze(1)
 
@@ -185,16 +205,22 @@ class NAMMLayer(CacheLayerMixin):
         bias = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
         return bias.masked_fill_(~allowed, torch.finfo(dtype).min)
 
-    def segment_ends(self, new_is_padding: torch.Tensor) -> list[int]:
+    def segment_ends(self, new_is_padding: torch.Tensor | None, q_length: int) -> list[int]:
         """Where to split this chunk's queries so that each row evicts exactly at its eviction points.
 
         A row reaches an eviction point after a given number of its own real tokens; with left padding (or
         chunks longer than `update_interval`) that can fall inside a chunk. Returns sorted exclusive ends;
         the last is always the chunk length (an eviction point there is handled by the next `update`).
         """
-        q_length = new_is_padding.shape[-1]
         ends = {q_length}
         interval = self.config.update_interval
+        if new_is_padding is None:  # every query is real: eviction points in plain arithmetic
+            for b in range(self.batch_size):
+                end = self.next_eviction[b] - self.real_tokens_seen[b]
+                while end < q_length:
+                    ends.add(end)
+                    end += interval
+            return sorted(ends)
         real_counts = (~new_is_padding).cumsum(-1)
         for b in range(new_is_padding.shape[0]):
             target = self.next_eviction[b]
@@ -208,27 +234,32 @@ class NAMMLayer(CacheLayerMixin):
         return sorted(ends)
 
     # ------------------------------------------------------------------ observation -> features
-    def observe(self, weights: torch.Tensor | None, new_is_padding: torch.Tensor) -> None:
+    def observe(self, weights: torch.Tensor | None, new_is_padding: torch.Tensor | None, q_length: int) -> None:
         """Fold these queries' attention probabilities into each token's spectrogram state.
 
         Args:
             weights: `(B, query_heads, q, S)` post-softmax attention of `q` consecutive queries over the
                 stored slots, or None when the policy does not need observations (only counts advance).
-            new_is_padding: `(B, q)` bool; padding queries are not part of any time series.
+            new_is_padding: `(B, q)` bool (None: no padding); padding queries are not part of any time series.
         """
-        real_queries = ~new_is_padding
-        real_counts = real_queries.sum(-1).tolist()
+        if new_is_padding is None:
+            real_queries = None
+            real_counts = [q_length] * self.batch_size
+        else:
+            real_queries = ~new_is_padding
+            real_counts = real_queries.sum(-1).tolist()
         if weights is not None:
+            self._ensure_feature_state()
             batch, heads, slots = self.token_valid.shape
             q = weights.shape[2]
             groups = weights.shape[1] // heads
             probs = weights.detach().to(torch.float32)
             probs = probs.view(batch, heads, groups, q, slots).mean(2) if groups > 1 else probs
-            if bool(real_queries.all()) and len(set(self.pending_count)) == 1:
+            if (real_queries is None or bool(real_queries.all())) and len(set(self.pending_count)) == 1:
                 self._fold_rows(None, probs.transpose(-1, -2))
             else:
                 for b in range(batch):
-                    rows = real_queries[b]
+                    rows = real_queries[b] if real_queries is not None else torch.ones(q, dtype=torch.bool, device=probs.device)
                     if bool(rows.any()):
                         self._fold_rows([b], probs[b : b + 1][:, :, rows].transpose(-1, -2))
         for b, count in enumerate(real_counts):
@@ -287,7 +318,11 @@ class NAMMLayer(CacheLayerMixin):
             positions=positions,
             valid=valid,
             age=(now - positions).clamp_min(0),
-            spectrogram=self.ema[index].reshape(-1, slots, self.config.n_bins),
+            spectrogram=(
+                self.ema[index].reshape(-1, slots, self.config.n_bins)
+                if self.ema is not None
+                else torch.zeros(positions.shape + (self.config.n_bins,), device=positions.device)
+            ),
             config=self.config,
         )
         if self.observer is not None:
@@ -381,7 +416,7 @@ class NAMMLayer(CacheLayerMixin):
     def state_bytes(self) -> int:
         if not self.is_initialized:
             return 0
-        return sum(getattr(self, name).nbytes for name in ("positions", "token_valid", "ema", "tail", "pending"))
+        return sum(getattr(self, name).nbytes for name in self._per_token_tensors()[2:])
 
     def kept_per_head(self) -> torch.Tensor:
         """`(B, H)` number of real tokens each (row, KV head) holds."""
@@ -461,6 +496,8 @@ class NAMMCache(Cache):
                 layers.append(DYNAMIC_LAYER_TYPE_MAPPING[layer_type](**kwargs))
         super().__init__(layers=layers)
         self.peak_kv_bytes = 0
+        self._held_bytes = 0
+        self._layer_held = [0] * len(self.layers)
         self._last_namm_layer: NAMMLayer | None = None
         if model is not None:
             install_attention(model)
@@ -478,9 +515,14 @@ class NAMMCache(Cache):
         if previous is not None and previous.awaiting_observation and previous is not self.layers[layer_idx]:
             previous.raise_missing_observation()
         keys, values = super().update(key_states, value_states, layer_idx, *args, **kwargs)
-        if isinstance(self.layers[layer_idx], NAMMLayer):
-            self._last_namm_layer = self.layers[layer_idx]
-        self.peak_kv_bytes = max(self.peak_kv_bytes, self.kv_bytes())
+        layer = self.layers[layer_idx]
+        if isinstance(layer, NAMMLayer):
+            self._last_namm_layer = layer
+        # Running total of bytes held: each layer's contribution is refreshed when it is updated.
+        held = _layer_bytes(layer)
+        self._held_bytes += held - self._layer_held[layer_idx]
+        self._layer_held[layer_idx] = held
+        self.peak_kv_bytes = max(self.peak_kv_bytes, self._held_bytes)
         return keys, values
 
     def kv_bytes(self) -> int:
@@ -492,6 +534,8 @@ class NAMMCache(Cache):
         for layer in self.layers:
             layer.reset()
         self.peak_kv_bytes = 0
+        self._held_bytes = 0
+        self._layer_held = [0] * len(self.layers)
         self._last_namm_layer = None
 
     def crop(self, tokens_to_remove: int) -> None:
