@@ -9,9 +9,11 @@ from torch import nn
 from transformers.cache_utils import DYNAMIC_LAYER_TYPE_MAPPING, Cache, CacheLayerMixin, get_layer_types_and_kwargs
 
 from .attention import hand_over, install_attention
+from .budgets import Budget, ThresholdBudget, parse_budget
 from .config import NAMMConfig
 from .features import SpectrogramState, fold_attention
-from .policies import NAMMPolicy, Observation, Policy
+from .policies import NAMMPolicy, Observation, Policy, build_policy
+from .policies.base import ATTENTION_SUM, LAST_ATTENTION, SPECTROGRAM, TRACKERS, WINDOW_ATTENTION
 from .scorers import BAMScorer, Scorer
 from .selection import compaction_indices, select_tokens
 
@@ -39,11 +41,19 @@ class NAMMLayer(CacheLayerMixin):
     is_croppable = False
     is_sliding = False
 
-    def __init__(self, layer_idx: int, config: NAMMConfig, policy: Policy, observer: FeatureObserver | None = None):
+    def __init__(
+        self,
+        layer_idx: int,
+        config: NAMMConfig,
+        policy: Policy,
+        budget: Budget | None = None,
+        observer: FeatureObserver | None = None,
+    ):
         super().__init__()
         self.layer_idx = layer_idx
         self.config = config
         self.policy = policy
+        self.budget = budget if budget is not None else ThresholdBudget()
         self.observer = observer
         self.tokens_seen = 0
         self.tokens_evicted = 0
@@ -60,11 +70,13 @@ class NAMMLayer(CacheLayerMixin):
         self.values = value_states.new_zeros(batch, heads, 0, value_states.shape[-1])
         self.positions = torch.zeros(batch, heads, 0, dtype=torch.long, device=device)
         self.token_valid = torch.zeros(batch, heads, 0, dtype=torch.bool, device=device)
-        # Spectrogram state is allocated when the policy first needs observations (see _ensure_feature_state).
+        # Per-token statistics are allocated when the policy first needs observations (_ensure_feature_state).
         self.ema = self.tail = self.pending = None
+        self.attention_sum = self.last_attention = self.window_attention = None
         self.pending_count = [0] * batch
         self.real_tokens_seen = [0] * batch
         self.next_eviction = [config.update_interval] * batch
+        self.row_evictions = [0] * batch
         self.is_initialized = True
 
     @property
@@ -72,19 +84,22 @@ class NAMMLayer(CacheLayerMixin):
         return self.keys.shape[0] if self.is_initialized else 0
 
     def _per_token_tensors(self) -> list[str]:
-        names = ["keys", "values", "positions", "token_valid"]
-        return names + (["ema", "tail", "pending"] if self.ema is not None else [])
+        names = ["keys", "values", "positions", "token_valid", "ema", "tail", "pending", *TRACKERS]
+        return [name for name in names if getattr(self, name) is not None]
 
     def _ensure_feature_state(self) -> None:
-        """Allocate zero spectrogram state for every slot (tokens observed from now on)."""
-        if self.ema is not None:
-            return
+        """Allocate zero statistics for every slot for what the policy needs (tokens observed from now on)."""
         batch, heads, slots = self.token_valid.shape
         device = self.keys.device
-        self.ema = torch.zeros(batch, heads, slots, self.config.n_bins, device=device)
-        self.tail = torch.zeros(batch, heads, slots, self.config.hop_length, device=device)
-        self.pending = torch.zeros(batch, heads, slots, self.config.hop_length, device=device)
-        self.pending_count = [0] * batch
+        needs = self.policy.needs
+        if SPECTROGRAM in needs and self.ema is None:
+            self.ema = torch.zeros(batch, heads, slots, self.config.n_bins, device=device)
+            self.tail = torch.zeros(batch, heads, slots, self.config.hop_length, device=device)
+            self.pending = torch.zeros(batch, heads, slots, self.config.hop_length, device=device)
+            self.pending_count = [0] * batch
+        for name in TRACKERS:
+            if name in needs and getattr(self, name) is None:
+                setattr(self, name, torch.zeros(batch, heads, slots, device=device))
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
         """Evict if an eviction point was reached, then append the new chunk and return all stored K/V.
@@ -125,12 +140,11 @@ class NAMMLayer(CacheLayerMixin):
         self.values = torch.cat([self.values, value_states], dim=-2)
         self.positions = torch.cat([self.positions, new_positions], dim=-1)
         self.token_valid = torch.cat([self.token_valid, torch.ones(batch, heads, q, dtype=torch.bool, device=device)], dim=-1)
-        if self.ema is not None:
-            for name in ("ema", "tail", "pending"):
-                state = getattr(self, name)
-                setattr(self, name, torch.cat([state, state.new_zeros(batch, heads, q, state.shape[-1])], dim=-2))
+        for name in self._per_token_tensors()[4:]:
+            state = getattr(self, name)
+            setattr(self, name, torch.cat([state, state.new_zeros(batch, heads, q, *state.shape[3:])], dim=2))
         self.tokens_seen += q
-        self.observing = self.policy.constant_score() is None
+        self.observing = bool(self.policy.needs) and self.policy.constant_score() is None
         self.awaiting_observation = True
         hand_over(self, self.keys)
         return self.keys, self.values
@@ -255,16 +269,44 @@ class NAMMLayer(CacheLayerMixin):
             groups = weights.shape[1] // heads
             probs = weights.detach().to(torch.float32)
             probs = probs.view(batch, heads, groups, q, slots).mean(2) if groups > 1 else probs
-            if (real_queries is None or bool(real_queries.all())) and len(set(self.pending_count)) == 1:
-                self._fold_rows(None, probs.transpose(-1, -2))
-            else:
-                for b in range(batch):
-                    rows = real_queries[b] if real_queries is not None else torch.ones(q, dtype=torch.bool, device=probs.device)
-                    if bool(rows.any()):
-                        self._fold_rows([b], probs[b : b + 1][:, :, rows].transpose(-1, -2))
+            if self.ema is not None:
+                self._fold_spectrogram(probs, real_queries)
+            if any(getattr(self, name) is not None for name in TRACKERS):
+                self._update_trackers(probs, real_queries)
         for b, count in enumerate(real_counts):
             self.real_tokens_seen[b] += count
         self.awaiting_observation = False
+
+    def _fold_spectrogram(self, probs: torch.Tensor, real_queries: torch.Tensor | None) -> None:
+        batch, _, q, _ = probs.shape
+        if (real_queries is None or bool(real_queries.all())) and len(set(self.pending_count)) == 1:
+            self._fold_rows(None, probs.transpose(-1, -2))
+            return
+        for b in range(batch):
+            rows = real_queries[b] if real_queries is not None else torch.ones(q, dtype=torch.bool, device=probs.device)
+            if bool(rows.any()):
+                self._fold_rows([b], probs[b : b + 1][:, :, rows].transpose(-1, -2))
+
+    def _update_trackers(self, probs: torch.Tensor, real_queries: torch.Tensor | None) -> None:
+        """Accumulate the attention statistics baseline policies read (H2O, TOVA, SnapKV)."""
+        batch, _, q, _ = probs.shape
+        real = real_queries if real_queries is not None else torch.ones(batch, q, dtype=torch.bool, device=probs.device)
+        weight = real.to(probs.dtype)[:, None, :, None]
+        if self.attention_sum is not None:
+            self.attention_sum += (probs * weight).sum(2)
+        if self.last_attention is not None:
+            for b in range(batch):
+                indices = real[b].nonzero()
+                if len(indices):
+                    self.last_attention[b] = probs[b, :, int(indices[-1])]
+        if self.window_attention is not None:
+            # Query number r (1-based, real queries of the row) is in the observation window of the row's next
+            # eviction point E iff E - window < r <= E.
+            start = torch.tensor(self.real_tokens_seen, device=probs.device).unsqueeze(-1)
+            number = start + real.cumsum(-1)
+            point = torch.tensor(self.next_eviction, device=probs.device).unsqueeze(-1)
+            in_window = real & (number > point - self.policy.window) & (number <= point)
+            self.window_attention += (probs * in_window.to(probs.dtype)[:, None, :, None]).sum(2)
 
     def _fold_rows(self, rows: list[int] | None, values: torch.Tensor) -> None:
         """Fold `values` `(len(rows), H, S, q)` into the state of batch `rows` (all rows if None)."""
@@ -312,30 +354,50 @@ class NAMMLayer(CacheLayerMixin):
         present = self.token_valid[index].reshape(-1, slots)
         arrived = positions <= now
         valid = present & arrived
+        budgets = [self.budget.tokens_for(self.real_tokens_seen[b]) for b in due_rows]
+        budget = None if budgets[0] is None else torch.tensor(budgets, device=positions.device).repeat_interleave(heads)
+
+        def rows_of(name: str) -> torch.Tensor | None:
+            tensor = getattr(self, name)
+            return None if tensor is None else tensor[index].reshape(-1, slots, *tensor.shape[3:])
+
+        spectrogram = rows_of("ema")
         observation = Observation(
             layer_idx=self.layer_idx,
             keys=self.keys[index].reshape(-1, slots, self.keys.shape[-1]),
             positions=positions,
             valid=valid,
             age=(now - positions).clamp_min(0),
-            spectrogram=(
-                self.ema[index].reshape(-1, slots, self.config.n_bins)
-                if self.ema is not None
-                else torch.zeros(positions.shape + (self.config.n_bins,), device=positions.device)
-            ),
+            spectrogram=spectrogram if spectrogram is not None else torch.zeros(*positions.shape, self.config.n_bins, device=positions.device),
             config=self.config,
+            budget=budget,
+            attention_sum=rows_of(ATTENTION_SUM),
+            last_attention=rows_of(LAST_ATTENTION),
+            window_attention=rows_of(WINDOW_ATTENTION),
+            eviction_round=torch.tensor([self.row_evictions[b] for b in due_rows], device=positions.device).repeat_interleave(heads),
+            batch_rows=index.repeat_interleave(heads),
+            head_index=torch.arange(heads, device=positions.device).repeat(len(due_rows)),
         )
         if self.observer is not None:
             self.observer(self.layer_idx, observation.spectrogram[valid])
         scores = self.policy.score(observation)
         if scores.shape != valid.shape:
             raise ValueError(f"Policy {type(self.policy).__name__} returned scores of shape {tuple(scores.shape)}, expected {tuple(valid.shape)}.")
-        kept = select_tokens(scores, valid, positions, threshold=self.config.threshold, max_tokens=self.config.max_tokens)
+        if budget is None:
+            kept = select_tokens(scores, valid, positions, threshold=self.config.threshold, max_tokens=self.config.max_tokens)
+        else:
+            if self.config.max_tokens is not None:
+                budget = budget.clamp_max(self.config.max_tokens)
+            kept = select_tokens(scores, valid, positions, threshold=None, max_tokens=budget)
         kept |= present & ~arrived
         keep[index] = kept.view(len(due_rows), heads, slots)
+        if self.window_attention is not None:
+            self.window_attention[index] = 0.0  # a new observation window starts
         removed = int(self.token_valid.sum() - keep.sum())
         self.tokens_evicted += removed
         self.evictions += 1
+        for b in due_rows:
+            self.row_evictions[b] += 1
         if removed or not bool(keep.all()):
             self._compact(keep)
 
@@ -393,6 +455,7 @@ class NAMMLayer(CacheLayerMixin):
         self.pending_count = [self.pending_count[i] for i in rows]
         self.real_tokens_seen = [self.real_tokens_seen[i] for i in rows]
         self.next_eviction = [self.next_eviction[i] for i in rows]
+        self.row_evictions = [self.row_evictions[i] for i in rows]
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self._select_batch(beam_idx)
@@ -460,7 +523,9 @@ class NAMMCache(Cache):
         scorer: Scorer | None = None,
         config: NAMMConfig | None = None,
         model_config: Any = None,
-        policy: Policy | None = None,
+        policy: Policy | str | None = None,
+        budget: Any = None,
+        policy_kwargs: dict[str, Any] | None = None,
         **overrides: Any,
     ):
         namm_config = (config or NAMMConfig()).replace(**overrides) if overrides else (config or NAMMConfig())
@@ -474,6 +539,15 @@ class NAMMCache(Cache):
                 f"This model has no full-attention layer (layer types: {sorted(set(layer_types))}); NAMM evicts from "
                 "full-attention layers only, so there is nothing to manage. Use transformers' DynamicCache."
             )
+        if isinstance(policy, str):
+            if policy.lower() == "namm":
+                policy = None
+            else:
+                if scorer is not None:
+                    raise ValueError(f"A scorer only applies to the 'namm' policy, not {policy!r}; drop scorer=.")
+                policy = build_policy(policy, **(policy_kwargs or {}))
+        elif policy_kwargs:
+            raise ValueError("policy_kwargs applies only when the policy is given by name.")
         if scorer is None and policy is None:
             scorer = BAMScorer(input_dim=namm_config.feature_dim, n_bins=namm_config.n_bins)
         if scorer is not None:
@@ -487,11 +561,12 @@ class NAMMCache(Cache):
         self.namm_config = namm_config
         self.scorer = scorer
         self.policy = policy if policy is not None else NAMMPolicy(scorer)
+        self.budget = self.policy.check_budget(parse_budget(budget))
         self.feature_observer: FeatureObserver | None = None
         layers = []
         for idx, (layer_type, kwargs) in enumerate(zip(layer_types, layer_kwargs)):
             if layer_type == "full_attention":
-                layers.append(NAMMLayer(idx, namm_config, self.policy, observer=self._observe_features))
+                layers.append(NAMMLayer(idx, namm_config, self.policy, self.budget, observer=self._observe_features))
             else:
                 layers.append(DYNAMIC_LAYER_TYPE_MAPPING[layer_type](**kwargs))
         super().__init__(layers=layers)
@@ -564,6 +639,8 @@ class NAMMCache(Cache):
             kept = sum(int(layer.token_valid.sum()) for layer in namm)
             kept_fraction = kept / real_seen if real_seen else 1.0
         return {
+            "policy": self.policy.name,
+            "budget": self.budget.describe(),
             "tokens_seen": self.get_seq_length(),
             "kept_per_layer": {layer.layer_idx: layer.kept_per_head().tolist() for layer in namm},
             "mean_kept_fraction": kept_fraction,

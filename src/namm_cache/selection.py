@@ -11,7 +11,7 @@ def select_tokens(
     positions: torch.Tensor,
     *,
     threshold: float | None = 0.0,
-    max_tokens: int | None = None,
+    max_tokens: int | torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Decide which tokens to keep.
 
@@ -20,7 +20,8 @@ def select_tokens(
         valid: `(N, S)` bool, False for empty slots and padding tokens (never kept).
         positions: `(N, S)` absolute positions; the newest valid token of each row is always kept.
         threshold: keep tokens with `score >= threshold` (None: no threshold, only the cap applies).
-        max_tokens: keep at most this many per row, the highest-scoring ones (the newest counts first).
+        max_tokens: keep at most this many per row, the highest-scoring ones (the newest counts first); an
+            int for every row or a `(N,)` tensor of per-row counts.
 
     Returns:
         `(N, S)` bool keep mask (a subset of `valid`).
@@ -38,13 +39,15 @@ def select_tokens(
     newest = torch.where(valid, positions, torch.full_like(positions, -1)).argmax(-1)
     rows = torch.arange(valid.shape[0], device=valid.device)
     keep[rows[has_token], newest[has_token]] = True
-    if max_tokens is not None and keep.shape[-1] > max_tokens:
-        ranked = torch.where(keep, scores.to(torch.float32), torch.full_like(scores, float("-inf"), dtype=torch.float32))
-        ranked[rows[has_token], newest[has_token]] = float("inf")
-        top = ranked.topk(max_tokens, dim=-1).indices
-        capped = torch.zeros_like(keep)
-        capped.scatter_(-1, top, True)
-        keep &= capped
+    if max_tokens is not None:
+        limit = torch.as_tensor(max_tokens, device=keep.device).expand(keep.shape[0])
+        if bool((limit < keep.sum(-1)).any()):
+            ranked = torch.where(keep, scores.to(torch.float32), torch.full(scores.shape, float("-inf"), device=keep.device))
+            ranked[rows[has_token], newest[has_token]] = float("inf")
+            order = ranked.argsort(dim=-1, descending=True, stable=True)
+            rank = torch.empty_like(order)
+            rank.scatter_(-1, order, torch.arange(order.shape[-1], device=keep.device).expand_as(order))
+            keep &= rank < limit.unsqueeze(-1)
     return keep
 
 

@@ -1,6 +1,57 @@
-"""Eviction policies behind one contract: `score(observation) -> (N, S)`, higher = keep."""
+"""Eviction policies behind one contract: `score(observation) -> (N, S)`, higher = keep.
+
+`build_policy(name, ...)` builds one by name, so benchmarks and lm-eval switch policy with a string.
+"""
+
+from __future__ import annotations
+
+from typing import Any
 
 from .base import Observation, Policy
+from .full import FullCachePolicy
+from .h2o import H2OPolicy
+from .key_norm import KeyNormPolicy
 from .namm import NAMMPolicy
+from .random_policy import RandomPolicy
+from .snapkv import SnapKVPolicy
+from .streaming_llm import StreamingLLMPolicy
+from .tova import TOVAPolicy
 
-__all__ = ["Observation", "Policy", "NAMMPolicy"]
+POLICIES: dict[str, type[Policy]] = {
+    "namm": NAMMPolicy,
+    "h2o": H2OPolicy,
+    "key_norm": KeyNormPolicy,
+    "streaming_llm": StreamingLLMPolicy,
+    "snapkv": SnapKVPolicy,
+    "tova": TOVAPolicy,
+    "random": RandomPolicy,
+    "full": FullCachePolicy,
+}
+ALIASES = {"l2": "key_norm", "knorm": "key_norm", "streamingllm": "streaming_llm", "streaming": "streaming_llm", "full_cache": "full"}
+
+
+def build_policy(name: str, **kwargs: Any) -> Policy:
+    """Build a policy by registry name (`namm` needs `scorer=`); extra keyword arguments go to its constructor."""
+    key = ALIASES.get(name.lower(), name.lower())
+    if key not in POLICIES:
+        raise ValueError(f"Unknown policy {name!r}; known: {sorted(POLICIES)} (aliases: {sorted(ALIASES)}).")
+    try:
+        return POLICIES[key](**kwargs)
+    except TypeError as error:
+        raise ValueError(f"Bad arguments for policy {key!r}: {error}") from None
+
+
+__all__ = [
+    "Observation",
+    "Policy",
+    "POLICIES",
+    "build_policy",
+    "NAMMPolicy",
+    "H2OPolicy",
+    "KeyNormPolicy",
+    "StreamingLLMPolicy",
+    "SnapKVPolicy",
+    "TOVAPolicy",
+    "RandomPolicy",
+    "FullCachePolicy",
+]

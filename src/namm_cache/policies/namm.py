@@ -6,17 +6,20 @@ import torch
 
 from ..features import token_features
 from ..scorers import Scorer
-from .base import Observation, Policy
+from .base import SPECTROGRAM, Observation, Policy
 
 
 class NAMMPolicy(Policy):
     """Sakana AI, "An Evolved Universal Transformer Memory" (Cetin et al., 2024).
 
     Rule: features = [sinusoidal age embedding, z-normalised EMA of the attention spectrogram]; the shared
-    scorer (BAM or MLP) maps them to scores; tokens scoring >= threshold (0) are kept.
+    scorer (BAM or MLP) maps them to scores; under the default threshold budget tokens scoring >= 0 are
+    kept. Under a token or fraction budget the highest-scoring tokens are kept instead.
     """
 
     name = "namm"
+    needs = frozenset({SPECTROGRAM})
+    supports_threshold = True
 
     def __init__(self, scorer: Scorer):
         self.scorer = scorer

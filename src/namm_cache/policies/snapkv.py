@@ -1,0 +1,39 @@
+"""SnapKV: attention of an observation window of recent queries, pooled over neighbouring tokens."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .base import PROTECTED, WINDOW_ATTENTION, Observation, Policy, rank_by_position
+
+
+class SnapKVPolicy(Policy):
+    """Li et al., "SnapKV: LLM Knows What You are Looking for Before Generation" (2024).
+
+    Rule: sum the attention each token receives from the last `window` queries before the eviction
+    point (the observation window), smooth it with a 1-D average pool of width `kernel_size` over the
+    tokens in chronological order, keep the top tokens within the budget, and always keep the tokens of
+    the observation window itself. Here it runs at every eviction round, not only after the prompt.
+    """
+
+    name = "snapkv"
+    needs = frozenset({WINDOW_ATTENTION})
+
+    def __init__(self, window: int = 32, kernel_size: int = 7):
+        if window < 1 or kernel_size < 1 or kernel_size % 2 == 0:
+            raise ValueError(f"window must be >= 1 and kernel_size odd and >= 1, got {window}, {kernel_size}.")
+        self.window = window
+        self.kernel_size = kernel_size
+
+    def score(self, observation: Observation) -> torch.Tensor:
+        valid, positions = observation.valid, observation.positions
+        # Pool over the chronological sequence of real tokens: pack them to the front in order first.
+        big = torch.iinfo(positions.dtype).max
+        order = torch.where(valid, positions, torch.full_like(positions, big)).argsort(dim=-1, stable=True)
+        packed = observation.window_attention.gather(-1, order) * valid.gather(-1, order)
+        pad = self.kernel_size // 2
+        pooled = F.avg_pool1d(packed.unsqueeze(1), self.kernel_size, stride=1, padding=pad, count_include_pad=False).squeeze(1)
+        scores = torch.empty_like(pooled).scatter_(-1, order, pooled)
+        in_window = rank_by_position(positions, valid, newest_first=True) < self.window
+        return scores + in_window * PROTECTED

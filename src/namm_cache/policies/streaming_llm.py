@@ -1,0 +1,27 @@
+"""StreamingLLM: attention sinks plus a recent window."""
+
+from __future__ import annotations
+
+import torch
+
+from .base import PROTECTED, Observation, Policy, rank_by_position
+
+
+class StreamingLLMPolicy(Policy):
+    """Xiao et al., "Efficient Streaming Language Models with Attention Sinks" (ICLR 2024).
+
+    Rule: keep the first `sinks` real tokens of the sequence and, within the budget k, the `k - sinks`
+    most recent tokens. Needs no attention.
+    """
+
+    name = "streaming_llm"
+
+    def __init__(self, sinks: int = 4):
+        if sinks < 0:
+            raise ValueError(f"sinks must be >= 0, got {sinks}.")
+        self.sinks = sinks
+
+    def score(self, observation: Observation) -> torch.Tensor:
+        oldest_rank = rank_by_position(observation.positions, observation.valid, newest_first=False)
+        recency = observation.positions.to(torch.float32) - observation.positions.max()  # newest = 0, older < 0
+        return recency + (oldest_rank < self.sinks) * PROTECTED
