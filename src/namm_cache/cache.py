@@ -577,6 +577,57 @@ class NAMMCache(Cache):
         if model is not None:
             install_attention(model)
 
+    # ------------------------------------------------------------------ Hub
+    @classmethod
+    def from_pretrained(
+        cls,
+        name_or_path: str | Any = None,
+        *,
+        model: nn.Module,
+        revision: str | None = None,
+        token: str | bool | None = None,
+        cache_dir: str | Any = None,
+        budget: Any = None,
+        **overrides: Any,
+    ) -> "NAMMCache":
+        """Build a cache around a saved scorer: a local folder, a Hub repo id (the local HF cache when
+        `HF_HUB_OFFLINE=1`), or a scorer bundled with the package (default: `namm-cache/keep-all`).
+
+        `overrides` change runtime settings of the stored `NAMMConfig` (e.g. `update_interval=256`,
+        `max_tokens=1024`) without touching the weights.
+        """
+        from .hub import DEFAULT_SCORER, load_scorer
+
+        loaded = load_scorer(name_or_path or DEFAULT_SCORER, revision=revision, token=token, cache_dir=cache_dir)
+        config = loaded.config.replace(**overrides) if overrides else loaded.config
+        cache = cls(model=model, scorer=loaded.scorer, config=config, budget=budget)
+        cache.scorer_metadata = loaded.metadata
+        cache.scorer_source = loaded.source
+        return cache
+
+    def _require_scorer(self) -> Scorer:
+        if self.scorer is None or not isinstance(self.policy, NAMMPolicy):
+            raise ValueError(f"Only NAMM caches have a scorer to save; this cache runs policy {self.policy.name!r}.")
+        return self.scorer
+
+    def save_pretrained(self, path: str | Any, metadata: Any = None, repo_id: str | None = None) -> Any:
+        """Save the scorer, its normalisation statistics and this cache's `NAMMConfig` (+ a model card)."""
+        from .hub import save_scorer
+
+        return save_scorer(path, self._require_scorer(), self.namm_config, metadata or getattr(self, "scorer_metadata", None), repo_id=repo_id)
+
+    def push_to_hub(self, repo_id: str, *, metadata: Any = None, token: str | None = None, private: bool | None = None,
+                    create_pr: bool = False, commit_message: str = "Upload NAMM scorer", api: Any = None) -> Any:
+        """Save to a temporary folder and upload it as one commit with `huggingface_hub`."""
+        import tempfile
+
+        from .hub import push_scorer
+
+        with tempfile.TemporaryDirectory() as folder:
+            self.save_pretrained(folder, metadata=metadata, repo_id=repo_id)
+            return push_scorer(folder, repo_id, token=token, private=private, create_pr=create_pr,
+                               commit_message=commit_message, api=api)
+
     def _observe_features(self, layer_idx: int, spectrogram: torch.Tensor) -> None:
         if self.feature_observer is not None:
             self.feature_observer(layer_idx, spectrogram)

@@ -25,6 +25,8 @@ class KeepAllObservingPolicy(Policy):
     """Scores every token 0 (kept at threshold 0) but declares that it needs observations."""
 
     name = "keep-all-observing"
+    needs = frozenset({"spectrogram"})
+    supports_threshold = True
 
     def score(self, observation: Observation) -> torch.Tensor:
         return torch.zeros(observation.valid.shape, device=observation.keys.device)

@@ -31,6 +31,67 @@ class PasskeyPrompt:
         return bool(digits) and digits[0] == self.passkey
 
 
+@dataclass
+class HaystackPrompt:
+    """A long prompt with facts hidden in a haystack, and the answer to a question about them."""
+
+    text: str
+    answer: str
+
+    def is_answered(self, completion: str) -> bool:
+        return completion.strip().lower().startswith(self.answer.strip().lower())
+
+
+def fit_to_tokens(tokenizer: Any, n_tokens: int, render) -> str:
+    """The largest `render(k)` (k = haystack words) whose token count is <= n_tokens (binary search)."""
+    low, high = 0, max(16, n_tokens)
+    while low < high:
+        mid = (low + high + 1) // 2
+        if len(tokenizer(render(mid), add_special_tokens=False)["input_ids"]) <= n_tokens:
+            low = mid
+        else:
+            high = mid - 1
+    return render(low)
+
+
+def haystack_prompt(
+    tokenizer: Any,
+    n_tokens: int,
+    *,
+    needles: list[tuple[float, str]],
+    instruction: str,
+    question: str,
+    answer_prefix: str,
+    answer: str,
+    haystack: str = FILLER,
+    haystack_offset: int = 0,
+) -> HaystackPrompt:
+    """Hide `needles` (relative depth, sentence) in `haystack` text and ask `question` (chat template applied).
+
+    The prompt ends with `answer_prefix`, so the expected continuation is `answer`.
+    """
+    source_words = haystack.split()
+    if not source_words:
+        raise ValueError("The haystack text is empty.")
+
+    def render(filler_words: int) -> str:
+        words = [source_words[(haystack_offset + i) % len(source_words)] for i in range(filler_words)]
+        pieces, last = [], 0
+        for depth, sentence in sorted(needles):
+            cut = int(len(words) * depth)
+            pieces.append(" ".join(words[last:cut]))
+            pieces.append(sentence)
+            last = cut
+        pieces.append(" ".join(words[last:]))
+        user = instruction + "\n" + " ".join(piece for piece in pieces if piece) + "\n" + question
+        if getattr(tokenizer, "chat_template", None):
+            chat = tokenizer.apply_chat_template([{"role": "user", "content": user}], tokenize=False, add_generation_prompt=True)
+            return chat + answer_prefix
+        return user + "\n" + answer_prefix
+
+    return HaystackPrompt(text=fit_to_tokens(tokenizer, n_tokens, render), answer=answer)
+
+
 def passkey_prompt(
     tokenizer: Any,
     n_tokens: int,

@@ -1,0 +1,90 @@
+"""Evaluate a cache configuration on examples: teacher-forced answer probability or generation + metric."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from namm_cache import NAMMCache
+
+from .tasks import METRICS, Example
+
+
+@dataclass
+class ExampleResult:
+    score: float  # in [0, 1]: geometric-mean answer-token probability, or the generation metric
+    kept_fraction: float  # mean fraction of real tokens kept over NAMM layers, at the end of the prompt
+
+
+def _tokens(tokenizer, text: str) -> torch.Tensor:
+    return torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]], dtype=torch.long)
+
+
+@torch.no_grad()
+def answer_logprob(model, cache, prompt_ids: torch.Tensor, answer_ids: torch.Tensor, chunk: int) -> float:
+    """Mean log-probability of `answer_ids` after feeding `prompt_ids` through `cache` in chunks (teacher forced)."""
+    logits = None
+    for part in prompt_ids.split(chunk, dim=1):
+        logits = model(input_ids=part.to(model.device), cache=cache, use_cache=True).logits
+    first = torch.log_softmax(logits[:, -1].float(), dim=-1)[0, answer_ids[0, 0]]
+    total, count = first.item(), 1
+    if answer_ids.shape[1] > 1:
+        rest = model(input_ids=answer_ids[:, :-1].to(model.device), cache=cache, use_cache=True).logits
+        logprobs = torch.log_softmax(rest.float(), dim=-1)[0]
+        total += logprobs.gather(-1, answer_ids[0, 1:].unsqueeze(-1).to(logprobs.device)).sum().item()
+        count += answer_ids.shape[1] - 1
+    return total / count
+
+
+@torch.no_grad()
+def generate_answer(model, tokenizer, cache, prompt_ids: torch.Tensor, chunk: int, max_new_tokens: int) -> str:
+    out = model.generate(prompt_ids.to(model.device), attention_mask=torch.ones_like(prompt_ids).to(model.device), cache=cache,
+                         max_new_tokens=max_new_tokens, do_sample=False, prefill_chunk_size=chunk,
+                         pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+    return tokenizer.decode(out[0, prompt_ids.shape[1]:], skip_special_tokens=True)
+
+
+def kept_fraction(cache: Any) -> float:
+    stats = cache.stats() if isinstance(cache, NAMMCache) else None
+    value = stats["mean_kept_fraction"] if stats else None
+    return 1.0 if value is None else float(value)
+
+
+def evaluate_examples(
+    model,
+    tokenizer,
+    examples: list[Example],
+    make_cache: Callable[[], Any],
+    *,
+    chunk: int,
+    max_new_tokens: int = 32,
+) -> list[ExampleResult]:
+    """Score each example with a fresh cache from `make_cache()`."""
+    results = []
+    for example in examples:
+        cache = make_cache()
+        prompt_ids = _tokens(tokenizer, example.prompt)
+        if example.metric == "logprob":
+            answer_ids = _tokens(tokenizer, example.answer)
+            score = math.exp(answer_logprob(model, cache, prompt_ids, answer_ids, chunk))
+            fraction = kept_fraction(cache)
+        else:
+            prediction = generate_answer(model, tokenizer, cache, prompt_ids, chunk, max_new_tokens)
+            fraction = kept_fraction(cache)
+            score = max(METRICS[example.metric](prediction, truth) for truth in example.answers or [example.answer])
+        results.append(ExampleResult(score=score, kept_fraction=fraction))
+    return results
+
+
+def normalized_task_scores(member: list[ExampleResult], full: list[ExampleResult], examples: list[Example]) -> dict[str, float]:
+    """Per task: mean member score / mean full-cache score on the same examples (the paper's normalisation)."""
+    scores: dict[str, float] = {}
+    for task in dict.fromkeys(example.task for example in examples):
+        idx = [i for i, example in enumerate(examples) if example.task == task]
+        mine = sum(member[i].score for i in idx) / len(idx)
+        reference = sum(full[i].score for i in idx) / len(idx)
+        scores[task] = mine / reference if reference > 0 else 0.0
+    return scores

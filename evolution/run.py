@@ -1,0 +1,383 @@
+"""The CMA-ES loop: ask / evaluate (sharded over ranks) / tell, checkpoint every generation, resume exactly.
+
+Rank 0 owns the `cma.CMAEvolutionStrategy`; each generation it broadcasts the population (plus the
+distribution mean, which is evaluated too and is the run's result). Work is split into jobs
+(member x example, plus the full-cache reference of each example); rank r evaluates jobs r, r+K, ...;
+an all-reduce gathers the scores. Every evaluation is deterministic and independent of the rank that runs
+it, so 1 and K processes give the same result.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pickle
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from namm_cache import NAMMCache
+from namm_cache.budgets import parse_budget
+from namm_cache.calibration import calibrate_normalization
+from namm_cache.hub import ScorerMetadata, save_scorer
+from namm_cache.scorers import build_scorer
+
+from .config import EvolutionConfig, resolve_model_path
+from .fitness import evaluate_examples, normalized_task_scores
+from .tasks import Example, build_task
+
+CHECKPOINT = "checkpoint.pkl"
+LOG = "log.jsonl"
+PLOT = "fitness.png"
+
+
+# ---------------------------------------------------------------------------------------- distribution
+@dataclass
+class World:
+    rank: int = 0
+    size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def from_environment(cls) -> "World":
+        """Join the process group torchrun set up (gloo on CPU, nccl on GPU); a single process otherwise."""
+        size = int(os.environ.get("WORLD_SIZE", "1"))
+        if size == 1:
+            return cls()
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+        return cls(rank=dist.get_rank(), size=dist.get_world_size())
+
+    def broadcast_object(self, value: Any) -> Any:
+        if self.size == 1:
+            return value
+        import torch.distributed as dist
+
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.size == 1:
+            return tensor
+        import torch.distributed as dist
+
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return tensor
+
+
+# ------------------------------------------------------------------------------------------ CMA-ES core
+class CMAES:
+    """pycma's CMA-ES with maximisation, a picklable state and the numpy RNG it draws from."""
+
+    def __init__(self, mean: np.ndarray, sigma0: float, population: int, seed: int, separable: bool = False):
+        import cma
+
+        options = {"popsize": population, "seed": seed + 1, "verbose": -9, "CMA_diagonal": bool(separable)}
+        self.strategy = cma.CMAEvolutionStrategy(np.asarray(mean, dtype=float), sigma0, options)
+
+    def ask(self) -> np.ndarray:
+        return np.asarray(self.strategy.ask())
+
+    def tell(self, solutions: np.ndarray, fitness: list[float]) -> None:
+        self.strategy.tell(list(solutions), [-float(f) for f in fitness])  # cma minimises
+
+    @property
+    def mean(self) -> np.ndarray:
+        return np.asarray(self.strategy.mean)
+
+    @property
+    def sigma(self) -> float:
+        return float(self.strategy.sigma)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+@dataclass
+class RunState:
+    """All that a resumed run needs to continue the same trajectory."""
+
+    generation: int = 0
+    stage: int = 0
+    stage_generation: int = 0
+    es: CMAES | None = None
+    normalization: tuple[list[float], list[float]] | None = None
+    log: list[dict[str, Any]] = field(default_factory=list)
+    numpy_rng: Any = None
+    python_rng: Any = None
+    torch_rng: Any = None
+
+
+def minimize_like_generic(
+    fitness: Callable[[np.ndarray], list[float]],
+    dim: int,
+    *,
+    generations: int,
+    population: int = 8,
+    sigma0: float = 0.5,
+    seed: int = 0,
+    separable: bool = False,
+) -> CMAES:
+    """A plain maximisation loop with the same CMA-ES core (used for quick checks on synthetic fitness)."""
+    np.random.seed(seed)
+    es = CMAES(np.zeros(dim), sigma0, population, seed, separable)
+    for _ in range(generations):
+        solutions = es.ask()
+        es.tell(solutions, fitness(solutions))
+    return es
+
+
+# ------------------------------------------------------------------------------------------- the run
+class EvolutionRun:
+    """Evolve a NAMM scorer for one model. `run()` continues from `out_dir/checkpoint.pkl` when resuming."""
+
+    def __init__(self, config: EvolutionConfig, out_dir: str | Path, *, world: World | None = None, progress: bool = True):
+        config.validate()
+        self.config = config
+        self.out_dir = Path(out_dir)
+        self.world = world or World()
+        self.progress = progress and self.world.is_main
+        self.namm_config = config.namm_config()
+        self.budget = parse_budget(config.budget)
+        torch.set_num_threads(config.threads)
+        self.model, self.tokenizer = load_model(config.model)
+        spec = dict(config.scorer)
+        kind = spec.pop("kind", "bam")
+        self.scorer = build_scorer(kind, input_dim=self.namm_config.feature_dim, n_bins=self.namm_config.n_bins, **spec)
+        self.dim = self.scorer.num_parameters()
+
+    # --------------------------------------------------------------- state
+    def checkpoint_path(self) -> Path:
+        return self.out_dir / CHECKPOINT
+
+    def load_state(self, resume: bool) -> RunState:
+        state = None
+        if self.world.is_main:
+            if resume and self.checkpoint_path().is_file():
+                state = pickle.loads(self.checkpoint_path().read_bytes())
+            elif not resume and self.checkpoint_path().exists():
+                raise FileExistsError(f"{self.checkpoint_path()} exists; pass --resume to continue it or choose another --out.")
+        return state
+
+    def save_state(self, state: RunState) -> None:
+        if not self.world.is_main:
+            return
+        state.numpy_rng = np.random.get_state()
+        state.python_rng = random.getstate()
+        state.torch_rng = torch.get_rng_state()
+        atomic_write_bytes(self.checkpoint_path(), pickle.dumps(state))
+        atomic_write_bytes(self.out_dir / LOG, "".join(json.dumps(row) + "\n" for row in state.log).encode())
+        plot_log(state.log, self.out_dir / PLOT)
+
+    # --------------------------------------------------------------- evaluation
+    def examples_for(self, generation: int, stage: int, salt: int = 0) -> list[Example]:
+        rng = random.Random(self.config.seed * 1_000_003 + generation * 7919 + salt)
+        examples = []
+        for spec in self.config.all_tasks(stage):
+            examples += build_task(spec).sample(self.tokenizer, rng, self.config.prompts_per_task)
+        return examples
+
+    def make_cache(self, vector: np.ndarray | None) -> Callable[[], NAMMCache]:
+        if vector is None:
+            return lambda: NAMMCache(model=self.model, policy="full", config=self.namm_config)
+        self.scorer.set_flat_params(torch.as_tensor(vector, dtype=torch.float32))
+        return lambda: NAMMCache(model=self.model, scorer=self.scorer, config=self.namm_config, budget=self.budget)
+
+    def evaluate_generation(self, members: np.ndarray, examples: list[Example]) -> dict[str, Any]:
+        """Scores of every member (rows of `members`) on `examples`, sharded over ranks by job."""
+        n_members, n_examples = members.shape[0], len(examples)
+        jobs = [(m, e) for m in range(-1, n_members) for e in range(n_examples)]  # member -1 = full cache
+        results = torch.zeros(len(jobs), 2, dtype=torch.float64)
+        mine = [j for j in range(len(jobs)) if j % self.world.size == self.world.rank]
+        for j in tqdm(mine, desc="evaluating", leave=False, disable=not self.progress):
+            member, example = jobs[j]
+            make = self.make_cache(None if member < 0 else members[member])
+            (result,) = evaluate_examples(self.model, self.tokenizer, [examples[example]], make, chunk=self.config.chunk())
+            results[j, 0], results[j, 1] = result.score, result.kept_fraction
+        results = self.world.sum(results)
+        table = results.view(n_members + 1, n_examples, 2)
+        from .fitness import ExampleResult
+
+        as_results = lambda row: [ExampleResult(float(s), float(k)) for s, k in row.tolist()]
+        full = as_results(table[0])
+        fitness, quality, kept, per_task = [], [], [], []
+        for m in range(n_members):
+            member = as_results(table[m + 1])
+            tasks = normalized_task_scores(member, full, examples)
+            q = sum(tasks.values()) / len(tasks)
+            k = sum(r.kept_fraction for r in member) / len(member)
+            quality.append(q)
+            kept.append(k)
+            per_task.append(tasks)
+            fitness.append(q - self.config.memory_weight * k)
+        return {"fitness": fitness, "quality": quality, "kept": kept, "per_task": per_task,
+                "full_scores": [r.score for r in full]}
+
+    # --------------------------------------------------------------- main loop
+    def calibrate(self) -> tuple[list[float], list[float]]:
+        examples = self.examples_for(generation=-1, stage=0, salt=12345)[: self.config.calibration_prompts]
+        sequences = [torch.tensor([self.tokenizer(e.prompt, add_special_tokens=False)["input_ids"]]) for e in examples]
+        mean, std = calibrate_normalization(self.model, sequences, config=self.namm_config, chunk_size=self.config.chunk(),
+                                            progress=self.progress)
+        return mean.tolist(), std.tolist()
+
+    def run(self, resume: bool = False) -> RunState:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        state = self.load_state(resume)
+        if self.world.is_main and state is None:
+            np.random.seed(self.config.seed)
+            random.seed(self.config.seed)
+            torch.manual_seed(self.config.seed)
+            state = RunState(normalization=self.calibrate())
+            state.es = CMAES(np.zeros(self.dim), self.config.sigma0, self.config.population, self.config.seed, self.config.separable)
+            (self.out_dir / "config.json").write_text(json.dumps(self.config.to_dict(), indent=2))
+            self.save_state(state)
+        elif self.world.is_main:
+            np.random.set_state(state.numpy_rng)
+            random.setstate(state.python_rng)
+            torch.set_rng_state(state.torch_rng)
+        normalization = self.world.broadcast_object(state.normalization if state else None)
+        self.scorer.set_normalization(torch.tensor(normalization[0]), torch.tensor(normalization[1]))
+        total = sum(stage.generations for stage in self.config.stages)
+        start = self.world.broadcast_object(state.generation if state else None)
+        bar = tqdm(total=total, initial=start, desc="generations", disable=not self.progress)
+        while True:
+            position = self.world.broadcast_object((state.generation, state.stage, state.stage_generation) if state else None)
+            generation, stage, stage_generation = position
+            if generation >= total:
+                break
+            members = None
+            if self.world.is_main:
+                solutions = state.es.ask()
+                members = np.vstack([solutions, state.es.mean[None, :]])
+            members = self.world.broadcast_object(members)
+            started = time.time()
+            examples = self.examples_for(generation, stage)
+            scores = self.evaluate_generation(members, examples)
+            if self.world.is_main:
+                population_fitness = scores["fitness"][:-1]
+                state.es.tell(members[:-1], population_fitness)
+                best = int(np.argmax(population_fitness))
+                state.log.append({
+                    "generation": generation,
+                    "stage": stage,
+                    "tasks": [build_task(t).name for t in self.config.all_tasks(stage)],
+                    "fitness_best": population_fitness[best],
+                    "fitness_mean_population": float(np.mean(population_fitness)),
+                    "fitness_distribution_mean": scores["fitness"][-1],
+                    "quality_distribution_mean": scores["quality"][-1],
+                    "kept_distribution_mean": scores["kept"][-1],
+                    "quality_best": scores["quality"][best],
+                    "kept_best": scores["kept"][best],
+                    "per_task_distribution_mean": scores["per_task"][-1],
+                    "sigma": state.es.sigma,
+                    "seconds": round(time.time() - started, 2),
+                })
+                state.generation += 1
+                state.stage_generation += 1
+                if state.stage_generation >= self.config.stages[stage].generations and stage + 1 < len(self.config.stages):
+                    # Next stage: more tasks, warm-started from this stage's distribution mean.
+                    state.stage += 1
+                    state.stage_generation = 0
+                    state.es = CMAES(state.es.mean, self.config.sigma0, self.config.population, self.config.seed + state.stage,
+                                     self.config.separable)
+                self.save_state(state)
+            bar.update(1)
+        bar.close()
+        if self.world.is_main:
+            self.export(state)
+        return state
+
+    def export(self, state: RunState) -> Path:
+        """Write the distribution mean as a scorer folder `out_dir/scorer` (config, weights, card, fitness plot)."""
+        self.scorer.set_flat_params(torch.as_tensor(state.es.mean, dtype=torch.float32))
+        last = state.log[-1] if state.log else {}
+        tasks = sorted({name for row in state.log for name in row["tasks"]})
+        metadata = ScorerMetadata(
+            base_models=[model_card_name(self.config.model)],
+            training_tasks=tasks,
+            fitness=last.get("fitness_distribution_mean"),
+            description=(
+                f"Evolved with CMA-ES (population {self.config.population}, sigma0 {self.config.sigma0}"
+                f"{', separable' if self.config.separable else ''}) for {state.generation} generations over "
+                f"{len(self.config.stages)} stage(s); fitness = mean over tasks of the score normalised by the full cache"
+                f"{f' - {self.config.memory_weight} x kept fraction' if self.config.memory_weight else ''}. "
+                f"The distribution mean at the end of the run kept {last.get('kept_distribution_mean', float('nan')):.1%} "
+                "of tokens on the training prompts. `fitness.png` shows the curve."
+            ),
+            results=[
+                {"generation": row["generation"], "fitness (mean)": round(row["fitness_distribution_mean"], 4),
+                 "quality": round(row["quality_distribution_mean"], 4), "kept": round(row["kept_distribution_mean"], 4)}
+                for row in state.log[-5:]
+            ],
+            extra={"evolution_config": self.config.to_dict()},
+        )
+        folder = save_scorer(self.out_dir / "scorer", self.scorer, self.namm_config, metadata, repo_id=f"namm-cache/{Path(self.out_dir).name}")
+        if (self.out_dir / PLOT).is_file():
+            (folder / PLOT).write_bytes((self.out_dir / PLOT).read_bytes())
+        return folder
+
+
+def model_card_name(model: str) -> str:
+    return "HuggingFaceTB/SmolLM2-135M-Instruct" if model == "smollm2-135m-instruct" else str(model)
+
+
+def load_model(model: str):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_model_path(model)
+    if path == model and not Path(path).is_dir():
+        from namm_cache.offline import load_offline_model
+
+        return load_offline_model(model)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    loaded = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="sdpa").eval()
+    return loaded, tokenizer
+
+
+def plot_log(log: list[dict[str, Any]], path: Path) -> None:
+    """Fitness (best member, population mean, distribution mean) and kept fraction per generation."""
+    if not log:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    generations = [row["generation"] for row in log]
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(6, 5), sharex=True)
+    top.plot(generations, [row["fitness_best"] for row in log], label="best member")
+    top.plot(generations, [row["fitness_mean_population"] for row in log], label="population mean")
+    top.plot(generations, [row["fitness_distribution_mean"] for row in log], label="distribution mean", lw=2)
+    top.set_ylabel("fitness")
+    top.legend(fontsize=8)
+    bottom.plot(generations, [row["kept_distribution_mean"] for row in log], color="tab:green", label="distribution mean")
+    bottom.plot(generations, [row["kept_best"] for row in log], color="tab:olive", ls="--", label="best member")
+    bottom.set_ylabel("KV kept (fraction)")
+    bottom.set_xlabel("generation")
+    bottom.set_ylim(0, 1.05)
+    bottom.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)

@@ -1,0 +1,211 @@
+"""Evolution: CMA-ES core, calibration, config errors, end-to-end CLI, SIGKILL resume, 1 vs 2 processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_model
+
+from evolution import EvolutionConfig
+from evolution.run import minimize_like_generic
+from evolution.tasks import JsonlTask, build_task, qa_f1_score, rouge_l_score
+from namm_cache import NAMMCache, NAMMConfig
+from namm_cache.calibration import KeepAllObservingPolicy, calibrate_normalization
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize("separable", [False, True])
+def test_cma_converges_on_a_synthetic_fitness(separable):
+    target = np.array([3.0, -1.0, 0.5, 2.0, -2.5])
+    es = minimize_like_generic(lambda xs: [-float(((x - target) ** 2).sum()) for x in xs], 5,
+                               generations=80, population=10, sigma0=1.0, seed=3, separable=separable)
+    assert np.abs(es.mean - target).max() < 1e-2
+
+
+def test_calibration_matches_a_direct_computation():
+    model = tiny_model("llama")
+    config = NAMMConfig(update_interval=32)
+    sequences = [torch.randint(3, 150, (1, 100), generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    mean, std = calibrate_normalization(model, sequences, config=config, progress=False)
+    collected = []
+    cache = NAMMCache(model=model, config=config, policy=KeepAllObservingPolicy())
+    cache.feature_observer = lambda layer, features: collected.append(features.double())
+    with torch.no_grad():
+        for ids in sequences:
+            cache.reset()
+            for chunk in ids.split(32, dim=1):
+                model(input_ids=chunk, cache=cache)
+            model(input_ids=ids[:, -1:], cache=cache)
+    direct = torch.cat(collected)
+    assert direct.shape[0] > 100
+    torch.testing.assert_close(mean.double(), direct.mean(0), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(std.double(), direct.std(0), rtol=1e-4, atol=1e-6)
+
+
+def test_metrics_and_jsonl_loader(tmp_path):
+    assert qa_f1_score("The Eiffel tower", "eiffel tower") == 1.0
+    assert 0 < rouge_l_score("the cat sat on the mat", "a cat sat on a mat") < 1
+    data = tmp_path / "hotpotqa.jsonl"
+    data.write_text(json.dumps({"context": "Paris is in France.", "input": "Where is Paris?", "answers": ["France"]}) + "\n")
+    task = JsonlTask(str(data))
+    assert task.metric == "qa_f1"
+    (example,) = task.sample(None, random.Random(0), 1)
+    assert example.prompt.endswith("Question: Where is Paris?\nAnswer:") and example.answer == " France"
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"input": "x"}) + "\n")
+    with pytest.raises(ValueError, match="lacks"):
+        JsonlTask(str(bad))
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A tiny random Llama with SmolLM2's tokenizer, saved as a model folder the CLI can load."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from namm_cache.offline import ensure_converted
+
+    tokenizer = AutoTokenizer.from_pretrained(ensure_converted())
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=1024, tie_word_embeddings=True)
+    folder = tmp_path_factory.mktemp("tiny-model")
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def write_config(path: Path, model_dir: Path, generations: int = 2, **extra) -> Path:
+    config = {
+        "model": str(model_dir),
+        "scorer": {"kind": "mlp", "hidden_dim": 8},
+        "namm": {"update_interval": 32, "max_tokens": 48},
+        "population": 4,
+        "sigma0": 0.3,
+        "seed": 7,
+        "prompts_per_task": 1,
+        "calibration_prompts": 1,
+        "memory_weight": 0.1,
+        "threads": 1,
+        "stages": [
+            {"tasks": [{"name": "passkey", "tokens": 120}], "generations": 1},
+            {"tasks": [{"name": "long_text", "tokens": 100, "answer_tokens": 8}], "generations": generations - 1},
+        ],
+        **extra,
+    }
+    import yaml
+
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def cli(*args, env_extra=None, check=True, runner=None):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    env.update(env_extra or {})
+    command = (runner or [sys.executable, "-m", "evolution.cli"]) + list(args) + ["--no-progress"]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+    if check and result.returncode != 0:
+        raise AssertionError(result.stdout[-3000:] + result.stderr[-3000:])
+    return result
+
+
+def final_mean(out: Path) -> np.ndarray:
+    state = pickle.loads((out / "checkpoint.pkl").read_bytes())
+    return state.es.mean, state.generation, state.log
+
+
+def test_end_to_end_run_writes_a_loadable_scorer_with_card_and_plot(tmp_path, tiny_model_dir):
+    config = write_config(tmp_path / "run.yaml", tiny_model_dir, generations=2)
+    out = tmp_path / "out"
+    cli("--config", str(config), "--out", str(out))
+    for name in ("checkpoint.pkl", "log.jsonl", "fitness.png", "scorer/config.json", "scorer/model.safetensors", "scorer/README.md", "scorer/fitness.png"):
+        assert (out / name).is_file(), name
+    rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [r["generation"] for r in rows] == [0, 1] and rows[1]["tasks"] == ["passkey", "long_text"]
+    assert all(0 < r["kept_distribution_mean"] <= 1 for r in rows)
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    cache = NAMMCache.from_pretrained(out / "scorer", model=model)
+    mean, _, _ = final_mean(out)
+    torch.testing.assert_close(cache.scorer.get_flat_params(), torch.tensor(mean, dtype=torch.float32))
+    assert not torch.equal(cache.scorer.spectrogram_std, torch.ones(17))  # calibrated before generation 0
+    card = (out / "scorer" / "README.md").read_text()
+    assert "passkey, long_text" in card and "Evolved with CMA-ES" in card
+    # A finished run refuses to be overwritten without --resume.
+    again = cli("--config", str(config), "--out", str(out), check=False)
+    assert again.returncode == 2 and "--resume" in again.stderr
+
+
+def test_resume_after_sigkill_continues_the_same_trajectory(tmp_path, tiny_model_dir):
+    config = write_config(tmp_path / "run.yaml", tiny_model_dir, generations=4)
+    straight = tmp_path / "straight"
+    cli("--config", str(config), "--out", str(straight))
+    killed = tmp_path / "killed"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    process = subprocess.Popen([sys.executable, "-m", "evolution.cli", "--config", str(config), "--out", str(killed), "--no-progress"],
+                               env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and not ((killed / "log.jsonl").is_file() and (killed / "log.jsonl").read_text().strip()):
+        time.sleep(0.2)
+    time.sleep(random.Random().uniform(0.0, 1.5))  # somewhere inside a later generation
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    _, interrupted_at, _ = final_mean(killed)
+    assert interrupted_at < 4, "the run finished before it could be killed"
+    cli("--config", str(config), "--out", str(killed), "--resume")
+    mean_a, generations_a, log_a = final_mean(straight)
+    mean_b, generations_b, log_b = final_mean(killed)
+    assert generations_a == generations_b == 4
+    np.testing.assert_array_equal(mean_a, mean_b)
+    assert [r["fitness_best"] for r in log_a] == [r["fitness_best"] for r in log_b]
+
+
+def test_one_and_two_processes_give_the_same_result(tmp_path, tiny_model_dir):
+    config = write_config(tmp_path / "run.yaml", tiny_model_dir, generations=2)
+    single = tmp_path / "single"
+    cli("--config", str(config), "--out", str(single))
+    double = tmp_path / "double"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(29500 + os.getpid() % 1000), "-m", "evolution.cli"]
+    cli("--config", str(config), "--out", str(double), runner=torchrun)
+    mean_1, _, log_1 = final_mean(single)
+    mean_2, _, log_2 = final_mean(double)
+    np.testing.assert_array_equal(mean_1, mean_2)
+    assert [r["fitness_best"] for r in log_1] == [r["fitness_best"] for r in log_2]
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("population=1", "population must be >= 2"),
+        ("stages=[{tasks: [{name: sudoku}], generations: 1}]", "Unknown task 'sudoku'"),
+        ("stages=[{tasks: [{name: jsonl, path: /nonexistent/data.jsonl}], generations: 1}]", "not found"),
+        ("model=/nonexistent/model", "Model '/nonexistent/model' not found"),
+        ("popsize=3", "Unknown config key"),
+    ],
+)
+def test_bad_configs_fail_before_any_work(tmp_path, tiny_model_dir, override, message):
+    config = write_config(tmp_path / "run.yaml", tiny_model_dir)
+    out = tmp_path / "out"
+    result = cli("--config", str(config), "--out", str(out), "--set", override, check=False)
+    assert result.returncode == 2 and message in result.stderr
+    assert not out.exists()
+
+
+def test_config_loads_toml_and_builds_every_task(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text('population = 6\n[[stages]]\ngenerations = 2\ntasks = [{name = "needle_multikey", tokens = 300}]\n')
+    config = EvolutionConfig.load(path, ["sigma0=0.1"])
+    assert config.population == 6 and config.sigma0 == 0.1 and config.stages[0].generations == 2
+    assert build_task({"name": "needle_multikey"}).name == "needle_multikey3"
