@@ -311,9 +311,9 @@ class EvolutionRun:
         """Write the distribution mean as a scorer folder `out_dir/scorer` (config, weights, card, fitness plot)."""
         self.scorer.set_flat_params(torch.as_tensor(state.es.mean, dtype=torch.float32))
         last = state.log[-1] if state.log else {}
-        tasks = sorted({name for row in state.log for name in row["tasks"]})
+        tasks = list(dict.fromkeys(name for row in state.log for name in row["tasks"]))
         metadata = ScorerMetadata(
-            base_models=[model_card_name(self.config.model)],
+            base_models=[name for name in [model_card_name(self.config.model)] if name],
             training_tasks=tasks,
             fitness=last.get("fitness_distribution_mean"),
             description=(
@@ -337,8 +337,9 @@ class EvolutionRun:
         return folder
 
 
-def model_card_name(model: str) -> str:
-    return "HuggingFaceTB/SmolLM2-135M-Instruct" if model == "smollm2-135m-instruct" else str(model)
+def model_card_name(model: str) -> str | None:
+    """The Hub id to record as base_model (None for a local folder, which has no public id)."""
+    return {"smollm2-135m-instruct": "HuggingFaceTB/SmolLM2-135M-Instruct"}.get(model)
 
 
 def load_model(model: str):
