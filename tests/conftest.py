@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -65,3 +66,22 @@ def random_ids(length: int, batch: int = 1, seed: int = 0) -> torch.Tensor:
 @pytest.fixture(params=list(FAMILIES))
 def family(request) -> str:
     return request.param
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A tiny random Llama with SmolLM2's tokenizer, saved as a model folder the CLI can load."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from namm_cache.offline import ensure_converted
+
+    tokenizer = AutoTokenizer.from_pretrained(ensure_converted())
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=1024, tie_word_embeddings=True)
+    folder = tmp_path_factory.mktemp("tiny-model")
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+

@@ -69,23 +69,6 @@ def test_metrics_and_jsonl_loader(tmp_path):
         JsonlTask(str(bad))
 
 
-@pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory) -> Path:
-    """A tiny random Llama with SmolLM2's tokenizer, saved as a model folder the CLI can load."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from namm_cache.offline import ensure_converted
-
-    tokenizer = AutoTokenizer.from_pretrained(ensure_converted())
-    torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=1024, tie_word_embeddings=True)
-    folder = tmp_path_factory.mktemp("tiny-model")
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
 def write_config(path: Path, model_dir: Path, generations: int = 2, **extra) -> Path:
     config = {
         "model": str(model_dir),

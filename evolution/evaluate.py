@@ -1,0 +1,119 @@
+"""Held-out evaluation of an evolved scorer against the full cache and the baselines at the same memory.
+
+    python -m evolution.evaluate --scorer runs/smollm2-bam/scorer --out runs/smollm2-bam/heldout.json
+
+Prompts use the held-out haystack (`kjv_proverbs`) and seeds never used in training. The scorer runs with
+its stored settings; every baseline then runs with a fraction budget equal to the scorer's measured mean
+kept fraction, so the comparison is at the same retained KV. Scores are normalised by the full cache on
+the same prompts (teacher-forced answer probability; passkey / needle / variable tracking also report
+greedy exact-answer accuracy).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch
+from tqdm.auto import tqdm
+
+from namm_cache import NAMMCache
+from namm_cache.hub import load_scorer
+
+from .fitness import evaluate_examples, generate_answer, _tokens
+from .tasks import build_task
+
+HELDOUT_TASKS = [
+    {"name": "passkey", "tokens": 1000, "haystack": "kjv_proverbs"},
+    {"name": "needle", "tokens": 1000, "haystack": "kjv_proverbs"},
+    {"name": "variable_tracking", "tokens": 1000, "haystack": "kjv_proverbs", "hops": 3},
+    {"name": "long_text", "tokens": 1000, "text": "kjv_proverbs", "answer_tokens": 32},
+]
+BASELINES = ["h2o", "key_norm", "streaming_llm", "snapkv", "tova", "random"]
+HELDOUT_SEED = 987_654_321  # never used by a training run (those seed prompts with seed * 1000003 + generation * 7919)
+
+
+def evaluate_heldout(model, tokenizer, scorer_path: str, *, prompts_per_task: int = 4, policies: list[str] | None = None,
+                     progress: bool = True) -> dict[str, Any]:
+    loaded = load_scorer(scorer_path)
+    config = loaded.config
+    chunk = config.update_interval
+    rng = random.Random(HELDOUT_SEED)
+    examples = []
+    for spec in HELDOUT_TASKS:
+        examples += build_task(spec).sample(tokenizer, rng, prompts_per_task)
+
+    def run(make_cache, label: str) -> dict[str, Any]:
+        results = evaluate_examples(model, tokenizer, examples, make_cache, chunk=chunk)
+        accuracy = {}
+        for example in examples:
+            if example.task == "long_text":
+                continue
+            answer = generate_answer(model, tokenizer, make_cache(), _tokens(tokenizer, example.prompt), chunk, 8)
+            accuracy.setdefault(example.task, []).append(answer.strip().startswith(example.answer.strip()))
+        per_task: dict[str, dict[str, float]] = {}
+        for task in dict.fromkeys(e.task for e in examples):
+            idx = [i for i, e in enumerate(examples) if e.task == task]
+            per_task[task] = {"score": sum(results[i].score for i in idx) / len(idx)}
+            if task in accuracy:
+                per_task[task]["accuracy"] = sum(accuracy[task]) / len(accuracy[task])
+        kept = sum(r.kept_fraction for r in results) / len(results)
+        return {"label": label, "kept_fraction": kept, "per_task": per_task}
+
+    rows = []
+    bar = tqdm(total=2 + len(policies or BASELINES), desc="held-out", disable=not progress)
+    full = run(lambda: NAMMCache(model=model, policy="full", config=config), "full cache")
+    bar.update(1)
+    namm = run(lambda: NAMMCache(model=model, scorer=loaded.scorer, config=config), f"NAMM ({Path(str(scorer_path)).name})")
+    bar.update(1)
+    rows += [full, namm]
+    fraction = max(1e-3, min(1.0, namm["kept_fraction"]))
+    for policy in policies or BASELINES:
+        rows.append(run(lambda: NAMMCache(model=model, policy=policy, budget=fraction, config=config.replace(max_tokens=None)),
+                        f"{policy} @ {fraction:.0%}"))
+        bar.update(1)
+    bar.close()
+    for row in rows:
+        normalized = [row["per_task"][t]["score"] / full["per_task"][t]["score"] for t in row["per_task"] if full["per_task"][t]["score"] > 0]
+        row["normalized_mean"] = sum(normalized) / len(normalized)
+    return {"scorer": str(scorer_path), "tasks": HELDOUT_TASKS, "prompts_per_task": prompts_per_task, "seed": HELDOUT_SEED,
+            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "rows": rows}
+
+
+def table(result: dict[str, Any]) -> str:
+    tasks = list(result["rows"][0]["per_task"])
+    lines = ["| cache | kept | normalised mean | " + " | ".join(tasks) + " |", "|---|---:|---:|" + "---:|" * len(tasks)]
+    for row in result["rows"]:
+        cells = []
+        for task in tasks:
+            entry = row["per_task"][task]
+            cells.append(f"{entry['score']:.3f}" + (f" ({entry['accuracy']:.0%})" if "accuracy" in entry else ""))
+        lines.append(f"| {row['label']} | {row['kept_fraction']:.0%} | {row['normalized_mean']:.3f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--scorer", required=True)
+    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--prompts-per-task", type=int, default=4)
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
+    from .run import load_model
+
+    model, tokenizer = load_model(args.model)
+    result = evaluate_heldout(model, tokenizer, args.scorer, prompts_per_task=args.prompts_per_task)
+    Path(args.out).write_text(json.dumps(result, indent=2))
+    print(table(result))
+
+
+if __name__ == "__main__":
+    main()

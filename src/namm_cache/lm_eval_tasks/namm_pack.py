@@ -1,0 +1,64 @@
+"""Datasets of the namm-cache task pack, built locally from a tokenizer (no downloads).
+
+Each task's `metadata` sets `tokens` (prompt length), `samples` and `haystack`; `--metadata` on the
+command line overrides them, e.g. `--metadata='{"tokens": 2000, "samples": 50}'`. The tokenizer is the
+evaluated model's (`pretrained` / `tokenizer` model args, or an offline model name).
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from typing import Any
+
+import datasets
+
+HELDOUT_SEED = 20_241_126
+
+
+def _tokenizer(kwargs: dict[str, Any]):
+    from transformers import AutoTokenizer
+
+    from namm_cache.offline import OFFLINE_MODELS, ensure_converted
+
+    name = kwargs.get("tokenizer") or kwargs.get("pretrained") or "smollm2-135m-instruct"
+    if name in OFFLINE_MODELS:
+        name = str(ensure_converted(name))
+    return AutoTokenizer.from_pretrained(name)
+
+
+def _build(task_name: str, **kwargs: Any) -> dict[str, datasets.Dataset]:
+    from evolution.tasks import build_task
+
+    tokens = int(kwargs.get("tokens", 1000))
+    samples = int(kwargs.get("samples", 20))
+    spec = {"name": task_name, "tokens": tokens, "haystack": kwargs.get("haystack", "kjv_proverbs")}
+    if task_name == "variable_tracking":
+        spec["hops"] = int(kwargs.get("hops", 3))
+    task = build_task(spec)
+    tokenizer = _tokenizer(kwargs)
+    rng = random.Random(HELDOUT_SEED + tokens)
+    rows = [{"prompt": e.prompt, "answer": e.answer.strip(), "tokens": tokens} for e in task.sample(tokenizer, rng, samples)]
+    return {"test": datasets.Dataset.from_list(rows)}
+
+
+def passkey(**kwargs: Any):
+    return _build("passkey", **kwargs)
+
+
+def needle(**kwargs: Any):
+    return _build("needle", **kwargs)
+
+
+def needle_multikey(**kwargs: Any):
+    return _build("needle_multikey", **kwargs)
+
+
+def variable_tracking(**kwargs: Any):
+    return _build("variable_tracking", **kwargs)
+
+
+def first_number(doc: dict[str, Any], results: list[str]) -> dict[str, float]:
+    """1 if the first number in the completion is the answer."""
+    found = re.findall(r"\d+", results[0])
+    return {"exact_match": float(bool(found) and found[0] == doc["answer"])}

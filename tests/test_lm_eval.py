@@ -1,0 +1,85 @@
+"""lm-eval integration: the `namm` model equals stock `hf` when it keeps everything, differs when it evicts."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from lm_eval.api.instance import Instance
+from lm_eval.models.huggingface import HFLM
+
+from namm_cache.lm_eval_model import NAMMLM
+
+ROOT = Path(__file__).resolve().parent.parent
+CONTEXT = " ".join(f"word{i % 37}" for i in range(150))
+
+
+def requests(kind: str):
+    if kind == "loglikelihood":
+        pairs = [(CONTEXT, " word5 word6"), (CONTEXT[:300], " word1"), ("Short context", " and more")]
+        return [Instance("loglikelihood", {}, pair, i) for i, pair in enumerate(pairs)]
+    if kind == "loglikelihood_rolling":
+        return [Instance("loglikelihood_rolling", {}, (CONTEXT,), 0)]
+    return [Instance("generate_until", {}, (CONTEXT, {"until": ["\n\n"], "max_gen_toks": 12, "do_sample": False}), i)
+            for i in range(2)]
+
+
+def make(model_dir, cls=NAMMLM, **kwargs):
+    return cls(pretrained=str(model_dir), device="cpu", dtype="float32", batch_size=kwargs.pop("batch_size", 1), **kwargs)
+
+
+def test_keep_all_namm_matches_stock_hf(tiny_model_dir):
+    hf = make(tiny_model_dir, HFLM)
+    namm = make(tiny_model_dir, update_interval=32, prefill_chunk_size=32)
+    for (a, _), (b, _) in zip(hf.loglikelihood(requests("loglikelihood")), namm.loglikelihood(requests("loglikelihood"))):
+        assert abs(a - b) <= 1e-4
+    (a,), (b,) = hf.loglikelihood_rolling(requests("loglikelihood_rolling")), namm.loglikelihood_rolling(requests("loglikelihood_rolling"))
+    assert abs(a - b) <= 1e-4
+    assert hf.generate_until(requests("generate_until")) == namm.generate_until(requests("generate_until"))
+    assert namm.cache_counters["caches"] > 0 and namm.cache_counters["evicted_tokens"] == 0
+
+
+def test_eviction_changes_scores_and_is_counted(tiny_model_dir):
+    keep_all = make(tiny_model_dir, update_interval=16, prefill_chunk_size=16)
+    evicting = make(tiny_model_dir, policy="h2o", budget=24, update_interval=16, prefill_chunk_size=16)
+    full = [ll for ll, _ in keep_all.loglikelihood(requests("loglikelihood"))]
+    evicted = [ll for ll, _ in evicting.loglikelihood(requests("loglikelihood"))]
+    assert evicting.cache_counters["evicted_tokens"] > 0
+    assert abs(full[0] - evicted[0]) > 1e-3
+    assert abs(full[2] - evicted[2]) <= 1e-4  # a short context never reaches an eviction point
+
+
+def test_batches_match_single_requests_with_eviction(tiny_model_dir):
+    single = make(tiny_model_dir, policy="snapkv", budget=0.5, update_interval=16, prefill_chunk_size=16)
+    batched = make(tiny_model_dir, policy="snapkv", budget=0.5, update_interval=16, prefill_chunk_size=16, batch_size=3)
+    for (a, _), (b, _) in zip(single.loglikelihood(requests("loglikelihood")), batched.loglikelihood(requests("loglikelihood"))):
+        assert abs(a - b) <= 1e-4
+    assert single.generate_until(requests("generate_until")) == batched.generate_until(requests("generate_until"))
+
+
+def test_bad_model_args_fail_clearly(tiny_model_dir):
+    with pytest.raises(ValueError, match="no calibrated score threshold"):
+        make(tiny_model_dir, policy="tova")
+    with pytest.raises(ValueError, match="scorer= applies to policy=namm only"):
+        make(tiny_model_dir, policy="h2o", budget=8, scorer="namm-cache/keep-all")
+
+
+def test_namm_lm_eval_runs_a_pack_task_offline(tmp_path, tiny_model_dir):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    out = tmp_path / "results"
+    command = [sys.executable, "-m", "namm_cache.lm_eval_cli", "run", "--model", "namm",
+               "--model_args", f"pretrained={tiny_model_dir},policy=streaming_llm,budget=64,update_interval=32",
+               "--tasks", "namm_passkey", "--limit", "2", "--metadata", json.dumps({"tokens": 200, "samples": 4}),
+               "--output_path", str(out), "--device", "cpu"]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    files = list(out.rglob("results_*.json"))
+    assert files, result.stdout[-2000:]
+    data = json.loads(files[0].read_text())
+    assert "exact_match,none" in data["results"]["namm_passkey"]
+    assert data["config"]["model"] == "namm"
