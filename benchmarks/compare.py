@@ -1,0 +1,195 @@
+"""Full cache vs NAMM vs every baseline at several budgets: task score against retained KV, time and peak KV.
+
+    python benchmarks/compare.py                                  # SmolLM2-135M-Instruct, default settings
+    python benchmarks/compare.py --model gemma3-270m --tag gemma3 # zero-shot transfer: same scorer, no retraining
+    python benchmarks/compare.py --scorer runs/smollm2-bam/scorer # any scorer folder / repo id
+
+Held-out prompts (KJV Proverbs haystack, a seed never used in training): pass key, one needle, variable
+tracking (greedy-answer accuracy) and long-text continuation (teacher-forced answer probability,
+normalised by the full cache). Each (policy, budget) cell is written to the JSON as soon as it finishes
+and skipped on the next run, so an interrupted benchmark resumes. Outputs, under benchmarks/results/:
+`compare_<tag>.json`, `compare_<tag>_quality.png` (score vs kept fraction) and `compare_<tag>_cost.png`
+(time and peak KV per policy).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch
+from tqdm.auto import tqdm
+
+from evolution.fitness import _tokens, evaluate_examples, generate_answer
+from evolution.run import load_model
+from evolution.tasks import build_task
+from namm_cache import NAMMCache
+from namm_cache.hub import DEFAULT_SCORER, load_scorer
+
+RESULTS = Path(__file__).resolve().parent / "results"
+BASELINES = ["h2o", "key_norm", "streaming_llm", "snapkv", "tova", "random"]
+SEED = 424_242
+
+
+def held_out_examples(tokenizer, tokens: int, prompts: int):
+    rng = random.Random(SEED + tokens)
+    specs = [
+        {"name": "passkey", "tokens": tokens, "haystack": "kjv_proverbs"},
+        {"name": "needle", "tokens": tokens, "haystack": "kjv_proverbs"},
+        {"name": "variable_tracking", "tokens": tokens, "haystack": "kjv_proverbs", "hops": 3},
+        {"name": "long_text", "tokens": tokens, "text": "kjv_proverbs", "answer_tokens": 32},
+    ]
+    examples = []
+    for spec in specs:
+        examples += build_task(spec).sample(tokenizer, rng, prompts)
+    return examples
+
+
+def run_cell(model, tokenizer, examples, make_cache, chunk: int) -> dict:
+    started = time.perf_counter()
+    scores = evaluate_examples(model, tokenizer, examples, make_cache, chunk=chunk)
+    per_task: dict[str, list[float]] = {}
+    peak = 0
+    kept = []
+    for example, result in zip(examples, scores):
+        if example.task == "long_text":
+            per_task.setdefault(example.task, []).append(result.score)
+            kept.append(result.kept_fraction)
+            continue
+        cache = make_cache()
+        answer = generate_answer(model, tokenizer, cache, _tokens(tokenizer, example.prompt), chunk, 8)
+        per_task.setdefault(example.task, []).append(float(answer.strip().startswith(example.answer.strip())))
+        kept.append(result.kept_fraction)
+        peak = max(peak, getattr(cache, "peak_kv_bytes", 0))
+    return {
+        "per_task": {task: sum(v) / len(v) for task, v in per_task.items()},
+        "kept_fraction": sum(kept) / len(kept),
+        "peak_kv_bytes": peak,
+        "seconds": time.perf_counter() - started,
+    }
+
+
+def summarize(result: dict) -> None:
+    """Add each cell's score: mean over tasks, long-text normalised by the full cache."""
+    full = result["cells"].get("full")
+    if not full:
+        return
+    for cell in result["cells"].values():
+        values = []
+        for task, value in cell["per_task"].items():
+            if task == "long_text":
+                reference = full["per_task"][task]
+                values.append(value / reference if reference else 0.0)
+            else:
+                values.append(value)
+        cell["score"] = sum(values) / len(values)
+
+
+def plot(result: dict, stem: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cells = result["cells"]
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    policies = sorted({cell["policy"] for cell in cells.values() if cell["policy"] != "full"})
+    for policy in policies:
+        points = sorted((c["kept_fraction"], c["score"]) for c in cells.values() if c["policy"] == policy and "score" in c)
+        if points:
+            ax.plot(*zip(*points), "o-", label=policy)
+    if "full" in cells and "score" in cells["full"]:
+        ax.axhline(cells["full"]["score"], color="black", ls="--", label="full cache")
+    ax.set_xlabel("mean retained KV fraction")
+    ax.set_ylabel("task score (mean over tasks)")
+    ax.set_title(f"{result['model']}: held-out tasks, {result['tokens']}-token prompts")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(f"{stem}_quality.png", dpi=110)
+    plt.close(fig)
+
+    names = [name for name in cells if cells[name]["budget"] in (None, result["cost_budget"])]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 4))
+    left.barh(names, [cells[n]["seconds"] for n in names])
+    left.set_xlabel("seconds (all prompts)")
+    right.barh(names, [cells[n]["peak_kv_bytes"] / 2**20 for n in names])
+    right.set_xlabel("peak KV (MiB, generation)")
+    right.set_yticks([])
+    fig.suptitle(f"cost at budget {result['cost_budget']}")
+    fig.tight_layout()
+    fig.savefig(f"{stem}_cost.png", dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> Path:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m-instruct")
+    parser.add_argument("--scorer", default=DEFAULT_SCORER)
+    parser.add_argument("--tag", default="smollm2")
+    parser.add_argument("--tokens", type=int, default=1000)
+    parser.add_argument("--prompts", type=int, default=4, help="prompts per task")
+    parser.add_argument("--budgets", default="0.1,0.25,0.5")
+    parser.add_argument("--update-interval", type=int, default=128)
+    parser.add_argument("--policies", default=",".join(["namm", *BASELINES]))
+    parser.add_argument("--out-dir", default=str(RESULTS))
+    args = parser.parse_args(argv)
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"compare_{args.tag}.json"
+    budgets = [float(b) for b in args.budgets.split(",")]
+    settings = {"model": args.model, "scorer": str(args.scorer), "tokens": args.tokens, "prompts_per_task": args.prompts,
+                "update_interval": args.update_interval, "budgets": budgets}
+    result = json.loads(path.read_text()) if path.is_file() else {}
+    if result.get("settings") != settings:
+        result = {"settings": settings, "cells": {}}  # different settings: start over
+    result.update(model=args.model, tokens=args.tokens, cost_budget=0.25 if 0.25 in budgets else budgets[0],
+                  command="python benchmarks/compare.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+                  machine=f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}")
+
+    model, tokenizer = load_model(args.model)
+    examples = held_out_examples(tokenizer, args.tokens, args.prompts)
+    loaded = load_scorer(args.scorer)
+    interval = args.update_interval
+    config = loaded.config.replace(update_interval=interval, max_tokens=None)
+    cells = [("full", None)]
+    for policy in args.policies.split(","):
+        cells += [(policy, budget) for budget in budgets]
+        if policy == "namm" and loaded.scorer.constant_score() is None:
+            cells.append(("namm", "threshold"))
+    bar = tqdm(cells, desc=f"compare {args.tag}")
+    for policy, budget in bar:
+        name = policy if budget is None else f"{policy}@{budget}"
+        if name in result["cells"]:
+            continue
+        bar.set_postfix_str(name)
+        if policy == "full":
+            make = lambda: NAMMCache(model=model, policy="full", config=config)
+        elif policy == "namm":
+            make = lambda b=budget: NAMMCache(model=model, scorer=loaded.scorer, config=config, budget=b)
+        else:
+            make = lambda p=policy, b=budget: NAMMCache(model=model, policy=p, budget=b, config=config)
+        cell = run_cell(model, tokenizer, examples, make, interval)
+        cell.update(policy=policy, budget=budget)
+        result["cells"][name] = cell
+        summarize(result)
+        result["date"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        path.write_text(json.dumps(result, indent=2))
+    summarize(result)
+    path.write_text(json.dumps(result, indent=2))
+    plot(result, out_dir / f"compare_{args.tag}")
+    return path
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,31 @@
+"""The comparison benchmark runs end to end on a tiny model, writes JSON and PNGs, and resumes."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+
+def test_compare_runs_end_to_end_and_skips_finished_cells(tmp_path, tiny_model_dir):
+    import compare
+
+    args = ["--model", str(tiny_model_dir), "--tag", "tiny", "--tokens", "150", "--prompts", "1", "--budgets", "0.5",
+            "--update-interval", "32", "--policies", "namm,h2o,streaming_llm", "--out-dir", str(tmp_path)]
+    path = compare.main(args)
+    result = json.loads(path.read_text())
+    assert set(result["cells"]) == {"full", "namm@0.5", "h2o@0.5", "streaming_llm@0.5"}
+    for name, cell in result["cells"].items():
+        assert set(cell["per_task"]) == {"passkey", "needle", "variable_tracking", "long_text"}
+        assert 0 < cell["kept_fraction"] <= 1 and "score" in cell
+    assert result["cells"]["full"]["kept_fraction"] == 1.0
+    assert result["cells"]["h2o@0.5"]["kept_fraction"] < 0.9
+    for png in ("compare_tiny_quality.png", "compare_tiny_cost.png"):
+        assert (tmp_path / png).stat().st_size > 1000
+    seconds = {name: cell["seconds"] for name, cell in result["cells"].items()}
+    compare.main(args)  # every cell is done: nothing reruns
+    again = json.loads(path.read_text())
+    assert {name: cell["seconds"] for name, cell in again["cells"].items()} == seconds
