@@ -148,12 +148,12 @@ def main(argv: list[str] | None = None) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"compare_{args.tag}.json"
     budgets = [float(b) for b in args.budgets.split(",")]
-    settings = {"model": args.model, "scorer": str(args.scorer), "tokens": args.tokens, "prompts_per_task": args.prompts,
-                "update_interval": args.update_interval, "budgets": budgets}
+    settings = {"model": args.model, "tokens": args.tokens, "prompts_per_task": args.prompts,
+                "update_interval": args.update_interval}
     result = json.loads(path.read_text()) if path.is_file() else {}
     if result.get("settings") != settings:
         result = {"settings": settings, "cells": {}}  # different settings: start over
-    result.update(model=args.model, tokens=args.tokens, cost_budget=0.25 if 0.25 in budgets else budgets[0],
+    result.update(scorer=str(args.scorer), model=args.model, tokens=args.tokens, cost_budget=0.25 if 0.25 in budgets else budgets[0],
                   command="python benchmarks/compare.py " + " ".join(argv if argv is not None else sys.argv[1:]),
                   machine=f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}")
 
@@ -170,7 +170,8 @@ def main(argv: list[str] | None = None) -> Path:
     bar = tqdm(cells, desc=f"compare {args.tag}")
     for policy, budget in bar:
         name = policy if budget is None else f"{policy}@{budget}"
-        if name in result["cells"]:
+        done = result["cells"].get(name)
+        if done is not None and (policy != "namm" or done.get("scorer") == str(args.scorer)):
             continue
         bar.set_postfix_str(name)
         if policy == "full":
@@ -180,7 +181,7 @@ def main(argv: list[str] | None = None) -> Path:
         else:
             make = lambda p=policy, b=budget: NAMMCache(model=model, policy=p, budget=b, config=config)
         cell = run_cell(model, tokenizer, examples, make, interval)
-        cell.update(policy=policy, budget=budget)
+        cell.update(policy=policy, budget=budget, scorer=str(args.scorer) if policy == "namm" else None)
         result["cells"][name] = cell
         summarize(result)
         result["date"] = datetime.now(timezone.utc).isoformat(timespec="seconds")

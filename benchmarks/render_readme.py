@@ -50,7 +50,53 @@ def render_overhead_memory(result: dict) -> str:
     return "\n".join(lines)
 
 
-RENDERERS = {"overhead_memory": render_overhead_memory}
+def render_policy_overhead(result: dict) -> str:
+    lines = [
+        f"Measured {result['date']} on {result['machine']}; command: `{result['command']}`. One decode step of the model "
+        f"at {result['prompt_tokens']} tokens takes {result['decode_step_seconds'] * 1000:.1f} ms.",
+        "",
+        "| policy | one scoring round, all layers / decode step | 2k prefill + 16 tokens at 50% budget / DynamicCache |",
+        "|---|---:|---:|",
+    ]
+    for policy, row in result["policies"].items():
+        lines.append(f"| {policy} | {row['scoring_over_decode_step']:.2f}x | {row['end_to_end_over_dynamic_cache']:.2f}x |")
+    lines += ["", "A scoring round runs once per `update_interval` tokens, so its cost per generated token is the ratio divided by the interval."]
+    return "\n".join(lines)
+
+
+def render_compare(result: dict) -> str:
+    cells = result["cells"]
+    tasks = list(next(iter(cells.values()))["per_task"])
+    lines = [
+        f"Measured {result.get('date', '')} on {result.get('machine', '')}; command: `{result.get('command', '')}`; "
+        f"{result['tokens']}-token held-out prompts, {result['settings']['prompts_per_task']} per task; NAMM scorer: "
+        f"`{result.get('scorer', '')}`. Accuracy for retrieval tasks, long-text answer probability normalised by the "
+        "full cache.",
+        "",
+        "| cache | budget | kept | score | " + " | ".join(tasks) + " | seconds |",
+        "|---|---|---:|---:|" + "---:|" * len(tasks) + "---:|",
+    ]
+    for name, cell in cells.items():
+        values = " | ".join(f"{cell['per_task'][t]:.2f}" for t in tasks)
+        budget = "-" if cell["budget"] is None else str(cell["budget"])
+        lines.append(f"| {cell['policy']} | {budget} | {cell['kept_fraction']:.0%} | {cell.get('score', float('nan')):.2f} | {values} | {cell['seconds']:.0f} |")
+    return "\n".join(lines)
+
+
+def render_compare_smollm2(result: dict) -> str:
+    return render_compare(result) + "\n\n![score vs retained KV](benchmarks/results/compare_smollm2_quality.png)"
+
+
+def render_compare_gemma3(result: dict) -> str:
+    return render_compare(result) + "\n\n![score vs retained KV](benchmarks/results/compare_gemma3_quality.png)"
+
+
+RENDERERS = {
+    "overhead_memory": render_overhead_memory,
+    "policy_overhead": render_policy_overhead,
+    "compare_smollm2": render_compare_smollm2,
+    "compare_gemma3": render_compare_gemma3,
+}
 
 
 def main() -> None:
