@@ -17,11 +17,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -35,6 +33,9 @@ from evolution.run import load_model
 from evolution.tasks import build_task
 from namm_cache import NAMMCache
 from namm_cache.hub import DEFAULT_SCORER, load_scorer
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import provenance  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BASELINES = ["h2o", "key_norm", "streaming_llm", "snapkv", "tova", "random"]
@@ -154,8 +155,7 @@ def main(argv: list[str] | None = None) -> Path:
     if result.get("settings") != settings:
         result = {"settings": settings, "cells": {}}  # different settings: start over
     result.update(scorer=str(args.scorer), model=args.model, tokens=args.tokens, cost_budget=0.25 if 0.25 in budgets else budgets[0],
-                  command="python benchmarks/compare.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-                  machine=f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}")
+                  **provenance(__file__, argv))
 
     model, tokenizer = load_model(args.model)
     examples = held_out_examples(tokenizer, args.tokens, args.prompts)
@@ -184,7 +184,6 @@ def main(argv: list[str] | None = None) -> Path:
         cell.update(policy=policy, budget=budget, scorer=str(args.scorer) if policy == "namm" else None)
         result["cells"][name] = cell
         summarize(result)
-        result["date"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
         path.write_text(json.dumps(result, indent=2))
     summarize(result)
     path.write_text(json.dumps(result, indent=2))

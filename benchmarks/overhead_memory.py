@@ -19,10 +19,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
+import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -31,18 +30,14 @@ import torch
 from tqdm.auto import tqdm
 from transformers import DynamicCache
 
-from namm_cache import BAMScorer, NAMMCache, NAMMConfig, attention_mass_scorer
+from namm_cache import NAMMCache, NAMMConfig, attention_mass_scorer
+from namm_cache.scorers import keep_all_observing_scorer
 from namm_cache.offline import load_offline_model
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import provenance  # noqa: E402
+
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def observing_keep_all() -> BAMScorer:
-    scorer = BAMScorer()
-    with torch.no_grad():
-        scorer.readout.weight.fill_(1e-3)
-        scorer.readout.bias.fill_(1e3)
-    return scorer
 
 
 def timed_generate(model, ids, cache, chunk: int, new_tokens: int) -> float:
@@ -68,7 +63,7 @@ def overhead(model, prompt_tokens: int, new_tokens: int, repeats: int) -> dict:
     variants = {
         "dynamic_cache": lambda: DynamicCache(config=model.config),
         "namm_keep_all_zero_scorer": lambda: NAMMCache(model=model),
-        "namm_keep_all_observing": lambda: NAMMCache(model=model, scorer=observing_keep_all()),
+        "namm_keep_all_observing": lambda: NAMMCache(model=model, scorer=keep_all_observing_scorer()),
         "namm_attention_mass_cap1024": lambda: NAMMCache(model=model, scorer=mass, max_tokens=1024),
     }
     timed_generate(model, ids[:, :256], DynamicCache(config=model.config), chunk, 2)  # warm-up
@@ -152,9 +147,7 @@ def main() -> None:
         speed = overhead(model, 2048, 32, args.repeats)
         memory = peak_memory(model, [2048, 4096, 8192, 16384], cap=1024, chunk=512)
     result = {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, threads {torch.get_num_threads()}",
-        "command": "python benchmarks/overhead_memory.py" + (" --quick" if args.quick else ""),
+        **provenance(__file__),
         "overhead": speed,
         "peak_memory": memory,
     }

@@ -16,10 +16,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
+import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -30,6 +29,9 @@ from transformers import DynamicCache
 
 from namm_cache import NAMMCache, attention_mass_scorer
 from namm_cache.offline import load_offline_model
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import provenance  # noqa: E402
 from namm_cache.selection import select_tokens
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -145,9 +147,7 @@ def main() -> None:
             "end_to_end_over_dynamic_cache": statistics.median(ends) / statistics.median(refs),
         }
     result = {
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, threads {torch.get_num_threads()}",
-        "command": "python benchmarks/policy_overhead.py" + (" --quick" if args.quick else ""),
+        **provenance(__file__),
         "prompt_tokens": tokens,
         "decode_step_seconds": decode,
         "dynamic_cache_generate_seconds": statistics.median(reference),

@@ -59,39 +59,47 @@ class Task:
         raise NotImplementedError
 
 
-class PasskeyTask(Task):
-    """Retrieve a 5-digit pass key hidden at a random depth in filler or prose."""
-
-    name = "passkey"
+class HaystackTask(Task):
+    """Facts hidden in a haystack (filler or prose) and a question about them. Subclasses draw the facts."""
 
     def __init__(self, tokens: int = 1000, haystack: str = "filler"):
-        self.tokens, self.haystack_name = tokens, haystack
+        self.tokens = tokens
         self.haystack = load_text(haystack)
+
+    def draw(self, rng: random.Random) -> dict[str, Any]:
+        """The needles, instruction, question, answer_prefix and answer of one example."""
+        raise NotImplementedError
 
     def sample(self, tokenizer, rng, n):
         examples = []
         for _ in range(n):
-            key = str(rng.randint(10000, 99999))
-            prompt = haystack_prompt(
-                tokenizer,
-                self.tokens,
-                needles=[(rng.uniform(0.05, 0.95), f"The pass key is {key}. Remember it. {key} is the pass key.")],
-                instruction="There is a pass key hidden inside a lot of irrelevant text. Find it and memorize it. "
-                "I will quiz you about the pass key.",
-                question="What is the pass key? Answer with the number only.",
-                answer_prefix="The pass key is",
-                answer=f" {key}",
-                haystack=self.haystack,
-                haystack_offset=rng.randrange(10**6),
-            )
+            fields = self.draw(rng)
+            prompt = haystack_prompt(tokenizer, self.tokens, haystack=self.haystack, haystack_offset=rng.randrange(10**6), **fields)
             examples.append(Example(prompt.text, prompt.answer, self.name))
         return examples
+
+
+class PasskeyTask(HaystackTask):
+    """Retrieve a 5-digit pass key hidden at a random depth in filler or prose."""
+
+    name = "passkey"
+
+    def draw(self, rng):
+        key = str(rng.randint(10000, 99999))
+        return {
+            "needles": [(rng.uniform(0.05, 0.95), f"The pass key is {key}. Remember it. {key} is the pass key.")],
+            "instruction": "There is a pass key hidden inside a lot of irrelevant text. Find it and memorize it. "
+            "I will quiz you about the pass key.",
+            "question": "What is the pass key? Answer with the number only.",
+            "answer_prefix": "The pass key is",
+            "answer": f" {key}",
+        }
 
 
 WORDS = ["apple", "river", "candle", "falcon", "garden", "harbor", "lantern", "meadow", "orchard", "pebble", "quartz", "saddle"]
 
 
-class NeedleTask(Task):
+class NeedleTask(HaystackTask):
     """Needle in a haystack with `keys` needles ("The special magic number for K is V."); one is asked."""
 
     name = "needle"
@@ -99,61 +107,44 @@ class NeedleTask(Task):
     def __init__(self, tokens: int = 1000, haystack: str = "filler", keys: int = 1):
         if not 1 <= keys <= len(WORDS):
             raise ValueError(f"keys must be in [1, {len(WORDS)}], got {keys}.")
-        self.tokens, self.keys = tokens, keys
-        self.haystack = load_text(haystack)
+        super().__init__(tokens, haystack)
+        self.keys = keys
         self.name = "needle" if keys == 1 else f"needle_multikey{keys}"
 
-    def sample(self, tokenizer, rng, n):
-        examples = []
-        for _ in range(n):
-            names = rng.sample(WORDS, self.keys)
-            values = [str(rng.randint(1000000, 9999999)) for _ in names]
-            target = rng.randrange(self.keys)
-            needles = [(rng.uniform(0.05, 0.95), f"The special magic number for {k} is: {v}.") for k, v in zip(names, values)]
-            prompt = haystack_prompt(
-                tokenizer,
-                self.tokens,
-                needles=needles,
-                instruction="Some special magic numbers are hidden inside the following text. Make sure to memorize them.",
-                question=f"What is the special magic number for {names[target]} mentioned in the text?",
-                answer_prefix=f"The special magic number for {names[target]} is:",
-                answer=f" {values[target]}",
-                haystack=self.haystack,
-                haystack_offset=rng.randrange(10**6),
-            )
-            examples.append(Example(prompt.text, prompt.answer, self.name))
-        return examples
+    def draw(self, rng):
+        names = rng.sample(WORDS, self.keys)
+        values = [str(rng.randint(1000000, 9999999)) for _ in names]
+        target = rng.randrange(self.keys)
+        return {
+            "needles": [(rng.uniform(0.05, 0.95), f"The special magic number for {k} is: {v}.") for k, v in zip(names, values)],
+            "instruction": "Some special magic numbers are hidden inside the following text. Make sure to memorize them.",
+            "question": f"What is the special magic number for {names[target]} mentioned in the text?",
+            "answer_prefix": f"The special magic number for {names[target]} is:",
+            "answer": f" {values[target]}",
+        }
 
 
-class VariableTrackingTask(Task):
+class VariableTrackingTask(HaystackTask):
     """Follow a chain of assignments (VAR B = A ...) scattered in filler; ask the value of the last one."""
 
     name = "variable_tracking"
 
     def __init__(self, tokens: int = 1000, haystack: str = "filler", hops: int = 4):
-        self.tokens, self.hops = tokens, hops
-        self.haystack = load_text(haystack)
+        super().__init__(tokens, haystack)
+        self.hops = hops
 
-    def sample(self, tokenizer, rng, n):
-        examples = []
-        for _ in range(n):
-            names = ["".join(rng.choice(string.ascii_uppercase) for _ in range(5)) for _ in range(self.hops + 1)]
-            value = str(rng.randint(10000, 99999))
-            statements = [f"VAR {names[0]} = {value}."] + [f"VAR {names[i]} = VAR {names[i - 1]}." for i in range(1, self.hops + 1)]
-            depths = sorted(rng.uniform(0.05, 0.95) for _ in statements)
-            prompt = haystack_prompt(
-                tokenizer,
-                self.tokens,
-                needles=list(zip(depths, statements)),
-                instruction="Memorize and track the chain of variable assignments hidden in the following text.",
-                question=f"What is the value of VAR {names[-1]}? Answer with the number only.",
-                answer_prefix=f"VAR {names[-1]} =",
-                answer=f" {value}",
-                haystack=self.haystack,
-                haystack_offset=rng.randrange(10**6),
-            )
-            examples.append(Example(prompt.text, prompt.answer, self.name))
-        return examples
+    def draw(self, rng):
+        names = ["".join(rng.choice(string.ascii_uppercase) for _ in range(5)) for _ in range(self.hops + 1)]
+        value = str(rng.randint(10000, 99999))
+        statements = [f"VAR {names[0]} = {value}."] + [f"VAR {names[i]} = VAR {names[i - 1]}." for i in range(1, self.hops + 1)]
+        depths = sorted(rng.uniform(0.05, 0.95) for _ in statements)
+        return {
+            "needles": list(zip(depths, statements)),
+            "instruction": "Memorize and track the chain of variable assignments hidden in the following text.",
+            "question": f"What is the value of VAR {names[-1]}? Answer with the number only.",
+            "answer_prefix": f"VAR {names[-1]} =",
+            "answer": f" {value}",
+        }
 
 
 class LongTextTask(Task):

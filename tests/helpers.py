@@ -7,13 +7,7 @@ import torch
 from namm_cache import BAMScorer
 
 
-def observing_keep_all_scorer() -> BAMScorer:
-    """Scores depend on the features (so attention is observed) but are always far above 0 (keep all)."""
-    scorer = BAMScorer()
-    with torch.no_grad():
-        scorer.readout.weight.fill_(1e-3)
-        scorer.readout.bias.fill_(1e3)
-    return scorer
+from namm_cache.scorers import keep_all_observing_scorer as observing_keep_all_scorer  # noqa: F401
 
 
 def random_scorer(seed: int = 0, scale: float = 0.3) -> BAMScorer:

@@ -30,4 +30,15 @@ def attention_mass_scorer(input_dim: int = 25, n_bins: int = 17, weight: float =
     return scorer
 
 
-__all__ = ["Scorer", "BAMScorer", "MLPScorer", "SCORER_KINDS", "build_scorer", "attention_mass_scorer"]
+def keep_all_observing_scorer(input_dim: int = 25, n_bins: int = 17) -> BAMScorer:
+    """A BAM scorer whose scores depend on the features (so the cache observes attention and runs the
+    whole feature pipeline) but always exceed 0 by far: nothing is evicted. For measuring the pipeline's
+    cost and checking it leaves outputs unchanged."""
+    scorer = BAMScorer(input_dim=input_dim, n_bins=n_bins)
+    with torch.no_grad():
+        scorer.readout.weight.fill_(1e-3)
+        scorer.readout.bias.fill_(1e3)
+    return scorer
+
+
+__all__ = ["keep_all_observing_scorer", "Scorer", "BAMScorer", "MLPScorer", "SCORER_KINDS", "build_scorer", "attention_mass_scorer"]
