@@ -188,3 +188,11 @@ def test_policies_that_need_no_attention_do_not_observe():
         cache = NAMMCache(model=model, policy=name, budget=16, update_interval=16)
         run_generate(model, random_ids(40), cache)
         assert cache.namm_layers[0].observing is observes, name
+
+
+def test_full_policy_ignores_a_cap_in_the_config():
+    """The full-cache reference must never evict, even when the config it shares carries max_tokens."""
+    model = tiny_model("llama", "sdpa")
+    cache = NAMMCache(model=model, policy="full", config=NAMMConfig(update_interval=16, max_tokens=8))
+    run_generate(model, random_ids(60), cache)
+    assert cache.stats()["evicted_tokens"] == 0 and cache.namm_config.max_tokens is None

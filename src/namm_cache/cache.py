@@ -12,7 +12,7 @@ from .attention import hand_over, install_attention
 from .budgets import Budget, ThresholdBudget, parse_budget
 from .config import NAMMConfig
 from .features import SpectrogramState, fold_attention
-from .policies import NAMMPolicy, Observation, Policy, build_policy
+from .policies import FullCachePolicy, NAMMPolicy, Observation, Policy, build_policy
 from .policies.base import ATTENTION_SUM, LAST_ATTENTION, SPECTROGRAM, TRACKERS, WINDOW_ATTENTION
 from .scorers import BAMScorer, Scorer
 from .selection import compaction_indices, select_tokens
@@ -558,15 +558,17 @@ class NAMMCache(Cache):
                     f"Build the scorer with input_dim={namm_config.feature_dim}, n_bins={namm_config.n_bins}, or change "
                     "n_fft / recency_dim to match the scorer."
                 )
+        self.policy = policy if policy is not None else NAMMPolicy(scorer)
+        if isinstance(self.policy, FullCachePolicy):
+            namm_config = namm_config.replace(max_tokens=None)  # a full cache is never capped
         self.namm_config = namm_config
         self.scorer = scorer
-        self.policy = policy if policy is not None else NAMMPolicy(scorer)
         self.budget = self.policy.check_budget(parse_budget(budget))
         self.feature_observer: FeatureObserver | None = None
         layers = []
         for idx, (layer_type, kwargs) in enumerate(zip(layer_types, layer_kwargs)):
             if layer_type == "full_attention":
-                layers.append(NAMMLayer(idx, namm_config, self.policy, self.budget, observer=self._observe_features))
+                layers.append(NAMMLayer(idx, self.namm_config, self.policy, self.budget, observer=self._observe_features))
             else:
                 layers.append(DYNAMIC_LAYER_TYPE_MAPPING[layer_type](**kwargs))
         super().__init__(layers=layers)
