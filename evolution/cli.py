@@ -25,6 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pkl")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value (dotted keys, YAML values); repeatable")
+    parser.add_argument("--export", metavar="FOLDER", help="only write the scorer of OUT's latest checkpoint to FOLDER")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
 
@@ -37,6 +38,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"namm-evolve: error: {error}", file=sys.stderr)
         return 2
     world = World.from_environment()
+    if args.export:
+        try:
+            folder = EvolutionRun(config, args.out, progress=False).export_checkpoint(args.export)
+        except FileNotFoundError as error:
+            print(f"namm-evolve: error: {error}", file=sys.stderr)
+            return 2
+        print(f"exported the latest checkpoint of {args.out} to {folder}")
+        return 0
     try:
         run = EvolutionRun(config, args.out, world=world, progress=not args.no_progress)
         state = run.run(resume=args.resume)

@@ -307,7 +307,15 @@ class EvolutionRun:
             self.export(state)
         return state
 
-    def export(self, state: RunState) -> Path:
+    def export_checkpoint(self, folder: str | Path | None = None) -> Path:
+        """Write the scorer of the latest checkpoint (distribution mean) without running; safe during a run."""
+        if not self.checkpoint_path().is_file():
+            raise FileNotFoundError(f"No checkpoint at {self.checkpoint_path()}.")
+        state = pickle.loads(self.checkpoint_path().read_bytes())
+        self.scorer.set_normalization(torch.tensor(state.normalization[0]), torch.tensor(state.normalization[1]))
+        return self.export(state, folder)
+
+    def export(self, state: RunState, folder: str | Path | None = None) -> Path:
         """Write the distribution mean as a scorer folder `out_dir/scorer` (config, weights, card, fitness plot)."""
         self.scorer.set_flat_params(torch.as_tensor(state.es.mean, dtype=torch.float32))
         last = state.log[-1] if state.log else {}
@@ -331,7 +339,7 @@ class EvolutionRun:
             ],
             extra={"evolution_config": self.config.to_dict()},
         )
-        folder = save_scorer(self.out_dir / "scorer", self.scorer, self.namm_config, metadata, repo_id=f"namm-cache/{Path(self.out_dir).name}")
+        folder = save_scorer(Path(folder) if folder else self.out_dir / "scorer", self.scorer, self.namm_config, metadata, repo_id=f"namm-cache/{Path(self.out_dir).name}")
         if (self.out_dir / PLOT).is_file():
             (folder / PLOT).write_bytes((self.out_dir / PLOT).read_bytes())
         return folder

@@ -126,6 +126,10 @@ def test_end_to_end_run_writes_a_loadable_scorer_with_card_and_plot(tmp_path, ti
     assert not torch.equal(cache.scorer.spectrogram_std, torch.ones(17))  # calibrated before generation 0
     card = (out / "scorer" / "README.md").read_text()
     assert "passkey, long_text" in card and "Evolved with CMA-ES" in card
+    # --export writes the scorer of the latest checkpoint without running.
+    cli("--config", str(config), "--out", str(out), "--export", str(tmp_path / "exported"))
+    exported = NAMMCache.from_pretrained(tmp_path / "exported", model=model)
+    assert torch.equal(exported.scorer.get_flat_params(), cache.scorer.get_flat_params())
     # A finished run refuses to be overwritten without --resume.
     again = cli("--config", str(config), "--out", str(out), check=False)
     assert again.returncode == 2 and "--resume" in again.stderr
