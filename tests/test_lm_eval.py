@@ -83,3 +83,13 @@ def test_namm_lm_eval_runs_a_pack_task_offline(tmp_path, tiny_model_dir):
     data = json.loads(files[0].read_text())
     assert "exact_match,none" in data["results"]["namm_passkey"]
     assert data["config"]["model"] == "namm"
+
+
+def test_offline_model_names_become_folders_for_lm_eval():
+    from namm_cache.lm_eval_cli import resolve_offline_names
+    from namm_cache.offline import converted_path
+
+    argv = ["run", "--model_args", "pretrained=smollm2-135m-instruct,policy=h2o,budget=0.25", "--tasks", "x"]
+    resolved = resolve_offline_names(argv)
+    assert resolved[2] == f"pretrained={converted_path('smollm2-135m-instruct')},policy=h2o,budget=0.25"
+    assert resolved[:2] == argv[:2] and resolved[3:] == argv[3:]

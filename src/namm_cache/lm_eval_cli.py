@@ -13,6 +13,24 @@ import os
 import sys
 
 
+def resolve_offline_names(argv: list[str]) -> list[str]:
+    """Replace `pretrained=<offline model name>` in --model_args by its converted folder, so that tasks which
+    build data from the model's tokenizer (RULER, the pack) get a path they can load offline."""
+    from .offline import OFFLINE_MODELS, ensure_converted
+
+    argv = list(argv)
+    for i, arg in enumerate(argv[:-1]):
+        if arg == "--model_args":
+            parts = []
+            for part in argv[i + 1].split(","):
+                key, _, value = part.partition("=")
+                if key.strip() in ("pretrained", "tokenizer") and value in OFFLINE_MODELS:
+                    part = f"{key}={ensure_converted(value)}"
+                parts.append(part)
+            argv[i + 1] = ",".join(parts)
+    return argv
+
+
 def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -20,6 +38,7 @@ def main() -> None:
 
     if "--include_path" not in sys.argv:
         sys.argv += ["--include_path", lm_eval_model.TASK_PACK]
+    sys.argv = resolve_offline_names(sys.argv)
     from lm_eval.__main__ import cli_evaluate
 
     cli_evaluate()
