@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
 RESULTS = ROOT / "benchmarks" / "results"
 
 
@@ -91,7 +93,20 @@ def render_compare_gemma3(result: dict) -> str:
     return render_compare(result) + "\n\n![score vs retained KV](benchmarks/results/compare_gemma3_quality.png)"
 
 
+def render_heldout_smollm2(result: dict) -> str:
+    from evolution.evaluate import table
+
+    return (
+        f"Measured {result['date']}; command: `python -m evolution.evaluate --scorer {result['scorer']} --out "
+        f"benchmarks/results/heldout_smollm2.json`. Held-out KJV Proverbs haystacks, seed {result['seed']}, "
+        f"{result['prompts_per_task']} prompts per task. Cells: teacher-forced answer probability (greedy accuracy in "
+        "parentheses); normalised mean = mean over tasks of score / full-cache score; baselines at the scorer's kept "
+        "fraction.\n\n" + table(result)
+    )
+
+
 RENDERERS = {
+    "heldout_smollm2": render_heldout_smollm2,
     "overhead_memory": render_overhead_memory,
     "policy_overhead": render_policy_overhead,
     "compare_smollm2": render_compare_smollm2,
