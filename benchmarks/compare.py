@@ -106,9 +106,13 @@ def plot(result: dict, stem: Path) -> None:
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     policies = sorted({cell["policy"] for cell in cells.values() if cell["policy"] != "full"})
     for policy in policies:
-        points = sorted((c["kept_fraction"], c["score"]) for c in cells.values() if c["policy"] == policy and "score" in c)
+        budgeted = [c for c in cells.values() if c["policy"] == policy and "score" in c and c["budget"] != "threshold"]
+        points = sorted((c["kept_fraction"], c["score"]) for c in budgeted)
         if points:
-            ax.plot(*zip(*points), "o-", label=policy)
+            ax.plot(*zip(*points), "o-", label=f"{policy} (budget)" if policy == "namm" else policy)
+    for cell in cells.values():
+        if cell["budget"] == "threshold" and "score" in cell:
+            ax.plot([cell["kept_fraction"]], [cell["score"]], "*", markersize=14, color="black", label="namm (own threshold)")
     if "full" in cells and "score" in cells["full"]:
         ax.axhline(cells["full"]["score"], color="black", ls="--", label="full cache")
     ax.set_xlabel("mean retained KV fraction")
