@@ -93,3 +93,23 @@ def test_offline_model_names_become_folders_for_lm_eval():
     resolved = resolve_offline_names(argv)
     assert resolved[2] == f"pretrained={converted_path('smollm2-135m-instruct')},policy=h2o,budget=0.25"
     assert resolved[:2] == argv[:2] and resolved[3:] == argv[3:]
+
+
+def test_longbench_pack_task_reads_local_jsonl_and_scores_with_the_official_metric(tmp_path):
+    import sys as _sys
+
+    _sys.path.insert(0, str(ROOT / "src" / "namm_cache" / "lm_eval_tasks"))
+    import namm_pack
+
+    data = tmp_path / "records.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in [
+        {"context": "Paris is the capital of France.", "input": "Capital of France?", "answers": ["Paris"]},
+        {"context": "The sky is blue.", "input": "What colour is the sky?", "answers": ["blue", "Blue sky"]},
+    ]) + "\n")
+    dataset = namm_pack.longbench(path=str(data), dataset="hotpotqa")["test"]
+    assert len(dataset) == 2 and dataset[0]["metric"] == "qa_f1"
+    assert dataset[0]["prompt"].endswith("Question: Capital of France?\nAnswer:")
+    assert namm_pack.longbench_score(dataset[1], ["It is blue."])["score"] == 1.0
+    assert namm_pack.longbench_score(dataset[0], ["London"])["score"] == 0.0
+    with pytest.raises(ValueError, match="needs the data file"):
+        namm_pack.longbench()

@@ -62,3 +62,30 @@ def first_number(doc: dict[str, Any], results: list[str]) -> dict[str, float]:
     """1 if the first number in the completion is the answer."""
     found = re.findall(r"\d+", results[0])
     return {"exact_match": float(bool(found) and found[0] == doc["answer"])}
+
+
+def longbench(**kwargs: Any):
+    """LongBench / InfiniteBench-format records from a local JSONL file: `--metadata '{"path": "...jsonl"}'`.
+
+    Records need `context`, `input` and `answers`; optional `max_context_chars` truncates long contexts."""
+    from evolution.tasks import JsonlTask
+
+    path = kwargs.get("path")
+    if not path:
+        raise ValueError('namm_longbench needs the data file: --metadata \'{"path": "/data/hotpotqa.jsonl"}\'.')
+    task = JsonlTask(str(path), name=kwargs.get("dataset"), metric=kwargs.get("metric"),
+                     max_context_chars=kwargs.get("max_context_chars"))
+    rows = []
+    for record in task.records:
+        context = record["context"][: task.max_context_chars] if task.max_context_chars else record["context"]
+        rows.append({"prompt": f"{context}\n\nQuestion: {record['input']}\nAnswer:",
+                     "answers": [str(a) for a in record["answers"]], "metric": task.metric})
+    return {"test": datasets.Dataset.from_list(rows)}
+
+
+def longbench_score(doc: dict[str, Any], results: list[str]) -> dict[str, float]:
+    """The dataset's official LongBench metric (max over reference answers)."""
+    from evolution.tasks import METRICS
+
+    metric = METRICS[doc["metric"]]
+    return {"score": max(metric(results[0], answer) for answer in doc["answers"])}
