@@ -56,42 +56,16 @@ def median_time(fn, repeats: int) -> float:
 @torch.no_grad()
 def scoring_round_seconds(model, ids, policy: str, repeats: int) -> float:
     """Time of scoring + selection in every NAMM layer, on a cache that holds the whole prompt."""
-    cache = make_cache(model, policy, 1.0, interval=ids.shape[1] * 2)  # interval past the prompt: no eviction yet
+    # A 50% budget, and an interval past the prompt so that nothing is evicted while the cache fills.
+    cache = make_cache(model, policy, 0.5, interval=ids.shape[1] * 2)
     for chunk in ids.split(512, dim=1):
         model(input_ids=chunk, cache=cache)
-    budget_fraction = 0.5
 
     def one_round():
         for layer in cache.namm_layers:
-            slots = layer.keys.shape[-2]
-            heads = layer.keys.shape[1]
-            index = torch.arange(layer.batch_size)
-            positions = layer.positions.reshape(-1, slots)
-            valid = layer.token_valid.reshape(-1, slots)
-            from namm_cache.policies import Observation
-
-            def rows_of(name):
-                tensor = getattr(layer, name)
-                return None if tensor is None else tensor[index].reshape(-1, slots, *tensor.shape[3:])
-
-            spectrogram = rows_of("ema")
-            observation = Observation(
-                layer_idx=layer.layer_idx,
-                keys=layer.keys.reshape(-1, slots, layer.keys.shape[-1]),
-                positions=positions,
-                valid=valid,
-                age=(layer.tokens_seen - 1) - positions,
-                spectrogram=spectrogram if spectrogram is not None else torch.zeros(*positions.shape, 17),
-                config=layer.config,
-                budget=torch.full((positions.shape[0],), int(budget_fraction * layer.tokens_seen)),
-                attention_sum=rows_of("attention_sum"),
-                last_attention=rows_of("last_attention"),
-                window_attention=rows_of("window_attention"),
-                eviction_round=torch.zeros(positions.shape[0], dtype=torch.long),
-                head_index=torch.arange(heads).repeat(layer.batch_size),
-            )
+            observation = layer.observation(list(range(layer.batch_size)), now=layer.tokens_seen - 1)
             scores = layer.policy.score(observation)
-            select_tokens(scores, valid, positions, threshold=None, max_tokens=observation.budget)
+            select_tokens(scores, observation.valid, observation.positions, threshold=None, max_tokens=observation.budget)
 
     one_round()
     return median_time(one_round, repeats)

@@ -127,7 +127,7 @@ class RunState:
     torch_rng: Any = None
 
 
-def minimize_like_generic(
+def maximize_with_cma(
     fitness: Callable[[np.ndarray], list[float]],
     dim: int,
     *,

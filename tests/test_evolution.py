@@ -18,7 +18,7 @@ import torch
 from conftest import tiny_model
 
 from evolution import EvolutionConfig
-from evolution.run import minimize_like_generic
+from evolution.run import maximize_with_cma
 from evolution.tasks import JsonlTask, build_task, qa_f1_score, rouge_l_score
 from namm_cache import NAMMCache, NAMMConfig
 from namm_cache.calibration import KeepAllObservingPolicy, calibrate_normalization
@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.mark.parametrize("separable", [False, True])
 def test_cma_converges_on_a_synthetic_fitness(separable):
     target = np.array([3.0, -1.0, 0.5, 2.0, -2.5])
-    es = minimize_like_generic(lambda xs: [-float(((x - target) ** 2).sum()) for x in xs], 5,
+    es = maximize_with_cma(lambda xs: [-float(((x - target) ** 2).sum()) for x in xs], 5,
                                generations=80, population=10, sigma0=1.0, seed=3, separable=separable)
     assert np.abs(es.mean - target).max() < 1e-2
 

@@ -109,7 +109,8 @@ def test_longbench_pack_task_reads_local_jsonl_and_scores_with_the_official_metr
     dataset = namm_pack.longbench(path=str(data), dataset="hotpotqa")["test"]
     assert len(dataset) == 2 and dataset[0]["metric"] == "qa_f1"
     assert dataset[0]["prompt"].endswith("Question: Capital of France?\nAnswer:")
-    assert namm_pack.longbench_score(dataset[1], ["It is blue."])["score"] == 1.0
+    assert namm_pack.longbench_score(dataset[1], ["Blue."])["score"] == 1.0
+    assert namm_pack.longbench_score(dataset[1], ["It is blue."])["score"] == 0.5  # token F1: 1 of 3 predicted tokens
     assert namm_pack.longbench_score(dataset[0], ["London"])["score"] == 0.0
     with pytest.raises(ValueError, match="needs the data file"):
         namm_pack.longbench()

@@ -346,15 +346,16 @@ class NAMMLayer(CacheLayerMixin):
             while self.next_eviction[b] <= self.real_tokens_seen[b]:
                 self.next_eviction[b] += self.config.update_interval
 
-    def _evict(self, due_rows: list[int], now: int) -> None:
-        batch, heads, slots = self.token_valid.shape
-        keep = self.token_valid.clone()
-        index = torch.tensor(due_rows, device=self.keys.device)
+    def observation(self, rows: list[int], now: int) -> Observation:
+        """What the policy sees of batch `rows` at position `now` (one observation row per (row, KV head)).
+
+        Tokens at positions after `now` (the rest of a chunk, mid-chunk) are not valid for scoring.
+        """
+        heads, slots = self.token_valid.shape[1:]
+        index = torch.tensor(rows, device=self.keys.device)
         positions = self.positions[index].reshape(-1, slots)
-        present = self.token_valid[index].reshape(-1, slots)
-        arrived = positions <= now
-        valid = present & arrived
-        budgets = [self.budget.tokens_for(self.real_tokens_seen[b]) for b in due_rows]
+        valid = self.token_valid[index].reshape(-1, slots) & (positions <= now)
+        budgets = [self.budget.tokens_for(self.real_tokens_seen[b]) for b in rows]
         budget = None if budgets[0] is None else torch.tensor(budgets, device=positions.device).repeat_interleave(heads)
 
         def rows_of(name: str) -> torch.Tensor | None:
@@ -362,7 +363,7 @@ class NAMMLayer(CacheLayerMixin):
             return None if tensor is None else tensor[index].reshape(-1, slots, *tensor.shape[3:])
 
         spectrogram = rows_of("ema")
-        observation = Observation(
+        return Observation(
             layer_idx=self.layer_idx,
             keys=self.keys[index].reshape(-1, slots, self.keys.shape[-1]),
             positions=positions,
@@ -374,10 +375,19 @@ class NAMMLayer(CacheLayerMixin):
             attention_sum=rows_of(ATTENTION_SUM),
             last_attention=rows_of(LAST_ATTENTION),
             window_attention=rows_of(WINDOW_ATTENTION),
-            eviction_round=torch.tensor([self.row_evictions[b] for b in due_rows], device=positions.device).repeat_interleave(heads),
+            eviction_round=torch.tensor([self.row_evictions[b] for b in rows], device=positions.device).repeat_interleave(heads),
             batch_rows=index.repeat_interleave(heads),
-            head_index=torch.arange(heads, device=positions.device).repeat(len(due_rows)),
+            head_index=torch.arange(heads, device=positions.device).repeat(len(rows)),
         )
+
+    def _evict(self, due_rows: list[int], now: int) -> None:
+        batch, heads, slots = self.token_valid.shape
+        keep = self.token_valid.clone()
+        index = torch.tensor(due_rows, device=self.keys.device)
+        observation = self.observation(due_rows, now)
+        positions, valid, budget = observation.positions, observation.valid, observation.budget
+        present = self.token_valid[index].reshape(-1, slots)
+        arrived = positions <= now
         if self.observer is not None:
             self.observer(self.layer_idx, observation.spectrogram[valid])
         scores = self.policy.score(observation)
