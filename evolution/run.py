@@ -10,7 +10,6 @@ it, so 1 and K processes give the same result.
 from __future__ import annotations
 
 import json
-import math
 import os
 import pickle
 import random
