@@ -41,6 +41,7 @@ def test_keep_all_namm_matches_stock_hf(tiny_model_dir):
     assert abs(a - b) <= 1e-4
     assert hf.generate_until(requests("generate_until")) == namm.generate_until(requests("generate_until"))
     assert namm.cache_counters["caches"] > 0 and namm.cache_counters["evicted_tokens"] == 0
+    assert namm.mean_kept_fraction == 1.0
 
 
 def test_eviction_changes_scores_and_is_counted(tiny_model_dir):
@@ -49,6 +50,8 @@ def test_eviction_changes_scores_and_is_counted(tiny_model_dir):
     full = [ll for ll, _ in keep_all.loglikelihood(requests("loglikelihood"))]
     evicted = [ll for ll, _ in evicting.loglikelihood(requests("loglikelihood"))]
     assert evicting.cache_counters["evicted_tokens"] > 0
+    # Three requests: ~150 and ~75 word contexts are cut to <= 24 + 16 tokens; the short one keeps all.
+    assert 1 / 3 < evicting.mean_kept_fraction < 0.8 and keep_all.mean_kept_fraction == 1.0
     assert abs(full[0] - evicted[0]) > 1e-3
     assert abs(full[2] - evicted[2]) <= 1e-4  # a short context never reaches an eviction point
 
@@ -68,20 +71,35 @@ def test_bad_model_args_fail_clearly(tiny_model_dir):
         make(tiny_model_dir, policy="h2o", budget=8, scorer="namm-cache/keep-all")
 
 
-def test_namm_lm_eval_runs_a_pack_task_offline(tmp_path, tiny_model_dir):
+RULER_TASKS = ["namm_ruler_niah_single_1", "namm_ruler_niah_multikey_2", "namm_ruler_niah_multikey_3",
+               "namm_ruler_vt", "namm_ruler_cwe", "namm_ruler_fwe"]
+
+
+def test_namm_lm_eval_runs_pack_and_ruler_tasks_offline(tmp_path, tiny_model_dir):
+    # One invocation for all tasks: lm-eval's task indexing dominates the cost.
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     out = tmp_path / "results"
+    metadata = {"tokens": 200, "samples": 2, "max_seq_lengths": [1024]}
     command = [sys.executable, "-m", "namm_cache.lm_eval_cli", "run", "--model", "namm",
                "--model_args", f"pretrained={tiny_model_dir},policy=streaming_llm,budget=64,update_interval=32",
-               "--tasks", "namm_passkey", "--limit", "2", "--metadata", json.dumps({"tokens": 200, "samples": 4}),
-               "--output_path", str(out), "--device", "cpu"]
-    result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+               "--tasks", ",".join(["namm_passkey", *RULER_TASKS]), "--limit", "1", "--metadata", json.dumps(metadata),
+               "--output_path", str(out), "--device", "cpu", "--log_samples"]
+    result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     files = list(out.rglob("results_*.json"))
     assert files, result.stdout[-2000:]
     data = json.loads(files[0].read_text())
     assert "exact_match,none" in data["results"]["namm_passkey"]
     assert data["config"]["model"] == "namm"
+    for task in RULER_TASKS:
+        scores = data["results"][task]
+        assert 0.0 <= scores["string_match,none"] <= 1.0
+        assert scores["1024,none"] == scores["string_match,none"] and scores["2048,none"] == -1
+        (samples_file,) = out.rglob(f"samples_{task}_*.jsonl")
+        sample = json.loads(samples_file.read_text().splitlines()[0])
+        assert sample["doc"]["max_length"] == 1024 and sample["doc"]["outputs"]
+        prompt = sample["arguments"]["gen_args_0"]["arg_0"]
+        assert prompt.endswith(sample["doc"]["gen_prefix"])  # RULER's answer prefix is where generation starts
 
 
 def test_offline_model_names_become_folders_for_lm_eval():

@@ -62,7 +62,7 @@ class NAMMLM(HFLM):
         self.namm_policy = str(namm_args.pop("policy", "namm"))
         self.namm_budget = namm_args.pop("budget", None)
         self.namm_overrides = {k: v for k, v in namm_args.items() if k != "prefill_chunk_size"}
-        self.cache_counters = {"caches": 0, "evicted_tokens": 0, "evictions": 0}
+        self.cache_counters = {"caches": 0, "evicted_tokens": 0, "evictions": 0, "kept_fraction_sum": 0.0}
         self._template = self.make_cache()  # validate everything (and install the attention wrapper) now
         self.prefill_chunk_size = int(namm_args.get("prefill_chunk_size") or self._template.namm_config.update_interval)
         if self.prefill_chunk_size < 1:
@@ -82,6 +82,14 @@ class NAMMLM(HFLM):
         self.cache_counters["caches"] += 1
         self.cache_counters["evicted_tokens"] += stats["evicted_tokens"]
         self.cache_counters["evictions"] += stats["evictions"]
+        kept = stats["mean_kept_fraction"]
+        self.cache_counters["kept_fraction_sum"] += 1.0 if kept is None else kept
+
+    @property
+    def mean_kept_fraction(self) -> float | None:
+        """Mean over the requests served so far of the fraction of real tokens each cache kept (1.0 = none evicted)."""
+        caches = self.cache_counters["caches"]
+        return self.cache_counters["kept_fraction_sum"] / caches if caches else None
 
     def _model_call(self, inps: torch.Tensor, attn_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None):
         if attn_mask is not None or labels is not None:

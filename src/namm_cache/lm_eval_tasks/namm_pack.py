@@ -16,7 +16,8 @@ import datasets
 HELDOUT_SEED = 20_241_126
 
 
-def _tokenizer(kwargs: dict[str, Any]):
+def load_tokenizer(kwargs: dict[str, Any]):
+    """The evaluated model's tokenizer: `tokenizer` or `pretrained` (offline model names resolve to their folders)."""
     from transformers import AutoTokenizer
 
     from namm_cache.offline import OFFLINE_MODELS, ensure_converted
@@ -36,7 +37,7 @@ def _build(task_name: str, **kwargs: Any) -> dict[str, datasets.Dataset]:
     if task_name == "variable_tracking":
         spec["hops"] = int(kwargs.get("hops", 3))
     task = build_task(spec)
-    tokenizer = _tokenizer(kwargs)
+    tokenizer = load_tokenizer(kwargs)
     rng = random.Random(HELDOUT_SEED + tokens)
     rows = [{"prompt": e.prompt, "answer": e.answer.strip(), "tokens": tokens} for e in task.sample(tokenizer, rng, samples)]
     return {"test": datasets.Dataset.from_list(rows)}
