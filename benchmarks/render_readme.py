@@ -105,7 +105,28 @@ def render_heldout_smollm2(result: dict) -> str:
     )
 
 
+def render_ruler_smollm2(result: dict) -> str:
+    cells = result["cells"]
+    settings = result["settings"]
+    tasks = settings["tasks"]
+    lines = [
+        f"Measured {result.get('date', '')} on {result.get('machine', '')}; command: `{result.get('command', '')}` "
+        f"(cells from earlier invocations with the same settings are kept; NAMM scorer: `{result.get('scorer', '')}`). "
+        f"RULER's generators at {settings['length']} tokens, {settings['samples']} samples per task, string_match_all; "
+        "kept = mean fraction of real tokens held at the end of each request.",
+        "",
+        "| cache | budget | kept | mean | " + " | ".join(t.removeprefix("namm_ruler_") for t in tasks) + " | seconds |",
+        "|---|---|---:|---:|" + "---:|" * len(tasks) + "---:|",
+    ]
+    for cell in sorted(cells.values(), key=lambda c: (c["policy"] != "full", c["policy"] != "namm", str(c["budget"]), -c["mean"])):
+        values = " | ".join(f"{cell['scores'][t]:.2f}" for t in tasks)
+        budget = "-" if cell["budget"] is None else str(cell["budget"])
+        lines.append(f"| {cell['policy']} | {budget} | {cell['kept']:.0%} | {cell['mean']:.2f} | {values} | {cell['seconds']:.0f} |")
+    return "\n".join(lines)
+
+
 RENDERERS = {
+    "ruler_smollm2": render_ruler_smollm2,
     "heldout_smollm2": render_heldout_smollm2,
     "overhead_memory": render_overhead_memory,
     "policy_overhead": render_policy_overhead,

@@ -29,3 +29,22 @@ def test_compare_runs_end_to_end_and_skips_finished_cells(tmp_path, tiny_model_d
     compare.main(args)  # every cell is done: nothing reruns
     again = json.loads(path.read_text())
     assert {name: cell["seconds"] for name, cell in again["cells"].items()} == seconds
+
+
+def test_ruler_benchmark_runs_end_to_end_and_skips_finished_cells(tmp_path, tiny_model_dir):
+    import ruler
+
+    args = ["--model", str(tiny_model_dir), "--tag", "tiny", "--samples", "1", "--budgets", "0.5", "--policies", "h2o",
+            "--tasks", "namm_ruler_niah_single_1,namm_ruler_vt", "--out-dir", str(tmp_path)]
+    path = ruler.main(args)
+    result = json.loads(path.read_text())
+    assert set(result["cells"]) == {"full", "h2o@0.5"}
+    for cell in result["cells"].values():
+        assert set(cell["scores"]) == {"namm_ruler_niah_single_1", "namm_ruler_vt"}
+        assert all(0.0 <= score <= 1.0 for score in cell["scores"].values())
+    assert result["cells"]["full"]["kept"] == 1.0
+    assert 0.4 < result["cells"]["h2o@0.5"]["kept"] < 0.75  # half of each ~1k prompt, plus what was generated since
+    assert result["command"].startswith("python benchmarks/ruler.py --model")
+    seconds = {name: cell["seconds"] for name, cell in result["cells"].items()}
+    ruler.main(args)  # every cell is done: nothing reruns
+    assert {name: cell["seconds"] for name, cell in json.loads(path.read_text())["cells"].items()} == seconds
