@@ -98,7 +98,7 @@ def render_heldout_smollm2(result: dict) -> str:
 
     return (
         f"Measured {result['date']}; command: `python -m evolution.evaluate --scorer {result['scorer']} "
-        f"--prompts-per-task {result['prompts_per_task']} --out benchmarks/results/heldout_smollm2.json`. Held-out KJV Proverbs haystacks, seed {result['seed']}, "
+        f"--prompts-per-task {result['prompts_per_task']}{' --no-cap' if result.get('no_cap') else ''} --out benchmarks/results/heldout_smollm2.json`. Held-out KJV Proverbs haystacks, seed {result['seed']}, "
         f"{result['prompts_per_task']} prompts per task. Cells: teacher-forced answer probability (greedy accuracy in "
         "parentheses); normalised mean = mean over tasks of score / full-cache score; baselines at the scorer's kept "
         "fraction.\n\n" + table(result)

@@ -3,7 +3,7 @@
     python -m evolution.evaluate --scorer runs/smollm2-bam/scorer --out runs/smollm2-bam/heldout.json
 
 Prompts use the held-out haystack (`kjv_proverbs`) and seeds never used in training. The scorer runs with
-its stored settings; every baseline then runs with a fraction budget equal to the scorer's measured mean
+its stored settings (or, with `--no-cap`, with its score threshold alone: its own memory use); every baseline then runs with a fraction budget equal to the scorer's measured mean
 kept fraction, so the comparison is at the same retained KV. Scores are normalised by the full cache on
 the same prompts (teacher-forced answer probability; passkey / needle / variable tracking also report
 greedy exact-answer accuracy).
@@ -41,9 +41,14 @@ HELDOUT_SEED = 987_654_321  # never used by a training run (those seed prompts w
 
 
 def evaluate_heldout(model, tokenizer, scorer_path: str, *, prompts_per_task: int = 4, policies: list[str] | None = None,
-                     progress: bool = True) -> dict[str, Any]:
+                     progress: bool = True, no_cap: bool = False) -> dict[str, Any]:
+    """Full cache, the scorer and every baseline (at the scorer's measured kept fraction) on held-out prompts.
+
+    `no_cap=True` drops the scorer's stored `max_tokens`, so it keeps what its threshold keeps."""
     loaded = load_scorer(scorer_path)
-    config = loaded.config
+    config = loaded.config.replace(max_tokens=None) if no_cap else loaded.config
+    if no_cap and config.threshold is None:
+        raise ValueError(f"{scorer_path} has no score threshold: without its cap it would keep every token.")
     chunk = config.update_interval
     rng = random.Random(HELDOUT_SEED)
     examples = []
@@ -71,7 +76,8 @@ def evaluate_heldout(model, tokenizer, scorer_path: str, *, prompts_per_task: in
     bar = tqdm(total=2 + len(policies or BASELINES), desc="held-out", disable=not progress)
     full = run(lambda: NAMMCache(model=model, policy="full", config=config), "full cache")
     bar.update(1)
-    namm = run(lambda: NAMMCache(model=model, scorer=loaded.scorer, config=config), f"NAMM ({Path(str(scorer_path)).name})")
+    mode = "threshold" if no_cap else (f"cap {config.max_tokens}" if config.max_tokens else "stored settings")
+    namm = run(lambda: NAMMCache(model=model, scorer=loaded.scorer, config=config), f"NAMM ({mode})")
     bar.update(1)
     rows += [full, namm]
     fraction = max(1e-3, min(1.0, namm["kept_fraction"]))
@@ -83,7 +89,7 @@ def evaluate_heldout(model, tokenizer, scorer_path: str, *, prompts_per_task: in
     for row in rows:
         normalized = [row["per_task"][t]["score"] / full["per_task"][t]["score"] for t in row["per_task"] if full["per_task"][t]["score"] > 0]
         row["normalized_mean"] = sum(normalized) / len(normalized)
-    return {"scorer": str(scorer_path), "tasks": HELDOUT_TASKS, "prompts_per_task": prompts_per_task, "seed": HELDOUT_SEED,
+    return {"scorer": str(scorer_path), "no_cap": no_cap, "tasks": HELDOUT_TASKS, "prompts_per_task": prompts_per_task, "seed": HELDOUT_SEED,
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "rows": rows}
 
 
@@ -104,13 +110,14 @@ def main() -> None:
     parser.add_argument("--scorer", required=True)
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--prompts-per-task", type=int, default=4)
+    parser.add_argument("--no-cap", action="store_true", help="run the scorer with its threshold only (no max_tokens)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
     from .run import load_model
 
     model, tokenizer = load_model(args.model)
-    result = evaluate_heldout(model, tokenizer, args.scorer, prompts_per_task=args.prompts_per_task)
+    result = evaluate_heldout(model, tokenizer, args.scorer, prompts_per_task=args.prompts_per_task, no_cap=args.no_cap)
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(table(result))
 

@@ -196,3 +196,41 @@ def test_config_loads_toml_and_builds_every_task(tmp_path):
     config = EvolutionConfig.load(path, ["sigma0=0.1"])
     assert config.population == 6 and config.sigma0 == 0.1 and config.stages[0].generations == 2
     assert build_task({"name": "needle_multikey"}).name == "needle_multikey3"
+
+
+def test_heldout_evaluation_matches_baselines_to_the_scorers_memory_and_bundles(tmp_path, tiny_model_dir, monkeypatch):
+    from helpers import random_scorer
+
+    from evolution.evaluate import evaluate_heldout
+    from evolution.run import load_model
+    from namm_cache.hub import ScorerMetadata, load_scorer, save_scorer
+
+    folder = tmp_path / "scorer"
+    save_scorer(folder, random_scorer(seed=3), NAMMConfig(update_interval=128, threshold=0.0, max_tokens=64),
+                ScorerMetadata(description="test scorer"))
+    model, tokenizer = load_model(str(tiny_model_dir))
+    capped = evaluate_heldout(model, tokenizer, str(folder), prompts_per_task=1, policies=["h2o"], progress=False)
+    free = evaluate_heldout(model, tokenizer, str(folder), prompts_per_task=1, policies=["h2o"], progress=False, no_cap=True)
+    for result in (capped, free):
+        full, namm, h2o = result["rows"]
+        assert full["kept_fraction"] == 1.0 and full["normalized_mean"] == pytest.approx(1.0)
+        assert set(namm["per_task"]) == {"passkey", "needle", "variable_tracking", "long_text"}
+        assert abs(h2o["kept_fraction"] - namm["kept_fraction"]) < 0.12  # baselines run at the scorer's memory
+    # ~1k-token prompts: the cap holds <= 64 tokens + one interval; the threshold alone keeps more.
+    assert capped["rows"][1]["kept_fraction"] < 0.25 < free["rows"][1]["kept_fraction"]
+    assert capped["rows"][1]["label"] == "NAMM (cap 64)" and free["rows"][1]["label"] == "NAMM (threshold)"
+
+    # Bundling an evaluation made with --no-cap stores the scorer without its cap, results in the card.
+    sys.path.insert(0, str(ROOT / "tools"))
+    import bundle_evolved
+
+    heldout = tmp_path / "heldout.json"
+    heldout.write_text(json.dumps(free))
+    monkeypatch.setattr(bundle_evolved, "bundled_root", lambda: tmp_path / "bundled")
+    monkeypatch.setattr(sys, "argv", ["bundle_evolved.py", str(folder), str(heldout), "org/test-bam"])
+    bundle_evolved.main()
+    bundled = load_scorer(tmp_path / "bundled" / "org" / "test-bam")
+    assert bundled.config.max_tokens is None and bundled.config.threshold == 0.0
+    assert torch.equal(bundled.scorer.get_flat_params(), load_scorer(folder).scorer.get_flat_params())
+    card = (tmp_path / "bundled" / "org" / "test-bam" / "README.md").read_text()
+    assert "NAMM (threshold)" in card and "h2o @" in card

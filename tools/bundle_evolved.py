@@ -2,7 +2,9 @@
 
     python tools/bundle_evolved.py runs/smollm2-bam/scorer benchmarks/results/heldout_smollm2.json namm-cache/smollm2-135m-bam
 
-The card's results table is rendered from the held-out JSON written by `python -m evolution.evaluate`.
+The card's results table is rendered from the held-out JSON written by `python -m evolution.evaluate`. The
+bundled scorer keeps the settings that evaluation used: evaluated with `--no-cap`, it is stored without its
+training cap (`max_tokens`), so by default it keeps what its threshold keeps.
 """
 
 from __future__ import annotations
@@ -34,7 +36,8 @@ def main() -> None:
         "long_text is the answer probability; baselines run at the scorer's measured kept fraction."
     )
     target = bundled_root() / name
-    save_scorer(target, loaded.scorer, loaded.config, metadata, repo_id=name)
+    config = loaded.config.replace(max_tokens=None) if heldout.get("no_cap") else loaded.config
+    save_scorer(target, loaded.scorer, config, metadata, repo_id=name)
     plot = Path(scorer_folder) / "fitness.png"
     if plot.is_file():
         shutil.copy(plot, target / "fitness.png")
