@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import platform
 import sys
@@ -19,3 +20,14 @@ def provenance(script: str, argv: list[str] | None = None) -> dict[str, str]:
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, threads {torch.get_num_threads()}",
         "command": " ".join(["python", f"benchmarks/{Path(script).name}", *args]),
     }
+
+
+def scorer_id(name_or_path: str) -> str:
+    """The scorer's name plus a hash of its weights and config, so a re-exported folder is not mistaken for the old one."""
+    from namm_cache.hub import resolve
+
+    folder, _ = resolve(name_or_path)
+    digest = hashlib.sha256()
+    for file in ("config.json", "model.safetensors"):
+        digest.update((folder / file).read_bytes())
+    return f"{name_or_path}@{digest.hexdigest()[:12]}"

@@ -35,7 +35,7 @@ from namm_cache import NAMMCache
 from namm_cache.hub import DEFAULT_SCORER, load_scorer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import provenance  # noqa: E402
+from common import provenance, scorer_id  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BASELINES = ["h2o", "key_norm", "streaming_llm", "snapkv", "tova", "random"]
@@ -158,7 +158,8 @@ def main(argv: list[str] | None = None) -> Path:
     result = json.loads(path.read_text()) if path.is_file() else {}
     if result.get("settings") != settings:
         result = {"settings": settings, "cells": {}}  # different settings: start over
-    result.update(scorer=str(args.scorer), model=args.model, tokens=args.tokens, cost_budget=0.25 if 0.25 in budgets else budgets[0],
+    sid = scorer_id(args.scorer)  # path + content hash: a re-exported scorer reruns its cells
+    result.update(scorer=sid, model=args.model, tokens=args.tokens, cost_budget=0.25 if 0.25 in budgets else budgets[0],
                   **provenance(__file__, argv))
 
     model, tokenizer = load_model(args.model)
@@ -175,7 +176,7 @@ def main(argv: list[str] | None = None) -> Path:
     for policy, budget in bar:
         name = policy if budget is None else f"{policy}@{budget}"
         done = result["cells"].get(name)
-        if done is not None and (policy != "namm" or done.get("scorer") == str(args.scorer)):
+        if done is not None and (policy != "namm" or done.get("scorer") == sid):
             continue
         bar.set_postfix_str(name)
         if policy == "full":
@@ -185,7 +186,7 @@ def main(argv: list[str] | None = None) -> Path:
         else:
             make = lambda p=policy, b=budget: NAMMCache(model=model, policy=p, budget=b, config=config)
         cell = run_cell(model, tokenizer, examples, make, interval)
-        cell.update(policy=policy, budget=budget, scorer=str(args.scorer) if policy == "namm" else None)
+        cell.update(policy=policy, budget=budget, scorer=sid if policy == "namm" else None)
         result["cells"][name] = cell
         summarize(result)
         path.write_text(json.dumps(result, indent=2))

@@ -30,7 +30,7 @@ from namm_cache.hub import DEFAULT_SCORER, load_scorer
 from namm_cache.offline import OFFLINE_MODELS, ensure_converted
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import provenance  # noqa: E402
+from common import provenance, scorer_id  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TASKS = ["namm_ruler_niah_single_1", "namm_ruler_niah_multikey_2", "namm_ruler_niah_multikey_3",
@@ -89,7 +89,8 @@ def main(argv: list[str] | None = None) -> Path:
     result = json.loads(path.read_text()) if path.is_file() else {}
     if result.get("settings") != settings:
         result = {"settings": settings, "cells": {}}  # different settings: start over
-    result.update(scorer=str(args.scorer), **provenance(__file__, argv))
+    sid = scorer_id(args.scorer)  # path + content hash: a re-exported scorer reruns its cells
+    result.update(scorer=sid, **provenance(__file__, argv))
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -108,12 +109,12 @@ def main(argv: list[str] | None = None) -> Path:
     bar = tqdm(cells, desc=f"ruler {args.tag}")
     for name, namm_args in bar:
         done = result["cells"].get(name)
-        if done is not None and (namm_args["policy"] != "namm" or done.get("scorer") == str(args.scorer)):
+        if done is not None and (namm_args["policy"] != "namm" or done.get("scorer") == sid):
             continue
         bar.set_postfix_str(name)
         cell = run_cell(model_dir, model, tokenizer, task_manager, settings, **namm_args)
         cell.update(policy=namm_args["policy"], budget=namm_args.get("budget"),
-                    scorer=str(args.scorer) if namm_args["policy"] == "namm" else None)
+                    scorer=sid if namm_args["policy"] == "namm" else None)
         result["cells"][name] = cell
         path.write_text(json.dumps(result, indent=2))
     summarize(result)

@@ -29,6 +29,21 @@ def test_compare_runs_end_to_end_and_skips_finished_cells(tmp_path, tiny_model_d
     compare.main(args)  # every cell is done: nothing reruns
     again = json.loads(path.read_text())
     assert {name: cell["seconds"] for name, cell in again["cells"].items()} == seconds
+    # Another scorer in a folder (same path, new weights later): only NAMM cells rerun, each time the weights change.
+    from helpers import random_scorer
+
+    from namm_cache import NAMMConfig
+    from namm_cache.hub import save_scorer
+
+    folder = tmp_path / "scorer"
+    save_scorer(folder, random_scorer(seed=1), NAMMConfig(update_interval=32))
+    with_folder = [a if a != "namm,h2o,streaming_llm" else "namm,h2o" for a in args] + ["--scorer", str(folder)]
+    first = json.loads(compare.main(with_folder).read_text())["cells"]
+    save_scorer(folder, random_scorer(seed=2), NAMMConfig(update_interval=32))
+    second = json.loads(compare.main(with_folder).read_text())["cells"]
+    assert first["h2o@0.5"]["seconds"] == second["h2o@0.5"]["seconds"] == seconds["h2o@0.5"]
+    assert first["namm@0.5"]["scorer"] != second["namm@0.5"]["scorer"] != again["cells"]["namm@0.5"]["scorer"]
+    assert second["namm@0.5"]["scorer"].startswith(f"{folder}@")
 
 
 def test_ruler_benchmark_runs_end_to_end_and_skips_finished_cells(tmp_path, tiny_model_dir):
