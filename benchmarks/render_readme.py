@@ -70,7 +70,8 @@ def render_compare(result: dict) -> str:
     cells = result["cells"]
     tasks = list(next(iter(cells.values()))["per_task"])
     lines = [
-        f"Measured {result.get('date', '')} on {result.get('machine', '')}; command: `{result.get('command', '')}`; "
+        f"Measured {result.get('date', '')} on {result.get('machine', '')}; last command: `{result.get('command', '')}` "
+        "(cells finished by earlier invocations with the same settings are kept); "
         f"{result['tokens']}-token held-out prompts, {result['settings']['prompts_per_task']} per task; NAMM scorer: "
         f"`{result.get('scorer', '')}`. Accuracy for retrieval tasks, long-text answer probability normalised by the "
         "full cache.",
@@ -110,8 +111,8 @@ def render_ruler_smollm2(result: dict) -> str:
     settings = result["settings"]
     tasks = settings["tasks"]
     lines = [
-        f"Measured {result.get('date', '')} on {result.get('machine', '')}; command: `{result.get('command', '')}` "
-        f"(cells from earlier invocations with the same settings are kept; NAMM scorer: `{result.get('scorer', '')}`). "
+        f"Measured {result.get('date', '')} on {result.get('machine', '')}; last command: `{result.get('command', '')}` "
+        f"(cells finished by earlier invocations with the same settings are kept; NAMM scorer: `{result.get('scorer', '')}`). "
         f"RULER's generators at {settings['length']} tokens, {settings['samples']} samples per task, string_match_all; "
         "kept = mean fraction of real tokens held at the end of each request.",
         "",
