@@ -21,6 +21,7 @@ from namm_cache.hub import (
     ScorerLoadError,
     ScorerMetadata,
     bundled_names,
+    bundled_root,
     load_folder,
     load_scorer,
     save_scorer,
@@ -162,6 +163,10 @@ def test_bundled_default_loads_by_name_offline():
     mass = NAMMCache.from_pretrained("namm-cache/smollm2-135m-attention-mass", model=model)
     assert mass.scorer.constant_score() is None
     assert not torch.equal(mass.scorer.spectrogram_std, torch.ones(17))  # calibrated statistics shipped
+    evolved = NAMMCache.from_pretrained("namm-cache/smollm2-135m-bam", model=model)
+    assert evolved.scorer.constant_score() is None and evolved.scorer.num_parameters() == 4172
+    assert evolved.namm_config.max_tokens is None and evolved.namm_config.threshold == 0.0
+    assert "Held-out evaluation" in (bundled_root() / "namm-cache/smollm2-135m-bam/README.md").read_text()
 
 
 def test_cli_info_and_list():

@@ -33,10 +33,18 @@ def main() -> None:
     metadata.description += (
         f" Held-out evaluation (`python -m evolution.evaluate`, {heldout['date']}): KJV Proverbs haystacks, seed "
         f"{heldout['seed']}, {heldout['prompts_per_task']} prompts per task; retrieval columns are greedy accuracy, "
-        "long_text is the answer probability; baselines run at the scorer's measured kept fraction."
+        "long_text is the answer probability; the normalised score is the mean over tasks of the teacher-forced answer "
+        "probability divided by the full cache's; baselines run at the scorer's measured kept fraction."
     )
     target = bundled_root() / name
-    config = loaded.config.replace(max_tokens=None) if heldout.get("no_cap") else loaded.config
+    config = loaded.config
+    if heldout.get("no_cap") and config.max_tokens is not None:
+        namm_row = next(row for row in heldout["rows"] if row["label"].startswith("NAMM"))
+        metadata.description += (
+            f" Stored without its training cap (max_tokens {config.max_tokens}): it keeps what its threshold keeps "
+            f"({namm_row['kept_fraction']:.0%} on the held-out prompts); pass `max_tokens=` to cap it."
+        )
+        config = config.replace(max_tokens=None)
     save_scorer(target, loaded.scorer, config, metadata, repo_id=name)
     plot = Path(scorer_folder) / "fitness.png"
     if plot.is_file():
