@@ -18,12 +18,22 @@ from namm_cache.offline import OFFLINE_MODELS
 from .tasks import build_task
 
 
+STAGE_NAMM_KEYS = ("update_interval", "threshold", "max_tokens")
+
+
 @dataclass
 class Stage:
-    """One incremental stage: its tasks and how many generations it runs (warm-started from the last)."""
+    """One incremental stage: its tasks and how many generations it runs (warm-started from the last).
+
+    `namm` overrides runtime settings of the run's `namm` for this stage and the ones after it (only
+    update_interval, threshold and max_tokens: the scorer's inputs cannot change); `memory_weight` likewise
+    replaces the run's memory weight from this stage on. A stage may add no tasks (`tasks: []`) and only change
+    these, e.g. drop the cap so the score threshold alone decides what is kept, with a memory term."""
 
     tasks: list[dict[str, Any]]
     generations: int
+    namm: dict[str, Any] = field(default_factory=dict)
+    memory_weight: float | None = None
 
 
 @dataclass
@@ -73,9 +83,14 @@ class EvolutionConfig:
         if "stages" in data:
             stages = []
             for i, stage in enumerate(data["stages"]):
-                if not isinstance(stage, dict) or set(stage) - {"tasks", "generations"} or "tasks" not in stage:
-                    raise ValueError(f"stages[{i}] must be a mapping with 'tasks' and 'generations'.")
-                stages.append(Stage(tasks=list(stage["tasks"]), generations=int(stage.get("generations", 1))))
+                if not isinstance(stage, dict) or set(stage) - {"tasks", "generations", "namm", "memory_weight"} or "tasks" not in stage:
+                    raise ValueError(f"stages[{i}] must be a mapping with 'tasks' and 'generations' (optional: 'namm', 'memory_weight').")
+                namm = dict(stage.get("namm") or {})
+                if set(namm) - set(STAGE_NAMM_KEYS):
+                    raise ValueError(f"stages[{i}].namm may only set {', '.join(STAGE_NAMM_KEYS)}, not {sorted(set(namm) - set(STAGE_NAMM_KEYS))}.")
+                weight = stage.get("memory_weight")
+                stages.append(Stage(tasks=list(stage["tasks"] or []), generations=int(stage.get("generations", 1)), namm=namm,
+                                    memory_weight=None if weight is None else float(weight)))
             data["stages"] = stages
         config = cls(**data)
         config.validate()
@@ -101,11 +116,23 @@ class EvolutionConfig:
         return dataclasses.asdict(self)
 
     # ------------------------------------------------------------------ checks before any work
-    def namm_config(self) -> NAMMConfig:
-        return NAMMConfig.from_dict(self.namm)
+    def namm_config(self, stage: int | None = None) -> NAMMConfig:
+        """The run's NAMM settings, with the overrides of stages 0..`stage` applied (None: the run's own)."""
+        settings = dict(self.namm)
+        for earlier in self.stages[: (stage + 1) if stage is not None else 0]:
+            settings.update(earlier.namm)
+        return NAMMConfig.from_dict(settings)
 
-    def chunk(self) -> int:
-        return self.prefill_chunk or self.namm_config().update_interval
+    def stage_memory_weight(self, stage: int) -> float:
+        """The memory weight in force at `stage` (the last stage up to it that sets one, else the run's)."""
+        weight = self.memory_weight
+        for earlier in self.stages[: stage + 1]:
+            if earlier.memory_weight is not None:
+                weight = earlier.memory_weight
+        return weight
+
+    def chunk(self, stage: int | None = None) -> int:
+        return self.prefill_chunk or self.namm_config(stage).update_interval
 
     def validate(self) -> None:
         if self.population < 2:
@@ -116,7 +143,8 @@ class EvolutionConfig:
             raise ValueError("prompts_per_task and calibration_prompts must be >= 1.")
         if not self.stages or any(stage.generations < 1 for stage in self.stages):
             raise ValueError("Give at least one stage, each with generations >= 1.")
-        self.namm_config()
+        for index in [None, *range(len(self.stages))]:
+            self.namm_config(index)  # every stage's settings must be valid
         parse_budget(self.budget)
         from namm_cache.scorers import build_scorer
 
@@ -150,7 +178,13 @@ def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
             target = target[part]
     last = parts[-1]
     if isinstance(target, list):
-        target[int(last)] = value
+        index = int(last)
+        if index == len(target):
+            target.append(value)  # `stages.2=...` on a 2-stage config adds a stage
+        elif 0 <= index < len(target):
+            target[index] = value
+        else:
+            raise ValueError(f"Override {key!r}: index {index} is past the end of a list of {len(target)} (append at {len(target)}).")
     else:
         target[last] = value
 

@@ -195,22 +195,23 @@ class EvolutionRun:
             examples += build_task(spec).sample(self.tokenizer, rng, self.config.prompts_per_task)
         return examples
 
-    def make_cache(self, vector: np.ndarray | None) -> Callable[[], NAMMCache]:
+    def make_cache(self, vector: np.ndarray | None, stage: int | None = None) -> Callable[[], NAMMCache]:
+        config = self.config.namm_config(stage)
         if vector is None:
-            return lambda: NAMMCache(model=self.model, policy="full", config=self.namm_config)
+            return lambda: NAMMCache(model=self.model, policy="full", config=config)
         self.scorer.set_flat_params(torch.as_tensor(vector, dtype=torch.float32))
-        return lambda: NAMMCache(model=self.model, scorer=self.scorer, config=self.namm_config, budget=self.budget)
+        return lambda: NAMMCache(model=self.model, scorer=self.scorer, config=config, budget=self.budget)
 
-    def evaluate_generation(self, members: np.ndarray, examples: list[Example]) -> dict[str, Any]:
-        """Scores of every member (rows of `members`) on `examples`, sharded over ranks by job."""
+    def evaluate_generation(self, members: np.ndarray, examples: list[Example], stage: int | None = None) -> dict[str, Any]:
+        """Scores of every member (rows of `members`) on `examples` under `stage`'s settings, sharded over ranks by job."""
         n_members, n_examples = members.shape[0], len(examples)
         jobs = [(m, e) for m in range(-1, n_members) for e in range(n_examples)]  # member -1 = full cache
         results = torch.zeros(len(jobs), 2, dtype=torch.float64)
         mine = [j for j in range(len(jobs)) if j % self.world.size == self.world.rank]
         for j in tqdm(mine, desc="evaluating", leave=False, disable=not self.progress):
             member, example = jobs[j]
-            make = self.make_cache(None if member < 0 else members[member])
-            (result,) = evaluate_examples(self.model, self.tokenizer, [examples[example]], make, chunk=self.config.chunk())
+            make = self.make_cache(None if member < 0 else members[member], stage)
+            (result,) = evaluate_examples(self.model, self.tokenizer, [examples[example]], make, chunk=self.config.chunk(stage))
             results[j, 0], results[j, 1] = result.score, result.kept_fraction
         results = self.world.sum(results)
         table = results.view(n_members + 1, n_examples, 2)
@@ -227,7 +228,7 @@ class EvolutionRun:
             quality.append(q)
             kept.append(k)
             per_task.append(tasks)
-            fitness.append(q - self.config.memory_weight * k)
+            fitness.append(q - self.config.stage_memory_weight(0 if stage is None else stage) * k)
         return {"fitness": fitness, "quality": quality, "kept": kept, "per_task": per_task,
                 "full_scores": [r.score for r in full]}
 
@@ -260,6 +261,8 @@ class EvolutionRun:
         start = self.world.broadcast_object(state.generation if state else None)
         bar = tqdm(total=total, initial=start, desc="generations", disable=not self.progress)
         while True:
+            if self.world.is_main and self.advance_stage(state):
+                self.save_state(state)  # a resumed run whose config now ends the stage it was in (or adds one)
             position = self.world.broadcast_object((state.generation, state.stage, state.stage_generation) if state else None)
             generation, stage, stage_generation = position
             if generation >= total:
@@ -271,7 +274,7 @@ class EvolutionRun:
             members = self.world.broadcast_object(members)
             started = time.time()
             examples = self.examples_for(generation, stage)
-            scores = self.evaluate_generation(members, examples)
+            scores = self.evaluate_generation(members, examples, stage)
             if self.world.is_main:
                 population_fitness = scores["fitness"][:-1]
                 state.es.tell(members[:-1], population_fitness)
@@ -293,18 +296,24 @@ class EvolutionRun:
                 })
                 state.generation += 1
                 state.stage_generation += 1
-                if state.stage_generation >= self.config.stages[stage].generations and stage + 1 < len(self.config.stages):
-                    # Next stage: more tasks, warm-started from this stage's distribution mean.
-                    state.stage += 1
-                    state.stage_generation = 0
-                    state.es = CMAES(state.es.mean, self.config.sigma0, self.config.population, self.config.seed + state.stage,
-                                     self.config.separable)
+                self.advance_stage(state)
                 self.save_state(state)
             bar.update(1)
         bar.close()
         if self.world.is_main:
             self.export(state)
         return state
+
+    def advance_stage(self, state: RunState) -> bool:
+        """Move to the next stage when the current one has run its generations: more tasks (or new settings),
+        a fresh CMA-ES warm-started from this stage's distribution mean. Returns whether it moved."""
+        if state.stage_generation < self.config.stages[state.stage].generations or state.stage + 1 >= len(self.config.stages):
+            return False
+        state.stage += 1
+        state.stage_generation = 0
+        state.es = CMAES(state.es.mean, self.config.sigma0, self.config.population, self.config.seed + state.stage,
+                         self.config.separable)
+        return True
 
     def export_checkpoint(self, folder: str | Path | None = None) -> Path:
         """Write the scorer of the latest checkpoint (distribution mean) without running; safe during a run."""
@@ -318,6 +327,7 @@ class EvolutionRun:
         """Write the distribution mean as a scorer folder `out_dir/scorer` (config, weights, card, fitness plot)."""
         self.scorer.set_flat_params(torch.as_tensor(state.es.mean, dtype=torch.float32))
         last = state.log[-1] if state.log else {}
+        weight = self.config.stage_memory_weight(state.stage)
         tasks = list(dict.fromkeys(name for row in state.log for name in row["tasks"]))
         metadata = ScorerMetadata(
             base_models=[name for name in [model_card_name(self.config.model)] if name],
@@ -327,7 +337,7 @@ class EvolutionRun:
                 f"Evolved with CMA-ES (population {self.config.population}, sigma0 {self.config.sigma0}"
                 f"{', separable' if self.config.separable else ''}) for {state.generation} generations over "
                 f"{len(self.config.stages)} stage(s); fitness = mean over tasks of the score normalised by the full cache"
-                f"{f' - {self.config.memory_weight} x kept fraction' if self.config.memory_weight else ''}. "
+                f"{f' - {weight} x kept fraction' if weight else ''}. "
                 f"The distribution mean at the end of the run kept {last.get('kept_distribution_mean', float('nan')):.1%} "
                 "of tokens on the training prompts. `fitness.png` shows the curve."
             ),
@@ -338,7 +348,7 @@ class EvolutionRun:
             ],
             extra={"evolution_config": self.config.to_dict()},
         )
-        folder = save_scorer(Path(folder) if folder else self.out_dir / "scorer", self.scorer, self.namm_config, metadata, repo_id=f"namm-cache/{Path(self.out_dir).name}")
+        folder = save_scorer(Path(folder) if folder else self.out_dir / "scorer", self.scorer, self.config.namm_config(state.stage), metadata, repo_id=f"namm-cache/{Path(self.out_dir).name}")
         if (self.out_dir / PLOT).is_file():
             (folder / PLOT).write_bytes((self.out_dir / PLOT).read_bytes())
         return folder

@@ -180,6 +180,7 @@ def test_one_and_two_processes_give_the_same_result(tmp_path, tiny_model_dir):
         ("stages=[{tasks: [{name: jsonl, path: /nonexistent/data.jsonl}], generations: 1}]", "not found"),
         ("model=/nonexistent/model", "Model '/nonexistent/model' not found"),
         ("popsize=3", "Unknown config key"),
+        ("stages.1.namm={n_fft: 64}", "may only set update_interval, threshold, max_tokens"),
     ],
 )
 def test_bad_configs_fail_before_any_work(tmp_path, tiny_model_dir, override, message):
@@ -234,3 +235,27 @@ def test_heldout_evaluation_matches_baselines_to_the_scorers_memory_and_bundles(
     assert torch.equal(bundled.scorer.get_flat_params(), load_scorer(folder).scorer.get_flat_params())
     card = (tmp_path / "bundled" / "org" / "test-bam" / "README.md").read_text()
     assert "NAMM (threshold)" in card and "h2o @" in card
+
+
+def test_a_stage_can_change_runtime_settings_and_a_resumed_run_moves_on_to_an_added_stage(tmp_path, tiny_model_dir):
+    stages = [{"tasks": [{"name": "passkey", "tokens": 300}], "generations": 1},
+              {"tasks": [{"name": "long_text", "tokens": 300, "answer_tokens": 8}], "generations": 1}]
+    config = write_config(tmp_path / "run.yaml", tiny_model_dir, stages=stages)
+    out = tmp_path / "out"
+    cli("--config", str(config), "--out", str(out))  # stages 0 and 1, capped at 48 tokens, memory weight 0.1
+    _, generation, log = final_mean(out)
+    assert generation == 2 and all(row["kept_distribution_mean"] < 0.35 for row in log)  # <= 48 + 32 of ~300
+    # Resume with a third stage: no new task, no cap and a threshold that keeps everything (so the stage's
+    # settings visibly reach the caches), a stronger memory term; it starts at once.
+    third = "stages.2={tasks: [], generations: 1, namm: {max_tokens: null, threshold: -1.0e+9}, memory_weight: 0.5}"
+    cli("--config", str(config), "--out", str(out), "--resume", "--set", third)
+    state = pickle.loads((out / "checkpoint.pkl").read_bytes())
+    assert (state.generation, state.stage, state.stage_generation) == (3, 2, 1)
+    row = state.log[-1]
+    assert row["stage"] == 2 and row["tasks"] == ["passkey", "long_text"]
+    assert row["kept_distribution_mean"] == 1.0
+    assert row["fitness_distribution_mean"] == pytest.approx(row["quality_distribution_mean"] - 0.5 * row["kept_distribution_mean"])
+    exported = json.loads((out / "scorer" / "config.json").read_text())
+    assert exported["namm_config"]["max_tokens"] is None and exported["namm_config"]["threshold"] == -1.0e9
+    assert exported["namm_config"]["update_interval"] == 32
+    assert "0.5 x kept fraction" in exported["description"]

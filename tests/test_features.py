@@ -136,6 +136,9 @@ def test_running_moments_match_direct_computation():
         ({"recency_dim": 7}, "even"),
         ({"ema_gamma": 1.5}, "ema_gamma"),
         ({"max_tokens": 0}, "max_tokens"),
+        ({"threshold": "-1.0e9"}, "threshold must be a number or None"),  # YAML reads -1.0e9 as a string
+        ({"max_tokens": 256.5}, "max_tokens must be an integer or None"),
+        ({"update_interval": "128"}, "update_interval must be an integer"),
     ],
 )
 def test_bad_config_values_raise_clear_errors(changes, message):

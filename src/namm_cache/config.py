@@ -59,6 +59,15 @@ class NAMMConfig:
 
     def validate(self) -> None:
         """Raise `ValueError` naming the fix if the settings cannot work together."""
+        integers = ("n_fft", "hop_length", "recency_dim", "update_interval")
+        for name in integers + ("max_tokens",):
+            value = getattr(self, name)
+            if not (value is None and name == "max_tokens") and (isinstance(value, bool) or not isinstance(value, int)):
+                raise ValueError(f"{name} must be an integer{' or None' if name == 'max_tokens' else ''}, got {value!r}.")
+        for name in ("ema_gamma", "recency_max_frequency", "threshold"):
+            value = getattr(self, name)
+            if not (value is None and name == "threshold") and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                raise ValueError(f"{name} must be a number{' or None' if name == 'threshold' else ''}, got {value!r}.")
         if self.n_fft <= 0 or self.hop_length <= 0:
             raise ValueError(f"n_fft ({self.n_fft}) and hop_length ({self.hop_length}) must be positive.")
         if self.n_fft != 2 * self.hop_length:
