@@ -259,3 +259,10 @@ def test_a_stage_can_change_runtime_settings_and_a_resumed_run_moves_on_to_an_ad
     assert exported["namm_config"]["max_tokens"] is None and exported["namm_config"]["threshold"] == -1.0e9
     assert exported["namm_config"]["update_interval"] == 32
     assert "0.5 x kept fraction" in exported["description"]
+
+
+def test_shipped_smollm2_config_is_valid_and_its_last_stage_trains_the_threshold_alone():
+    config = EvolutionConfig.load(ROOT / "evolution" / "configs" / "smollm2.yaml")
+    assert config.namm_config(0).max_tokens == 256 and config.namm_config(len(config.stages) - 1).max_tokens is None
+    assert config.stage_memory_weight(0) == 0.1 and config.stage_memory_weight(len(config.stages) - 1) == 0.3
+    assert config.all_tasks(len(config.stages) - 1) == config.all_tasks(1)  # the last stage adds no task
