@@ -195,14 +195,14 @@ class EvolutionRun:
             examples += build_task(spec).sample(self.tokenizer, rng, self.config.prompts_per_task)
         return examples
 
-    def make_cache(self, vector: np.ndarray | None, stage: int | None = None) -> Callable[[], NAMMCache]:
+    def make_cache(self, vector: np.ndarray | None, stage: int) -> Callable[[], NAMMCache]:
         config = self.config.namm_config(stage)
         if vector is None:
             return lambda: NAMMCache(model=self.model, policy="full", config=config)
         self.scorer.set_flat_params(torch.as_tensor(vector, dtype=torch.float32))
         return lambda: NAMMCache(model=self.model, scorer=self.scorer, config=config, budget=self.budget)
 
-    def evaluate_generation(self, members: np.ndarray, examples: list[Example], stage: int | None = None) -> dict[str, Any]:
+    def evaluate_generation(self, members: np.ndarray, examples: list[Example], stage: int) -> dict[str, Any]:
         """Scores of every member (rows of `members`) on `examples` under `stage`'s settings, sharded over ranks by job."""
         n_members, n_examples = members.shape[0], len(examples)
         jobs = [(m, e) for m in range(-1, n_members) for e in range(n_examples)]  # member -1 = full cache
@@ -228,7 +228,7 @@ class EvolutionRun:
             quality.append(q)
             kept.append(k)
             per_task.append(tasks)
-            fitness.append(q - self.config.stage_memory_weight(0 if stage is None else stage) * k)
+            fitness.append(q - self.config.stage_memory_weight(stage) * k)
         return {"fitness": fitness, "quality": quality, "kept": kept, "per_task": per_task,
                 "full_scores": [r.score for r in full]}
 

@@ -10,6 +10,11 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+# Field -> True for integers, False for any real number; the optional fields may also be None.
+FIELD_KINDS = {"n_fft": True, "hop_length": True, "recency_dim": True, "update_interval": True, "max_tokens": True,
+               "ema_gamma": False, "recency_max_frequency": False, "threshold": False}
+OPTIONAL_FIELDS = ("max_tokens", "threshold")
+
 
 @dataclass
 class NAMMConfig:
@@ -59,15 +64,13 @@ class NAMMConfig:
 
     def validate(self) -> None:
         """Raise `ValueError` naming the fix if the settings cannot work together."""
-        integers = ("n_fft", "hop_length", "recency_dim", "update_interval")
-        for name in integers + ("max_tokens",):
+        for name, integer in FIELD_KINDS.items():
             value = getattr(self, name)
-            if not (value is None and name == "max_tokens") and (isinstance(value, bool) or not isinstance(value, int)):
-                raise ValueError(f"{name} must be an integer{' or None' if name == 'max_tokens' else ''}, got {value!r}.")
-        for name in ("ema_gamma", "recency_max_frequency", "threshold"):
-            value = getattr(self, name)
-            if not (value is None and name == "threshold") and (isinstance(value, bool) or not isinstance(value, (int, float))):
-                raise ValueError(f"{name} must be a number{' or None' if name == 'threshold' else ''}, got {value!r}.")
+            if value is None and name in OPTIONAL_FIELDS:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
+                kind = "an integer" if integer else "a number"
+                raise ValueError(f"{name} must be {kind}{' or None' if name in OPTIONAL_FIELDS else ''}, got {value!r}.")
         if self.n_fft <= 0 or self.hop_length <= 0:
             raise ValueError(f"n_fft ({self.n_fft}) and hop_length ({self.hop_length}) must be positive.")
         if self.n_fft != 2 * self.hop_length:

@@ -156,6 +156,5 @@ def score(doc: dict[str, Any], results: list[str]) -> dict[str, float]:
 
 
 def aggregate(values: list[float]) -> float:
-    """Mean over the samples of one length; -1 when that length was not run (RULER's convention)."""
-    present = [v for v in values if v != -1]
-    return sum(present) / len(present) if present else -1.0
+    """Mean over the samples of one length; -1 when that length was not run (RULER's own aggregation)."""
+    return float(_ruler("common_utils").aggregate_metrics(values))
