@@ -3,10 +3,11 @@
     python -m evolution.evaluate --scorer runs/smollm2-bam/scorer --out runs/smollm2-bam/heldout.json
 
 Prompts use the held-out haystack (`kjv_proverbs`) and seeds never used in training. The scorer runs with
-its stored settings (or, with `--no-cap`, with its score threshold alone: its own memory use); every baseline then runs with a fraction budget equal to the scorer's measured mean
-kept fraction, so the comparison is at the same retained KV. Scores are normalised by the full cache on
-the same prompts (teacher-forced answer probability; passkey / needle / variable tracking also report
-greedy exact-answer accuracy).
+its stored settings (or, with `--no-cap`, with its score threshold alone: its own memory use); every baseline
+then runs with the fraction budget under which it holds the scorer's measured mean kept fraction (solved
+from one probe run, `matched_budget`), so the comparison is at the same retained KV. Scores are normalised
+by the full cache on the same prompts (teacher-forced answer probability; passkey / needle / variable
+tracking also report greedy exact-answer accuracy).
 """
 
 from __future__ import annotations
@@ -38,6 +39,20 @@ HELDOUT_TASKS = [
 ]
 BASELINES = ["h2o", "key_norm", "streaming_llm", "snapkv", "tova", "random"]
 HELDOUT_SEED = 987_654_321  # never used by a training run (those seed prompts with seed * 1000003 + generation * 7919)
+
+
+def matched_budget(target: float, probe_budget: float, probe_kept: float) -> float:
+    """The fraction budget under which a baseline holds `target` of the real tokens, as NAMM measures it.
+
+    Every fraction-budget policy holds the same number of tokens: at each eviction round `budget` x the real
+    tokens seen so far, plus every token appended after the last round. The measured kept fraction is thus
+    linear in the budget and equals 1 at budget 1, so one probe `(probe_budget, probe_kept)` fixes the line."""
+    if not 0.0 < target <= 1.0 or not 0.0 < probe_budget <= 1.0 or not 0.0 <= probe_kept <= 1.0:
+        raise ValueError(f"Fractions must lie in (0, 1]: target {target}, probe budget {probe_budget}, probe kept {probe_kept}.")
+    if probe_kept >= 1.0 or probe_budget >= 1.0:
+        return target  # nothing was evicted in the probe: no information on the slope
+    slope = (1.0 - probe_kept) / (1.0 - probe_budget)
+    return max(1e-3, min(1.0, 1.0 - (1.0 - target) / slope))
 
 
 def evaluate_heldout(model, tokenizer, scorer_path: str, *, prompts_per_task: int = 4, policies: list[str] | None = None,
@@ -80,10 +95,17 @@ def evaluate_heldout(model, tokenizer, scorer_path: str, *, prompts_per_task: in
     namm = run(lambda: NAMMCache(model=model, scorer=loaded.scorer, config=config), f"NAMM ({mode})")
     bar.update(1)
     rows += [full, namm]
-    fraction = max(1e-3, min(1.0, namm["kept_fraction"]))
+    baseline_config = config.replace(max_tokens=None)
+    # A fraction budget applies at eviction rounds; the tokens appended since the last round are all held, so a
+    # baseline given the scorer's measured kept fraction would end up holding more than the scorer did. Probe
+    # the budget -> kept map once (teacher-forced, cheapest policy) and solve for the budget that matches.
+    target = max(1e-3, min(1.0, namm["kept_fraction"]))
+    probe = evaluate_examples(model, tokenizer, examples,
+                              lambda: NAMMCache(model=model, policy="streaming_llm", budget=target, config=baseline_config), chunk=chunk)
+    fraction = matched_budget(target, target, sum(r.kept_fraction for r in probe) / len(probe))
     for policy in policies or BASELINES:
-        rows.append(run(lambda: NAMMCache(model=model, policy=policy, budget=fraction, config=config.replace(max_tokens=None)),
-                        f"{policy} @ {fraction:.0%}"))
+        rows.append(run(lambda: NAMMCache(model=model, policy=policy, budget=fraction, config=baseline_config),
+                        f"{policy} (budget {fraction:.1%})"))
         bar.update(1)
     bar.close()
     for row in rows:
