@@ -373,7 +373,8 @@ def load_model(model: str):
 
 
 def plot_log(log: list[dict[str, Any]], path: Path) -> None:
-    """Fitness (best member, population mean, distribution mean) and kept fraction per generation."""
+    """Fitness (best member, population mean, distribution mean), quality and kept fraction per generation,
+    with a dotted line where a stage begins (new tasks or settings; the fitness scale may change there)."""
     if not log:
         return
     import matplotlib
@@ -382,18 +383,26 @@ def plot_log(log: list[dict[str, Any]], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     generations = [row["generation"] for row in log]
-    fig, (top, bottom) = plt.subplots(2, 1, figsize=(6, 5), sharex=True)
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(8, 5), sharex=True)
     top.plot(generations, [row["fitness_best"] for row in log], label="best member")
     top.plot(generations, [row["fitness_mean_population"] for row in log], label="population mean")
     top.plot(generations, [row["fitness_distribution_mean"] for row in log], label="distribution mean", lw=2)
     top.set_ylabel("fitness")
-    top.legend(fontsize=8)
-    bottom.plot(generations, [row["kept_distribution_mean"] for row in log], color="tab:green", label="distribution mean")
-    bottom.plot(generations, [row["kept_best"] for row in log], color="tab:olive", ls="--", label="best member")
-    bottom.set_ylabel("KV kept (fraction)")
+    top.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    quality = [row.get("quality_distribution_mean", float("nan")) for row in log]
+    bottom.plot(generations, quality, color="tab:purple", label="quality, distribution mean")
+    bottom.plot(generations, [row["kept_distribution_mean"] for row in log], color="tab:green", label="KV kept, distribution mean")
+    bottom.plot(generations, [row["kept_best"] for row in log], color="tab:olive", ls="--", label="KV kept, best member")
+    bottom.set_ylabel("quality / KV kept")
     bottom.set_xlabel("generation")
-    bottom.set_ylim(0, 1.05)
-    bottom.legend(fontsize=8)
+    bottom.set_ylim(0, max([1.05, *(q + 0.05 for q in quality if q == q)]))
+    bottom.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    for previous, row in zip(log, log[1:]):
+        if row["stage"] != previous["stage"]:
+            for axis in (top, bottom):
+                axis.axvline(row["generation"] - 0.5, color="grey", ls=":", lw=1)
+            top.annotate(f"stage {row['stage'] + 1}", (row["generation"] - 0.5, 1.0), xycoords=("data", "axes fraction"),
+                         xytext=(2, -10), textcoords="offset points", fontsize=7, color="grey")
     fig.tight_layout()
     tmp = path.with_name(path.stem + ".tmp.png")
     fig.savefig(tmp, dpi=110)
