@@ -278,5 +278,6 @@ def test_a_stage_can_change_runtime_settings_and_a_resumed_run_moves_on_to_an_ad
 def test_shipped_smollm2_config_is_valid_and_its_last_stage_trains_the_threshold_alone():
     config = EvolutionConfig.load(ROOT / "evolution" / "configs" / "smollm2.yaml")
     assert config.namm_config(0).max_tokens == 256 and config.namm_config(len(config.stages) - 1).max_tokens is None
-    assert config.stage_memory_weight(0) == 0.1 and config.stage_memory_weight(len(config.stages) - 1) == 0.3
-    assert config.all_tasks(len(config.stages) - 1) == config.all_tasks(1)  # the last stage adds no task
+    assert [config.stage_memory_weight(i) for i in range(len(config.stages))] == [0.1, 0.1, 0.3, 1.0]
+    assert config.namm_config(3).max_tokens is None  # stage 4 inherits stage 3's uncapped settings
+    assert config.all_tasks(len(config.stages) - 1) == config.all_tasks(1)  # the last stages add no task

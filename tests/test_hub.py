@@ -158,8 +158,11 @@ def test_bundled_default_loads_by_name_offline():
     assert "namm-cache/smollm2-135m-attention-mass" in bundled_names()
     model = tiny_model("llama")
     cache = NAMMCache.from_pretrained(model=model)
+    assert DEFAULT_SCORER == "namm-cache/smollm2-135m-bam"  # the evolved scorer, which beat the baselines held out
     assert cache.scorer_source == f"bundled scorer {DEFAULT_SCORER}"
-    assert cache.scorer.constant_score() == 0.0
+    assert cache.scorer.constant_score() is None and cache.namm_config.max_tokens is None
+    keep_all = NAMMCache.from_pretrained("namm-cache/keep-all", model=model)
+    assert keep_all.scorer.constant_score() == 0.0
     mass = NAMMCache.from_pretrained("namm-cache/smollm2-135m-attention-mass", model=model)
     assert mass.scorer.constant_score() is None
     assert not torch.equal(mass.scorer.spectrogram_std, torch.ones(17))  # calibrated statistics shipped

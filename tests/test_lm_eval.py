@@ -34,7 +34,7 @@ def make(model_dir, cls=NAMMLM, **kwargs):
 
 def test_keep_all_namm_matches_stock_hf(tiny_model_dir):
     hf = make(tiny_model_dir, HFLM)
-    namm = make(tiny_model_dir, update_interval=32, prefill_chunk_size=32)
+    namm = make(tiny_model_dir, scorer="namm-cache/keep-all", update_interval=32, prefill_chunk_size=32)
     for (a, _), (b, _) in zip(hf.loglikelihood(requests("loglikelihood")), namm.loglikelihood(requests("loglikelihood"))):
         assert abs(a - b) <= 1e-4
     (a,), (b,) = hf.loglikelihood_rolling(requests("loglikelihood_rolling")), namm.loglikelihood_rolling(requests("loglikelihood_rolling"))
@@ -45,7 +45,7 @@ def test_keep_all_namm_matches_stock_hf(tiny_model_dir):
 
 
 def test_eviction_changes_scores_and_is_counted(tiny_model_dir):
-    keep_all = make(tiny_model_dir, update_interval=16, prefill_chunk_size=16)
+    keep_all = make(tiny_model_dir, scorer="namm-cache/keep-all", update_interval=16, prefill_chunk_size=16)
     evicting = make(tiny_model_dir, policy="h2o", budget=24, update_interval=16, prefill_chunk_size=16)
     full = [ll for ll, _ in keep_all.loglikelihood(requests("loglikelihood"))]
     evicted = [ll for ll, _ in evicting.loglikelihood(requests("loglikelihood"))]

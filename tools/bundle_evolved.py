@@ -34,7 +34,8 @@ def main() -> None:
         f" Held-out evaluation (`python -m evolution.evaluate`, {heldout['date']}): KJV Proverbs haystacks, seed "
         f"{heldout['seed']}, {heldout['prompts_per_task']} prompts per task; retrieval columns are greedy accuracy, "
         "long_text is the answer probability; the normalised score is the mean over tasks of the teacher-forced answer "
-        "probability divided by the full cache's; baselines run at the scorer's measured kept fraction."
+        "probability divided by the full cache's; each baseline runs at the fraction budget under which it holds "
+        "what the scorer held."
     )
     target = bundled_root() / name
     config = loaded.config

@@ -33,7 +33,7 @@ WEIGHTS_NAME = "model.safetensors"
 CARD_NAME = "README.md"
 LIBRARY_NAME = "namm-cache"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
-DEFAULT_SCORER = "namm-cache/keep-all"
+DEFAULT_SCORER = "namm-cache/smollm2-135m-bam"
 
 
 class ScorerLoadError(ValueError):
