@@ -94,16 +94,22 @@ def render_compare_gemma3(result: dict) -> str:
     return render_compare(result) + "\n\n![score vs retained KV](benchmarks/results/compare_gemma3_quality.png)"
 
 
-def render_heldout_smollm2(result: dict) -> str:
-    from evolution.evaluate import table
+def render_heldout(name: str):
+    """Renderer for a held-out evaluation written to `benchmarks/results/<name>.json`."""
 
-    return (
-        f"Measured {result['date']}; command: `python -m evolution.evaluate --scorer {result['scorer']} "
-        f"--prompts-per-task {result['prompts_per_task']}{' --no-cap' if result.get('no_cap') else ''} --out benchmarks/results/heldout_smollm2.json`. Held-out KJV Proverbs haystacks, seed {result['seed']}, "
-        f"{result['prompts_per_task']} prompts per task. Cells: teacher-forced answer probability (greedy accuracy in "
-        "parentheses); normalised mean = mean over tasks of score / full-cache score; baselines at the scorer's kept "
-        "fraction.\n\n" + table(result)
-    )
+    def render(result: dict) -> str:
+        from evolution.evaluate import table
+
+        return (
+            f"Measured {result['date']}; command: `python -m evolution.evaluate --scorer {result['scorer']} "
+            f"--prompts-per-task {result['prompts_per_task']}{' --no-cap' if result.get('no_cap') else ''} "
+            f"--out benchmarks/results/{name}.json`. Held-out KJV Proverbs haystacks, seed {result['seed']}, "
+            f"{result['prompts_per_task']} prompts per task. Cells: teacher-forced answer probability (greedy accuracy in "
+            "parentheses); normalised mean = mean over tasks of score / full-cache score; each baseline at the budget "
+            "under which it holds what the scorer held.\n\n" + table(result)
+        )
+
+    return render
 
 
 def render_ruler_smollm2(result: dict) -> str:
@@ -128,7 +134,8 @@ def render_ruler_smollm2(result: dict) -> str:
 
 RENDERERS = {
     "ruler_smollm2": render_ruler_smollm2,
-    "heldout_smollm2": render_heldout_smollm2,
+    "heldout_smollm2": render_heldout("heldout_smollm2"),
+    "heldout_smollm2_stage4": render_heldout("heldout_smollm2_stage4"),
     "overhead_memory": render_overhead_memory,
     "policy_overhead": render_policy_overhead,
     "compare_smollm2": render_compare_smollm2,

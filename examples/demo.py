@@ -1,6 +1,6 @@
 """Answer a long passkey prompt with a full cache and with NAMMCache on the offline SmolLM2-135M-Instruct.
 
-    make demo                      # or: python examples/demo.py --tokens 1500 --max-tokens 768
+    make demo                      # or: python examples/demo.py --tokens 1500 --depth 0.5 --max-tokens 512
 
 Prints both answers and the KV memory each cache held. Runs on CPU with no network.
 """
@@ -16,8 +16,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
 from transformers import DynamicCache
 
-from namm_cache import NAMMCache, NAMMConfig, attention_mass_scorer
-from namm_cache.calibration import calibrate_normalization
+from namm_cache import NAMMCache
 from namm_cache.offline import load_offline_model
 from namm_cache.prompts import passkey_prompt
 
@@ -30,8 +29,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=1500, help="prompt length in tokens")
     parser.add_argument("--depth", type=float, default=0.8, help="where the passkey sits (0 = start, 1 = end)")
-    parser.add_argument("--update-interval", type=int, default=256)
-    parser.add_argument("--max-tokens", type=int, default=768, help="cap on tokens each layer/head keeps")
+    parser.add_argument("--update-interval", type=int, default=128, help="tokens between eviction rounds (the scorer trained with 128)")
+    parser.add_argument("--max-tokens", type=int, default=None, help="optional cap on tokens each layer/head keeps")
     parser.add_argument("--seed", type=int, default=8)
     args = parser.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
@@ -43,23 +42,18 @@ def main() -> None:
     n_prompt = inputs.input_ids.shape[1]
     print(f"Prompt: {n_prompt} tokens, pass key {prompt.passkey} at depth {args.depth:.0%}.")
 
-    # Until an evolved scorer ships, the demo uses a hand-set one: keep the tokens that received the most
-    # attention (spectrogram bin 0), normalised with statistics calibrated on other prompts.
-    config = NAMMConfig(update_interval=args.update_interval, max_tokens=args.max_tokens)
-    scorer = attention_mass_scorer(bias=10.0)
-    calibration = [
-        tokenizer(passkey_prompt(tokenizer, 700, seed=1000 + i).text, return_tensors="pt").input_ids for i in range(2)
-    ]
-    calibrate_normalization(model, calibration, config=config, scorer=scorer)
-
+    # The package's default scorer: evolved with CMA-ES on SmolLM2-135M; it keeps the tokens it scores above
+    # its threshold (no cap unless --max-tokens is given).
+    namm = NAMMCache.from_pretrained(model=model, update_interval=args.update_interval, max_tokens=args.max_tokens)
+    cap = f"cap {args.max_tokens}" if args.max_tokens else "threshold"
     runs = {
         "full cache (DynamicCache)": DynamicCache(config=model.config),
-        f"NAMMCache (cap {args.max_tokens}, every {args.update_interval})": NAMMCache(model=model, scorer=scorer, config=config),
+        f"NAMMCache ({namm.scorer_source}, {cap}, every {args.update_interval})": namm,
     }
     for name, cache in runs.items():
         start = time.perf_counter()
         output = model.generate(
-            **inputs, past_key_values=cache, max_new_tokens=12, do_sample=False, prefill_chunk_size=args.update_interval
+            **inputs, cache=cache, max_new_tokens=12, do_sample=False, prefill_chunk_size=args.update_interval
         )
         elapsed = time.perf_counter() - start
         answer = tokenizer.decode(output[0, n_prompt:], skip_special_tokens=True)
