@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from namm_cache import NAMMCache
 from namm_cache.hub import load_scorer
 
-from .fitness import evaluate_examples, generate_answer, _tokens
+from .fitness import _tokens, evaluate_examples, generate_answer, mean_kept_fraction
 from .tasks import build_task
 
 HELDOUT_TASKS = [
@@ -84,8 +84,7 @@ def evaluate_heldout(model, tokenizer, scorer_path: str, *, prompts_per_task: in
             per_task[task] = {"score": sum(results[i].score for i in idx) / len(idx)}
             if task in accuracy:
                 per_task[task]["accuracy"] = sum(accuracy[task]) / len(accuracy[task])
-        kept = sum(r.kept_fraction for r in results) / len(results)
-        return {"label": label, "kept_fraction": kept, "per_task": per_task}
+        return {"label": label, "kept_fraction": mean_kept_fraction(results), "per_task": per_task}
 
     rows = []
     bar = tqdm(total=2 + len(policies or BASELINES), desc="held-out", disable=not progress)
@@ -102,7 +101,7 @@ def evaluate_heldout(model, tokenizer, scorer_path: str, *, prompts_per_task: in
     target = max(1e-3, min(1.0, namm["kept_fraction"]))
     probe = evaluate_examples(model, tokenizer, examples,
                               lambda: NAMMCache(model=model, policy="streaming_llm", budget=target, config=baseline_config), chunk=chunk)
-    fraction = matched_budget(target, target, sum(r.kept_fraction for r in probe) / len(probe))
+    fraction = matched_budget(target, target, mean_kept_fraction(probe))
     for policy in policies or BASELINES:
         rows.append(run(lambda: NAMMCache(model=model, policy=policy, budget=fraction, config=baseline_config),
                         f"{policy} (budget {fraction:.1%})"))

@@ -47,6 +47,11 @@ def generate_answer(model, tokenizer, cache, prompt_ids: torch.Tensor, chunk: in
     return tokenizer.decode(out[0, prompt_ids.shape[1]:], skip_special_tokens=True)
 
 
+def mean_kept_fraction(results: list[ExampleResult]) -> float:
+    """Mean over examples of the fraction of real tokens kept."""
+    return sum(r.kept_fraction for r in results) / len(results)
+
+
 def kept_fraction(cache: Any) -> float:
     stats = cache.stats() if isinstance(cache, NAMMCache) else None
     value = stats["mean_kept_fraction"] if stats else None

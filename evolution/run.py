@@ -29,7 +29,7 @@ from namm_cache.hub import ScorerMetadata, save_scorer
 from namm_cache.scorers import build_scorer
 
 from .config import EvolutionConfig, resolve_model_path
-from .fitness import evaluate_examples, normalized_task_scores
+from .fitness import evaluate_examples, mean_kept_fraction, normalized_task_scores
 from .tasks import Example, build_task
 
 CHECKPOINT = "checkpoint.pkl"
@@ -224,7 +224,7 @@ class EvolutionRun:
             member = as_results(table[m + 1])
             tasks = normalized_task_scores(member, full, examples)
             q = sum(tasks.values()) / len(tasks)
-            k = sum(r.kept_fraction for r in member) / len(member)
+            k = mean_kept_fraction(member)
             quality.append(q)
             kept.append(k)
             per_task.append(tasks)
@@ -389,13 +389,13 @@ def plot_log(log: list[dict[str, Any]], path: Path) -> None:
     top.plot(generations, [row["fitness_distribution_mean"] for row in log], label="distribution mean", lw=2)
     top.set_ylabel("fitness")
     top.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    quality = [row.get("quality_distribution_mean", float("nan")) for row in log]
+    quality = [row["quality_distribution_mean"] for row in log]
     bottom.plot(generations, quality, color="tab:purple", label="quality, distribution mean")
     bottom.plot(generations, [row["kept_distribution_mean"] for row in log], color="tab:green", label="KV kept, distribution mean")
     bottom.plot(generations, [row["kept_best"] for row in log], color="tab:olive", ls="--", label="KV kept, best member")
     bottom.set_ylabel("quality / KV kept")
     bottom.set_xlabel("generation")
-    bottom.set_ylim(0, max([1.05, *(q + 0.05 for q in quality if q == q)]))
+    bottom.set_ylim(0, max(1.05, max(quality) + 0.05))
     bottom.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     for previous, row in zip(log, log[1:]):
         if row["stage"] != previous["stage"]:
