@@ -25,6 +25,8 @@ def test_check_int_refuses_everything_else_naming_the_field(value):
 
 def test_check_int_bounds_and_optional():
     assert check_int("n", None, optional=True) is None
+    with pytest.raises(ValueError, match=r"^max_tokens must be an integer or None, in \[1, 8\], got 0.$"):
+        check_int("max_tokens", 0, minimum=1, maximum=8, optional=True)
     assert check_int("n", 5, minimum=5, maximum=5) == 5
     with pytest.raises(ValueError, match=r"tokens must be an integer in \[1, inf\), got -100"):
         check_int("tokens", -100, minimum=1)
@@ -49,8 +51,10 @@ def test_check_float_refuses_non_finite_and_non_numbers(value):
 def test_check_float_bounds_and_opt_ins():
     assert check_float("x", None, optional=True) is None
     assert math.isnan(check_float("x", float("nan"), allow_nan=True))
+    with pytest.raises(ValueError, match=r"^threshold must be a number or None, got nan \(NaN is refused"):
+        check_float("threshold", float("nan"), optional=True)
     assert check_float("x", float("inf"), allow_inf=True) == float("inf")
-    with pytest.raises(ValueError, match=r"ema_gamma must be a finite number in \(0, 1\], got 1.5"):
+    with pytest.raises(ValueError, match=r"ema_gamma must be a number in \(0, 1\], got 1.5"):
         check_float("ema_gamma", 1.5, above=0, maximum=1)
     with pytest.raises(ValueError, match=r"got 0"):
         check_float("ema_gamma", 0, above=0, maximum=1)

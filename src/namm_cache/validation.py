@@ -59,11 +59,18 @@ def _range_text(minimum: Any, maximum: Any, above: Any, below: Any) -> str:
     return f" in {low}, {high}"
 
 
+def _expected(kind: str, optional: bool, where: str) -> str:
+    """'an integer in [1, 8]', 'a number or None', 'an integer or None, in [1, 8]'."""
+    if optional:
+        return f"{kind} or None" + (f",{where}" if where else "")
+    return kind + where
+
+
 def _check_range(name: str, value: Any, kind: str, minimum: Any, maximum: Any, above: Any, below: Any, original: Any) -> None:
     too_low = (minimum is not None and value < minimum) or (above is not None and value <= above)
     too_high = (maximum is not None and value > maximum) or (below is not None and value >= below)
     if too_low or too_high:
-        raise ValueError(f"{name} must be {kind}{_range_text(minimum, maximum, above, below)}, got {_show(original)}.")
+        raise ValueError(f"{name} must be {kind}, got {_show(original)}.")
 
 
 def check_int(
@@ -80,25 +87,22 @@ def check_int(
     non-integral or non-finite floats and everything else. `minimum`/`maximum` are inclusive bounds.
     With `optional=True`, `None` is returned as None.
     """
-    kind = "an integer" + (" or None" if optional else "")
+    kind = _expected("an integer", optional, _range_text(minimum, maximum, None, None))
     if value is None:
         if optional:
             return None
-        raise ValueError(f"{name} must be {kind}{_range_text(minimum, maximum, None, None)}, got None.")
+        raise ValueError(f"{name} must be {kind}, got None.")
     if isinstance(value, (bool, np.bool_)) or isinstance(value, (str, bytes)):
-        raise ValueError(f"{name} must be {kind}{_range_text(minimum, maximum, None, None)}, got {_type_note(value)}.")
+        raise ValueError(f"{name} must be {kind}, got {_type_note(value)}.")
     if isinstance(value, numbers.Integral):
         result = int(value)
     elif isinstance(value, numbers.Real):
         number = float(value)
         if not math.isfinite(number) or not number.is_integer():
-            raise ValueError(
-                f"{name} must be {kind}{_range_text(minimum, maximum, None, None)}, got {_show(value)} "
-                "(not a whole number; it is not rounded for you)."
-            )
+            raise ValueError(f"{name} must be {kind}, got {_show(value)} (not a whole number; it is not rounded for you).")
         result = int(number)
     else:
-        raise ValueError(f"{name} must be {kind}{_range_text(minimum, maximum, None, None)}, got {_type_note(value)}.")
+        raise ValueError(f"{name} must be {kind}, got {_type_note(value)}.")
     _check_range(name, result, kind, minimum, maximum, None, None, value)
     return result
 
@@ -121,24 +125,23 @@ def check_float(
     bounds, `above`/`below` exclusive ones. NaN is refused unless `allow_nan`, +-inf unless `allow_inf`
     (then the bounds still apply to it). With `optional=True`, `None` is returned as None.
     """
-    kind = ("a finite number" if not allow_inf else "a number") + (" or None" if optional else "")
-    where = _range_text(minimum, maximum, above, below)
+    kind = _expected("a number", optional, _range_text(minimum, maximum, above, below))
     if value is None:
         if optional:
             return None
-        raise ValueError(f"{name} must be {kind}{where}, got None.")
+        raise ValueError(f"{name} must be {kind}, got None.")
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
-        raise ValueError(f"{name} must be {kind}{where}, got {_type_note(value)}.")
+        raise ValueError(f"{name} must be {kind}, got {_type_note(value)}.")
     try:
         result = float(value)
     except OverflowError:
-        raise ValueError(f"{name} must be {kind}{where}, got {_show(value)} (too large for a float).") from None
+        raise ValueError(f"{name} must be {kind}, got {_show(value)} (too large for a float).") from None
     if math.isnan(result):
         if allow_nan:
             return result
-        raise ValueError(f"{name} must be {kind}{where}, got nan (a NaN would make every comparison false).")
+        raise ValueError(f"{name} must be {kind}, got nan (NaN is refused: every comparison with it is false).")
     if math.isinf(result) and not allow_inf:
-        raise ValueError(f"{name} must be {kind}{where}, got {result}.")
+        raise ValueError(f"{name} must be {kind}, got {result} (infinities are refused; use a finite number).")
     _check_range(name, result, kind, minimum, maximum, above, below, value)
     return result
 
