@@ -10,10 +10,12 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-# Field -> True for integers, False for any real number; the optional fields may also be None.
-FIELD_KINDS = {"n_fft": True, "hop_length": True, "recency_dim": True, "update_interval": True, "max_tokens": True,
-               "ema_gamma": False, "recency_max_frequency": False, "threshold": False}
-OPTIONAL_FIELDS = ("max_tokens", "threshold")
+from .validation import check_float, check_int, check_mapping, did_you_mean
+
+# Generous ceilings: far above any sensible setting, low enough that a typo cannot ask for a huge tensor.
+MAX_HOP_LENGTH = 4096
+MAX_RECENCY_DIM = 1024
+MAX_TOKEN_COUNT = 2**40  # update_interval, max_tokens: larger than any context window
 
 
 @dataclass
@@ -64,45 +66,51 @@ class NAMMConfig:
 
     def validate(self) -> None:
         """Raise `ValueError` naming the fix if the settings cannot work together."""
-        for name, integer in FIELD_KINDS.items():
-            value = getattr(self, name)
-            if value is None and name in OPTIONAL_FIELDS:
-                continue
-            if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
-                kind = "an integer" if integer else "a number"
-                raise ValueError(f"{name} must be {kind}{' or None' if name in OPTIONAL_FIELDS else ''}, got {value!r}.")
-        if self.n_fft <= 0 or self.hop_length <= 0:
-            raise ValueError(f"n_fft ({self.n_fft}) and hop_length ({self.hop_length}) must be positive.")
+        # Every field is checked (type, finiteness, range) and stored in its canonical Python type, so a numpy
+        # integer or an integral float from a JSON file becomes an int and `to_dict()` stays JSON-clean.
+        self.hop_length = check_int("hop_length", self.hop_length, minimum=1, maximum=MAX_HOP_LENGTH)
+        self.n_fft = check_int("n_fft", self.n_fft, minimum=2, maximum=2 * MAX_HOP_LENGTH)
+        self.ema_gamma = check_float("ema_gamma", self.ema_gamma, above=0.0, maximum=1.0)
+        self.recency_dim = check_int("recency_dim", self.recency_dim, minimum=0, maximum=MAX_RECENCY_DIM)
+        # The age embedding divides by log(recency_max_frequency): zero or negative is a math domain error.
+        self.recency_max_frequency = check_float("recency_max_frequency", self.recency_max_frequency, above=0.0)
+        self.update_interval = check_int("update_interval", self.update_interval, minimum=1, maximum=MAX_TOKEN_COUNT)
+        # A NaN threshold makes every `score >= threshold` false (everything evicted); inf does the same and -inf
+        # keeps everything: neither is a threshold. None means no threshold (only max_tokens applies).
+        self.threshold = check_float("threshold", self.threshold, optional=True)
+        self.max_tokens = check_int("max_tokens", self.max_tokens, minimum=1, maximum=MAX_TOKEN_COUNT, optional=True)
         if self.n_fft != 2 * self.hop_length:
             raise ValueError(
                 f"n_fft ({self.n_fft}) must be twice hop_length ({self.hop_length}): each token carries a tail of "
                 "hop_length attention values, which is exactly the overlap of two frames."
             )
-        if not 0.0 < self.ema_gamma <= 1.0:
-            raise ValueError(f"ema_gamma must be in (0, 1], got {self.ema_gamma}.")
-        if self.recency_dim < 0 or self.recency_dim % 2:
+        if self.recency_dim % 2:
             raise ValueError(f"recency_dim must be a non-negative even number, got {self.recency_dim}.")
-        if self.update_interval <= 0 or self.update_interval % self.hop_length:
+        if self.update_interval % self.hop_length:
             raise ValueError(
                 f"update_interval ({self.update_interval}) must be a positive multiple of hop_length "
                 f"({self.hop_length}); try update_interval={max(1, round(self.update_interval / self.hop_length)) * self.hop_length}."
             )
-        if self.max_tokens is not None and self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be None or >= 1, got {self.max_tokens}.")
 
     def replace(self, **changes: Any) -> "NAMMConfig":
         """Return a copy with some fields changed (validated)."""
-        unknown = set(changes) - {f.name for f in dataclasses.fields(self)}
-        if unknown:
-            raise ValueError(f"Unknown NAMMConfig field(s): {sorted(unknown)}.")
+        _refuse_unknown_fields(changes)
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "NAMMConfig":
-        unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ValueError(f"Unknown NAMMConfig field(s): {sorted(unknown)}.")
+    def from_dict(cls, data: dict[str, Any], where: str = "NAMMConfig") -> "NAMMConfig":
+        """Build from a dict of fields (e.g. read from JSON); `where` names the source in error messages."""
+        data = check_mapping(where, data)
+        _refuse_unknown_fields(data)
         return cls(**data)
+
+
+def _refuse_unknown_fields(names: Any) -> None:
+    known = [field.name for field in dataclasses.fields(NAMMConfig)]
+    unknown = sorted(set(names) - set(known))
+    if unknown:
+        hints = "".join(did_you_mean(name, known) for name in unknown)
+        raise ValueError(f"Unknown NAMMConfig field(s): {unknown}.{hints} Known fields: {known}.")

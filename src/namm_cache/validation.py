@@ -51,9 +51,13 @@ def _type_note(value: Any) -> str:
     return f"{_show(value)} ({type(value).__name__})"
 
 
+def _bound(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
 def _range_text(minimum: Any, maximum: Any, above: Any, below: Any) -> str:
-    low = f"[{minimum}" if minimum is not None else f"({above}" if above is not None else "(-inf"
-    high = f"{maximum}]" if maximum is not None else f"{below})" if below is not None else "inf)"
+    low = f"[{_bound(minimum)}" if minimum is not None else f"({_bound(above)}" if above is not None else "(-inf"
+    high = f"{_bound(maximum)}]" if maximum is not None else f"{_bound(below)})" if below is not None else "inf)"
     if low == "(-inf" and high == "inf)":
         return ""
     return f" in {low}, {high}"

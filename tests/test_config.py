@@ -1,0 +1,63 @@
+"""NAMMConfig checks every field through the shared validation layer (issue 12, items 4 and 7)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from namm_cache import NAMMConfig
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf"), np.float64("nan")])
+def test_non_finite_threshold_is_refused(value):
+    # Item 4: a NaN threshold makes `score >= threshold` false everywhere (everything evicted, silently).
+    with pytest.raises(ValueError, match=r"^threshold must be a number or None, got"):
+        NAMMConfig(threshold=value)
+
+
+@pytest.mark.parametrize("value", [0, -1, -50000.0, float("nan"), float("inf")])
+def test_non_positive_or_non_finite_recency_frequency_is_refused(value):
+    # Item 7: recency_max_frequency <= 0 used to be a math domain error at the first eviction.
+    with pytest.raises(ValueError, match=r"^recency_max_frequency must be a number in \(0, inf\)"):
+        NAMMConfig(recency_max_frequency=value)
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"hop_length": 0}, r"hop_length must be an integer in \[1, 4096\]"),
+        ({"hop_length": True}, "hop_length must be an integer.*got the bool True"),
+        ({"n_fft": 2.7}, "not a whole number"),
+        ({"ema_gamma": 0.0}, r"ema_gamma must be a number in \(0, 1\]"),
+        ({"ema_gamma": float("nan")}, "NaN is refused"),
+        ({"recency_dim": -2}, "recency_dim must be an integer in"),
+        ({"recency_dim": 10**6}, "recency_dim must be an integer in"),
+        ({"update_interval": 0}, "update_interval must be an integer in"),
+        ({"update_interval": 10**13}, "update_interval must be an integer in"),
+        ({"max_tokens": -1}, r"max_tokens must be an integer or None, in \[1,"),
+        ({"max_tokens": "abc"}, "got the string 'abc'"),
+        ({"threshold": [0]}, "threshold must be a number or None"),
+    ],
+)
+def test_every_field_has_a_type_and_a_range(changes, message):
+    with pytest.raises(ValueError, match=message):
+        NAMMConfig(**changes)
+
+
+def test_numpy_and_integral_values_are_stored_as_python_numbers():
+    config = NAMMConfig(update_interval=np.int64(64), max_tokens=np.int32(10), threshold=np.float32(0.5), hop_length=16.0)
+    assert type(config.update_interval) is int and type(config.max_tokens) is int and type(config.hop_length) is int
+    assert type(config.threshold) is float
+    json.dumps(config.to_dict())  # JSON-clean: no numpy scalars leak into config.json
+
+
+def test_from_dict_refuses_non_objects_and_suggests_field_names():
+    for value in ([], None, 3, "x"):
+        with pytest.raises(ValueError, match="must hold an object"):
+            NAMMConfig.from_dict(value, where="scorer/config.json namm_config")
+    with pytest.raises(ValueError, match="Unknown NAMMConfig field.*Did you mean 'update_interval'"):
+        NAMMConfig.from_dict({"update_intervall": 64})
+    with pytest.raises(ValueError, match="Did you mean 'threshold'"):
+        NAMMConfig().replace(treshold=0.5)
