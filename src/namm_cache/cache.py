@@ -538,9 +538,22 @@ class NAMMCache(Cache):
         policy_kwargs: dict[str, Any] | None = None,
         **overrides: Any,
     ):
+        if config is not None and not isinstance(config, NAMMConfig):
+            raise ValueError(f"config must be a NAMMConfig (NAMMConfig.from_dict(fields) reads a dict), got {type(config).__name__}.")
         namm_config = (config or NAMMConfig()).replace(**overrides) if overrides else (config or NAMMConfig())
         if model is None and model_config is None:
             raise ValueError("NAMMCache needs the model it serves: NAMMCache(model=model, ...).")
+        if model is not None and not isinstance(model, nn.Module):
+            raise ValueError(f"model must be the transformers model this cache serves, got {type(model).__name__}: {model!r:.60}.")
+        if scorer is not None and not isinstance(scorer, Scorer):
+            raise ValueError(
+                f"scorer must be a Scorer (BAMScorer(), MLPScorer()), got {type(scorer).__name__}: {scorer!r:.60}; "
+                "to load a saved scorer by name or path use NAMMCache.from_pretrained(name, model=model)."
+            )
+        if policy is not None and not isinstance(policy, (str, Policy)):
+            raise ValueError(f"policy must be a policy name (e.g. 'h2o') or a Policy, got {type(policy).__name__}: {policy!r:.60}.")
+        if policy_kwargs is not None and not isinstance(policy_kwargs, dict):
+            raise ValueError(f"policy_kwargs must be a dict of the policy's constructor arguments, got {type(policy_kwargs).__name__}.")
         model_config = model_config if model_config is not None else model.config
         text_config = model_config.get_text_config(decoder=True)
         layer_types, layer_kwargs = get_layer_types_and_kwargs(text_config)
@@ -649,6 +662,11 @@ class NAMMCache(Cache):
         return [layer for layer in self.layers if isinstance(layer, NAMMLayer)]
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any):
+        if not 0 <= layer_idx < len(self.layers):
+            raise ValueError(
+                f"This NAMMCache was built for a model with {len(self.layers)} layers but was asked to update layer "
+                f"{layer_idx}: it serves another model. Build one cache per model: NAMMCache(model=model, ...)."
+            )
         previous = self._last_namm_layer
         if previous is not None and previous.awaiting_observation and previous is not self.layers[layer_idx]:
             previous.raise_missing_observation()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ..validation import check_float
 from .base import ATTENTION_SUM, PROTECTED, Observation, Policy, rank_by_position
 
 
@@ -19,9 +20,7 @@ class H2OPolicy(Policy):
     needs = frozenset({ATTENTION_SUM})
 
     def __init__(self, recent_ratio: float = 0.5):
-        if not 0.0 <= recent_ratio <= 1.0:
-            raise ValueError(f"recent_ratio must be in [0, 1], got {recent_ratio}.")
-        self.recent_ratio = recent_ratio
+        self.recent_ratio = check_float("recent_ratio", recent_ratio, minimum=0, maximum=1)
 
     def score(self, observation: Observation) -> torch.Tensor:
         recent = torch.round(observation.budget.to(torch.float32) * self.recent_ratio).to(torch.long)

@@ -22,6 +22,11 @@ class NAMMPolicy(Policy):
     supports_threshold = True
 
     def __init__(self, scorer: Scorer):
+        if not isinstance(scorer, Scorer):
+            raise ValueError(
+                f"The namm policy needs a Scorer (BAMScorer(), MLPScorer(), or one loaded with NAMMCache.from_pretrained), "
+                f"got {type(scorer).__name__}: {scorer!r:.60}."
+            )
         self.scorer = scorer
 
     def constant_score(self) -> float | None:

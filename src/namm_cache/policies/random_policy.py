@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ..validation import check_int
 from .base import Observation, Policy
 
 _MASK = (1 << 62) - 1
@@ -25,7 +26,7 @@ class RandomPolicy(Policy):
     name = "random"
 
     def __init__(self, seed: int = 0):
-        self.seed = seed
+        self.seed = check_int("seed", seed, minimum=0, maximum=2**32 - 1)
 
     def score(self, observation: Observation) -> torch.Tensor:
         n = observation.valid.shape[0]

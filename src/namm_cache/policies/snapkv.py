@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..validation import check_int
 from .base import PROTECTED, WINDOW_ATTENTION, Observation, Policy, rank_by_position
 
 
@@ -21,8 +22,10 @@ class SnapKVPolicy(Policy):
     needs = frozenset({WINDOW_ATTENTION})
 
     def __init__(self, window: int = 32, kernel_size: int = 7):
-        if window < 1 or kernel_size < 1 or kernel_size % 2 == 0:
-            raise ValueError(f"window must be >= 1 and kernel_size odd and >= 1, got {window}, {kernel_size}.")
+        window = check_int("window", window, minimum=1, maximum=2**20)
+        kernel_size = check_int("kernel_size", kernel_size, minimum=1, maximum=2**10 + 1)
+        if kernel_size % 2 == 0:
+            raise ValueError(f"kernel_size must be odd (the pooling is centred on each token), got {kernel_size}.")
         self.window = window
         self.kernel_size = kernel_size
 

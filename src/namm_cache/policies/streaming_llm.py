@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ..validation import check_int
 from .base import PROTECTED, Observation, Policy, rank_by_position
 
 
@@ -17,9 +18,7 @@ class StreamingLLMPolicy(Policy):
     name = "streaming_llm"
 
     def __init__(self, sinks: int = 4):
-        if sinks < 0:
-            raise ValueError(f"sinks must be >= 0, got {sinks}.")
-        self.sinks = sinks
+        self.sinks = check_int("sinks", sinks, minimum=0, maximum=2**40)
 
     def score(self, observation: Observation) -> torch.Tensor:
         oldest_rank = rank_by_position(observation.positions, observation.valid, newest_first=False)

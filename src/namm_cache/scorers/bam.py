@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
-from .base import Scorer
+from .base import Scorer, check_hidden_dim, zero_linear
 
 
 class BAMScorer(Scorer):
@@ -25,16 +24,13 @@ class BAMScorer(Scorer):
 
     def __init__(self, input_dim: int = 25, hidden_dim: int = 32, n_bins: int = 17):
         super().__init__(input_dim=input_dim, n_bins=n_bins)
-        if hidden_dim <= 0:
-            raise ValueError(f"hidden_dim must be positive, got {hidden_dim}.")
+        hidden_dim = check_hidden_dim(hidden_dim)
         self.hidden_dim = hidden_dim
-        self.query = nn.Linear(input_dim, hidden_dim)
-        self.key = nn.Linear(input_dim, hidden_dim)
-        self.value = nn.Linear(input_dim, hidden_dim)
-        self.gates = nn.Linear(hidden_dim, 2 * input_dim)
-        self.readout = nn.Linear(input_dim, 1)
-        for parameter in self.parameters():
-            nn.init.zeros_(parameter)
+        self.query = zero_linear(self.input_dim, hidden_dim)
+        self.key = zero_linear(self.input_dim, hidden_dim)
+        self.value = zero_linear(self.input_dim, hidden_dim)
+        self.gates = zero_linear(hidden_dim, 2 * self.input_dim)
+        self.readout = zero_linear(self.input_dim, 1)
 
     def score_tokens(self, features: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         x = features.to(self.readout.weight.dtype)

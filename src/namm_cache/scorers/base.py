@@ -5,6 +5,32 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..validation import check_int
+
+# Ceilings for scorer sizes: the paper uses 25 features and hidden 32; these are far above any sensible
+# setting and keep a typo (hidden_dim 20000000) from asking for gigabytes.
+MAX_INPUT_DIM = 8192
+MAX_HIDDEN_DIM = 4096
+
+
+def zero_linear(in_features: int, out_features: int) -> nn.Linear:
+    """An `nn.Linear` whose weight and bias are zeros, built without drawing from the global torch RNG.
+
+    `nn.Linear` normally runs a random initialisation that advances `torch`'s global generator, so merely
+    creating a cache would change what `torch.randn` returns next. Building on the meta device skips that
+    initialisation; the parameters are then materialised on the default device and zeroed.
+    """
+    layer = nn.Linear(in_features, out_features, device="meta").to_empty(device=torch.get_default_device())
+    with torch.no_grad():
+        layer.weight.zero_()
+        layer.bias.zero_()
+    return layer
+
+
+def check_hidden_dim(hidden_dim: object) -> int:
+    """`hidden_dim` as an int in [1, MAX_HIDDEN_DIM], else `ValueError`."""
+    return check_int("hidden_dim", hidden_dim, minimum=1, maximum=MAX_HIDDEN_DIM)
+
 
 class Scorer(nn.Module):
     """A network that maps per-token features to eviction scores (higher = keep; keep if >= threshold).
@@ -20,7 +46,9 @@ class Scorer(nn.Module):
 
     def __init__(self, input_dim: int, n_bins: int):
         super().__init__()
-        if n_bins <= 0 or input_dim < n_bins:
+        input_dim = check_int("input_dim", input_dim, minimum=1, maximum=MAX_INPUT_DIM)
+        n_bins = check_int("n_bins", n_bins, minimum=1, maximum=MAX_INPUT_DIM)
+        if input_dim < n_bins:
             raise ValueError(f"input_dim ({input_dim}) must be at least n_bins ({n_bins}) > 0.")
         self.input_dim = input_dim
         self.n_bins = n_bins

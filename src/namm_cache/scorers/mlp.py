@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import torch
-from torch import nn
 
-from .base import Scorer
+from .base import Scorer, check_hidden_dim, zero_linear
 
 
 class MLPScorer(Scorer):
@@ -16,14 +15,11 @@ class MLPScorer(Scorer):
 
     def __init__(self, input_dim: int = 25, hidden_dim: int = 32, n_bins: int = 17):
         super().__init__(input_dim=input_dim, n_bins=n_bins)
-        if hidden_dim <= 0:
-            raise ValueError(f"hidden_dim must be positive, got {hidden_dim}.")
+        hidden_dim = check_hidden_dim(hidden_dim)
         self.hidden_dim = hidden_dim
-        self.hidden = nn.Linear(input_dim, hidden_dim)
-        self.gates = nn.Linear(hidden_dim, 2 * input_dim)
-        self.readout = nn.Linear(input_dim, 1)
-        for parameter in self.parameters():
-            nn.init.zeros_(parameter)
+        self.hidden = zero_linear(self.input_dim, hidden_dim)
+        self.gates = zero_linear(hidden_dim, 2 * self.input_dim)
+        self.readout = zero_linear(self.input_dim, 1)
 
     def score_tokens(self, features: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         x = features.to(self.readout.weight.dtype)
