@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .hub import ScorerLoadError, bundled_names, describe, load_scorer, push_scorer
+from .hub import bundled_names, describe, load_scorer, push_scorer
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,8 +35,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"pushed {args.path} to {args.repo_id}: {getattr(info, 'commit_url', info)}")
         else:
             print("\n".join(bundled_names()))
-    except ScorerLoadError as error:
-        print(f"error: {error}", file=sys.stderr)
+    except (ValueError, OSError) as error:  # ScorerLoadError is a ValueError; OSError: files, network
+        print(f"namm-cache: error: {' '.join(str(error).split())}", file=sys.stderr)
         return 2
     return 0
 

@@ -26,6 +26,7 @@ import torch
 
 from .config import NAMMConfig
 from .scorers import SCORER_KINDS, Scorer, build_scorer
+from .validation import check_float, check_known_keys, check_mapping
 
 FORMAT_VERSION = 1
 CONFIG_NAME = "config.json"
@@ -33,6 +34,10 @@ WEIGHTS_NAME = "model.safetensors"
 CARD_NAME = "README.md"
 LIBRARY_NAME = "namm-cache"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
+# A scorer's config.json is a few kilobytes; anything far larger is not one (and is not read into memory).
+MAX_CONFIG_BYTES = 16 * 2**20
+METADATA_KEYS = ("base_models", "training_tasks", "fitness", "license", "description", "results", "extra")
+CONFIG_KEYS = ("format_version", "library_name", "scorer", "namm_config", "normalization", *METADATA_KEYS)
 DEFAULT_SCORER = "namm-cache/smollm2-135m-bam"
 
 
@@ -52,6 +57,22 @@ class ScorerMetadata:
     results: list[dict[str, Any]] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        """Check field types, so a card and `namm-cache info` never meet a string fitness or a bare string list."""
+        self.fitness = check_float("fitness", self.fitness, optional=True)
+        for name in ("base_models", "training_tasks"):
+            value = getattr(self, name)
+            if not isinstance(value, (list, tuple)) or not all(isinstance(item, str) for item in value):
+                raise ValueError(f"{name} must be a list of strings, got {value!r:.80}.")
+            setattr(self, name, list(value))
+        for name in ("license", "description"):
+            if not isinstance(getattr(self, name), str):
+                raise ValueError(f"{name} must be a string, got {getattr(self, name)!r:.80}.")
+        if not isinstance(self.results, (list, tuple)) or not all(isinstance(row, dict) for row in self.results):
+            raise ValueError(f"results must be a list of objects (one per result row), got {self.results!r:.80}.")
+        self.results = list(self.results)
+        self.extra = check_mapping("extra", self.extra)
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "base_models": list(self.base_models),
@@ -65,7 +86,8 @@ class ScorerMetadata:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ScorerMetadata":
-        known = {key: data[key] for key in ("base_models", "training_tasks", "fitness", "license", "description", "results", "extra") if key in data}
+        """The metadata fields of a parsed `config.json` (other keys are ignored here); null means the default."""
+        known = {key: data[key] for key in METADATA_KEYS if data.get(key) is not None}
         return cls(**known)
 
 
@@ -123,8 +145,16 @@ def save_scorer(
     """Write `config.json`, `model.safetensors` and `README.md` to `path` (created; files replaced atomically)."""
     from safetensors.torch import save_file
 
+    # Re-check what is written: a config or metadata edited after it was built (e.g. `cache.namm_config.threshold
+    # = float("nan")`) must not reach config.json, where it would silently break every later load.
+    config.validate()
     _check_compatible(scorer, config, source=str(path))
-    metadata = metadata or ScorerMetadata()
+    if isinstance(metadata, dict):
+        check_known_keys("metadata", metadata, METADATA_KEYS)
+        metadata = ScorerMetadata(**metadata)
+    elif metadata is not None and not isinstance(metadata, ScorerMetadata):
+        raise ValueError(f"metadata must be a ScorerMetadata or a dict of its fields, got {type(metadata).__name__}.")
+    metadata = ScorerMetadata(**(metadata or ScorerMetadata()).to_dict())
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     payload = {
@@ -163,11 +193,24 @@ def bundled_names() -> list[str]:
 
 
 def _download(repo_id: str, revision: str | None, token: str | bool | None, cache_dir: str | os.PathLike | None) -> Path:
-    """Fetch config + weights through huggingface_hub (honours HF_HUB_OFFLINE / the local HF cache)."""
+    """Fetch config + weights through huggingface_hub (honours HF_HUB_OFFLINE / the local HF cache).
+
+    Raises the Hub's own error when the repository (or its `config.json`) cannot be had at all, and
+    `ScorerLoadError` when `config.json` came but the weights did not: a half-downloaded copy is an error,
+    never a reason to fall back to another scorer.
+    """
     from huggingface_hub import hf_hub_download
 
     config_path = hf_hub_download(repo_id, CONFIG_NAME, revision=revision, token=token, cache_dir=cache_dir, library_name=LIBRARY_NAME)
-    hf_hub_download(repo_id, WEIGHTS_NAME, revision=revision, token=token, cache_dir=cache_dir, library_name=LIBRARY_NAME)
+    try:
+        hf_hub_download(repo_id, WEIGHTS_NAME, revision=revision, token=token, cache_dir=cache_dir, library_name=LIBRARY_NAME)
+    except Exception as error:
+        raise ScorerLoadError(
+            f"Hub repository {repo_id}{f' (revision {revision!r})' if revision else ''}: {CONFIG_NAME} was found "
+            f"({Path(config_path).parent}) but {WEIGHTS_NAME} could not be had ({type(error).__name__}: "
+            f"{_first_line(error)}). The copy is incomplete: download it again with network access "
+            "(HF_HUB_OFFLINE unset) or delete that cache folder; no other scorer is substituted."
+        ) from None
     try:
         hf_hub_download(repo_id, CARD_NAME, revision=revision, token=token, cache_dir=cache_dir, library_name=LIBRARY_NAME)
     except Exception:  # the card is optional for loading
@@ -175,14 +218,27 @@ def _download(repo_id: str, revision: str | None, token: str | bool | None, cach
     return Path(config_path).parent
 
 
+def _first_line(error: BaseException) -> str:
+    text = str(error)
+    return text.splitlines()[0].rstrip(".") if text else ""
+
+
 def resolve(name_or_path: str | os.PathLike, *, revision=None, token=None, cache_dir=None) -> tuple[Path, str]:
     """Find the folder of a scorer: a local folder, then the Hub (or its local cache), then the bundled ones.
 
+    A bundled scorer stands in for a Hub name only when nothing of that repository can be had from the Hub
+    or its cache and no `revision` was asked for: bundled scorers have no revisions, and a cache copy that
+    lacks its weights is reported, not replaced.
+
     Returns `(folder, description of where it came from)`.
     """
+    if revision is not None and (not isinstance(revision, str) or not revision.strip()):
+        raise ScorerLoadError(f"revision must be a non-empty string (a branch, tag or commit), got {revision!r}.")
     tried = []
     local = Path(name_or_path).expanduser()
     if local.is_dir():
+        if revision is not None:
+            raise ScorerLoadError(f"revision={revision!r} was given for the local folder {local}; a local folder has no revisions.")
         return local, f"local folder {local}"
     tried.append(f"no local folder {str(local)!r}")
     name = str(name_or_path)
@@ -190,10 +246,18 @@ def resolve(name_or_path: str | os.PathLike, *, revision=None, token=None, cache
     if looks_like_repo:
         try:
             return _download(name, revision, token, cache_dir), f"Hub repository {name}"
+        except ScorerLoadError:
+            raise
         except Exception as error:  # network, offline mode, missing repo or file
-            tried.append(f"Hub {name}: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}")
+            tried.append(f"Hub {name}{f' revision {revision!r}' if revision else ''}: {type(error).__name__}: {_first_line(error)}")
         bundled = bundled_root() / name
         if (bundled / CONFIG_NAME).is_file():
+            if revision is not None:
+                raise ScorerLoadError(
+                    f"Cannot find scorer {name!r} at revision {revision!r}: " + "; ".join(tried) + f". A scorer named {name!r} "
+                    "is bundled with namm-cache, but bundled scorers have no revisions, so it is not substituted; "
+                    "drop revision= to use the bundled copy."
+                )
             return bundled, f"bundled scorer {name}"
         tried.append(f"no bundled scorer {name!r} (bundled: {', '.join(bundled_names()) or 'none'})")
     raise ScorerLoadError(f"Cannot find scorer {name!r}: " + "; ".join(tried) + ".")
@@ -207,8 +271,44 @@ def _check_compatible(scorer: Scorer, config: NAMMConfig, source: str) -> None:
         )
 
 
+def _read_config(config_file: Path, source: str) -> dict[str, Any]:
+    """Parse `config.json` into a dict, or raise one `ScorerLoadError` naming the file."""
+    where = f"{source}/{CONFIG_NAME}"
+    size = config_file.stat().st_size
+    if size > MAX_CONFIG_BYTES:
+        raise ScorerLoadError(f"{where} is {size:,} bytes; a scorer config is a few kilobytes, so this is not one.")
+    try:
+        payload = json.loads(config_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ScorerLoadError(f"{where} is not valid JSON: {error}.") from None
+    except RecursionError:
+        raise ScorerLoadError(f"{where} is nested too deeply to be a scorer config.") from None
+    try:
+        payload = check_mapping(where, payload)
+        check_known_keys(where, payload, CONFIG_KEYS)
+    except ValueError as error:
+        raise ScorerLoadError(str(error)) from None
+    return payload
+
+
+def _header_shapes(weights_file: Path, source: str) -> dict[str, tuple[int, ...]]:
+    """Tensor names and shapes from the safetensors header, without reading (or allocating) any tensor."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(weights_file), framework="pt") as handle:
+            return {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
+    except (SafetensorError, OSError, ValueError) as error:
+        raise ScorerLoadError(f"{source}/{WEIGHTS_NAME} is not a readable safetensors file: {error}.") from None
+
+
 def load_folder(folder: Path, source: str | None = None) -> LoadedScorer:
-    """Load and validate a scorer folder; raise `ScorerLoadError` naming the file and the fix, or return it whole."""
+    """Load and validate a scorer folder; raise `ScorerLoadError` naming the file and the fix, or return it whole.
+
+    Order matters: `config.json` is parsed and every number in it checked, then the sizes it declares are
+    compared with the tensor shapes in the safetensors header (a scorer is first built on the meta device,
+    which allocates nothing), and only then is a scorer allocated and the weights read.
+    """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -224,50 +324,69 @@ def load_folder(folder: Path, source: str | None = None) -> LoadedScorer:
         raise ScorerLoadError(f"{source}: missing {WEIGHTS_NAME}; save the scorer with NAMMCache.save_pretrained().")
     if not config_file.is_file():
         raise ScorerLoadError(f"{source}: missing {CONFIG_NAME}; save the scorer with NAMMCache.save_pretrained().")
-    try:
-        payload = json.loads(config_file.read_text())
-    except json.JSONDecodeError as error:
-        raise ScorerLoadError(f"{source}/{CONFIG_NAME} is not valid JSON: {error}.") from None
+    payload = _read_config(config_file, source)
+    where = f"{source}/{CONFIG_NAME}"
     version = payload.get("format_version")
-    if version != FORMAT_VERSION:
+    if version != FORMAT_VERSION or isinstance(version, bool):
         raise ScorerLoadError(
-            f"{source}/{CONFIG_NAME}: format_version {version!r} is not supported (this namm-cache reads {FORMAT_VERSION}); "
+            f"{where}: format_version {version!r} is not supported (this namm-cache reads {FORMAT_VERSION}); "
             "upgrade namm-cache or re-save the scorer."
         )
-    scorer_spec = dict(payload.get("scorer") or {})
+    try:
+        scorer_spec = check_mapping(f"{where} 'scorer'", payload.get("scorer"))
+    except ValueError as error:
+        raise ScorerLoadError(str(error)) from None
     kind = scorer_spec.pop("kind", None)
-    if kind not in SCORER_KINDS:
-        raise ScorerLoadError(f"{source}/{CONFIG_NAME}: unknown scorer kind {kind!r}; known kinds: {sorted(SCORER_KINDS)}.")
+    if not isinstance(kind, str) or kind not in SCORER_KINDS:
+        raise ScorerLoadError(f"{where}: unknown scorer kind {kind!r}; known kinds: {sorted(SCORER_KINDS)}.")
     try:
-        config = NAMMConfig.from_dict(payload.get("namm_config") or {})
-        scorer = build_scorer(kind, **scorer_spec)
-    except (TypeError, ValueError) as error:
-        raise ScorerLoadError(f"{source}/{CONFIG_NAME}: {error}") from None
-    _check_compatible(scorer, config, f"{source}/{CONFIG_NAME}")
-    try:
-        tensors = load_file(str(weights_file))
-    except (SafetensorError, OSError) as error:
-        raise ScorerLoadError(f"{source}/{WEIGHTS_NAME} is not a readable safetensors file: {error}.") from None
-    expected = scorer.state_dict()
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
+        check_known_keys(f"{where} 'scorer'", scorer_spec, _constructor_arguments(SCORER_KINDS[kind]))
+        stored_config = payload.get("namm_config")
+        config = NAMMConfig.from_dict({} if stored_config is None else stored_config, where=f"{where} 'namm_config'")
+        metadata = ScorerMetadata.from_dict(payload)
+        with torch.device("meta"):  # sizes are checked without allocating: a meta tensor has no storage
+            blueprint = build_scorer(kind, **scorer_spec)
+    except ValueError as error:
+        raise ScorerLoadError(f"{where}: {error}" if not str(error).startswith(where) else str(error)) from None
+    _check_compatible(blueprint, config, where)
+    normalization = payload.get("normalization")
+    if normalization is not None and normalization != {"shape": [blueprint.n_bins]}:
+        raise ScorerLoadError(f"{where}: 'normalization' must be {{\"shape\": [{blueprint.n_bins}]}} for {blueprint.n_bins} bins, got {normalization!r:.80}.")
+    expected = {key: tuple(tensor.shape) for key, tensor in blueprint.state_dict().items()}
+    stored = _header_shapes(weights_file, source)
+    missing = sorted(set(expected) - set(stored))
+    unexpected = sorted(set(stored) - set(expected))
     if missing or unexpected:
         raise ScorerLoadError(
             f"{source}/{WEIGHTS_NAME} does not match a {kind} scorer with {scorer_spec}: missing {missing}, unexpected {unexpected}."
         )
-    for key, tensor in tensors.items():
-        if tuple(tensor.shape) != tuple(expected[key].shape):
+    for key, shape in stored.items():
+        if shape != expected[key]:
             raise ScorerLoadError(
-                f"{source}/{WEIGHTS_NAME}: tensor {key!r} has shape {tuple(tensor.shape)}, expected {tuple(expected[key].shape)} "
+                f"{source}/{WEIGHTS_NAME}: tensor {key!r} has shape {shape}, expected {expected[key]} "
                 f"for the sizes in {CONFIG_NAME}."
             )
+    scorer = build_scorer(kind, **scorer_spec)
+    try:
+        tensors = load_file(str(weights_file))
+    except (SafetensorError, OSError) as error:
+        raise ScorerLoadError(f"{source}/{WEIGHTS_NAME} is not a readable safetensors file: {error}.") from None
+    for key, tensor in tensors.items():
+        if not tensor.is_floating_point():
+            raise ScorerLoadError(f"{source}/{WEIGHTS_NAME}: tensor {key!r} has dtype {tensor.dtype}, expected a floating-point dtype.")
         if not torch.isfinite(tensor).all():
             raise ScorerLoadError(f"{source}/{WEIGHTS_NAME}: tensor {key!r} contains NaN or inf.")
     if not bool((tensors["spectrogram_std"] > 0).all()):
         raise ScorerLoadError(f"{source}/{WEIGHTS_NAME}: spectrogram_std must be > 0; recalibrate the scorer.")
     scorer.load_state_dict(tensors)
     scorer.eval()
-    return LoadedScorer(scorer=scorer, config=config, metadata=ScorerMetadata.from_dict(payload), source=source)
+    return LoadedScorer(scorer=scorer, config=config, metadata=metadata, source=source)
+
+
+def _constructor_arguments(scorer_class: type[Scorer]) -> list[str]:
+    import inspect
+
+    return [name for name in inspect.signature(scorer_class.__init__).parameters if name != "self"]
 
 
 def load_scorer(name_or_path: str | os.PathLike = DEFAULT_SCORER, *, revision=None, token=None, cache_dir=None) -> LoadedScorer:
