@@ -3,8 +3,15 @@
 from __future__ import annotations
 
 import math
+import numbers
+import re
 from dataclasses import dataclass
 from typing import Union
+
+import numpy as np
+
+from .config import MAX_TOKEN_COUNT
+from .validation import check_float, check_int
 
 
 @dataclass(frozen=True)
@@ -14,8 +21,7 @@ class TokenBudget:
     tokens: int
 
     def __post_init__(self) -> None:
-        if not isinstance(self.tokens, int) or self.tokens < 1:
-            raise ValueError(f"A token budget must be a positive integer, got {self.tokens!r}.")
+        object.__setattr__(self, "tokens", check_int("A token budget", self.tokens, minimum=1, maximum=MAX_TOKEN_COUNT))
 
     def tokens_for(self, real_tokens_seen: int) -> int:
         return self.tokens
@@ -31,8 +37,7 @@ class FractionBudget:
     fraction: float
 
     def __post_init__(self) -> None:
-        if not 0.0 < self.fraction <= 1.0:
-            raise ValueError(f"A fraction budget must be in (0, 1], got {self.fraction!r}.")
+        object.__setattr__(self, "fraction", check_float("A fraction budget", self.fraction, above=0, maximum=1))
 
     def tokens_for(self, real_tokens_seen: int) -> int:
         return max(1, math.ceil(self.fraction * real_tokens_seen))
@@ -57,33 +62,49 @@ class ThresholdBudget:
 Budget = Union[TokenBudget, FractionBudget, ThresholdBudget]
 
 
-def parse_budget(budget: object) -> Budget | None:
-    """Turn what users write into a budget.
+HOW_TO_WRITE = "use a token count (512), a fraction (0.25 or '25%') or 'threshold'"
+AMBIGUOUS_ONE = (
+    "budget {value!r} is ambiguous: 1 could mean one token or 100% of tokens. Write '100%' (or 1.0) to keep every "
+    "token, a token count of 2 or more, or TokenBudget(1) if you really mean a single token."
+)
 
-    `None` -> None (the policy's default); an int -> `TokenBudget`; a float in (0, 1] or a string like
-    `"25%"` -> `FractionBudget`; `"threshold"` -> `ThresholdBudget`; a budget object -> itself.
+
+def parse_budget(budget: object) -> Budget | None:
+    """Turn what users write into a budget. The written form decides the kind:
+
+    - `None` -> None (the policy's default); a budget object -> itself; `"threshold"` -> `ThresholdBudget`.
+    - An integer (Python or numpy), or a string of digits (`"512"`) -> `TokenBudget`.
+    - A float in (0, 1] (Python or numpy), a decimal string (`"0.25"`, `"1.0"`) or a percentage (`"25%"`)
+      -> `FractionBudget`. A whole float above 1 (`1e3` from YAML or lm-eval) is a token count.
+    - `1` and `"1"` are refused: one token and 100% are both plausible readings, and lm-eval turns the text
+      `budget=1` into the integer 1 before we see it, so the same text must mean the same thing everywhere.
+
+    Anything else (bools, NaN, inf, zero or negative numbers, other strings) raises `ValueError`.
     """
     if budget is None or isinstance(budget, (TokenBudget, FractionBudget, ThresholdBudget)):
         return budget
-    if isinstance(budget, bool):
-        raise ValueError(f"Not a budget: {budget!r}.")
-    if isinstance(budget, int):
-        return TokenBudget(budget)
-    if isinstance(budget, float):
-        if budget > 1.0 and budget.is_integer():
-            return TokenBudget(int(budget))
-        return FractionBudget(budget)
+    if isinstance(budget, (bool, np.bool_)):
+        raise ValueError(f"Not a budget: {budget!r}; {HOW_TO_WRITE}.")
+    if isinstance(budget, numbers.Integral):
+        if int(budget) == 1:
+            raise ValueError(AMBIGUOUS_ONE.format(value=budget))
+        return TokenBudget(int(budget))
+    if isinstance(budget, numbers.Real):
+        number = float(budget)
+        if math.isfinite(number) and number > 1.0 and number.is_integer():
+            return TokenBudget(int(number))
+        if math.isfinite(number) and number > 1.0:
+            raise ValueError(f"budget {budget!r} is neither a fraction in (0, 1] nor a whole token count; {HOW_TO_WRITE}.")
+        return FractionBudget(number)
     if isinstance(budget, str):
         text = budget.strip().lower()
         if text == "threshold":
             return ThresholdBudget()
+        if re.fullmatch(r"[+-]?\d+", text):
+            return parse_budget(int(text))
         try:
-            if text.endswith("%"):
-                return FractionBudget(float(text[:-1]) / 100.0)
-            number = float(text)
+            number = float(text[:-1]) / 100.0 if text.endswith("%") else float(text)
         except ValueError:
-            raise ValueError(
-                f"Cannot read budget {budget!r}: use a token count (512), a fraction (0.25 or '25%') or 'threshold'."
-            ) from None
-        return parse_budget(int(number) if number.is_integer() and number > 1 else number)
-    raise ValueError(f"Cannot read budget {budget!r}: use a token count (512), a fraction (0.25 or '25%') or 'threshold'.")
+            raise ValueError(f"Cannot read budget {budget!r}: {HOW_TO_WRITE}.") from None
+        return FractionBudget(number) if text.endswith("%") else parse_budget(number)
+    raise ValueError(f"Cannot read budget {budget!r}: {HOW_TO_WRITE}.")

@@ -31,18 +31,44 @@ def resolve_offline_names(argv: list[str]) -> list[str]:
     return argv
 
 
-def main() -> None:
+def one_line(error: BaseException) -> str:
+    """An error as one line: its message with newlines folded (the CLIs print this instead of a traceback)."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if isinstance(error, (ValueError, OSError)) else f"{type(error).__name__}: {text}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run lm-eval's CLI; argument errors (bad model_args, a missing scorer or model, ...) print one line and
+    return 2 instead of a traceback (set NAMM_TRACEBACK=1 to see it). The `namm` model's own arguments are
+    checked right after parsing, before lm-eval indexes tasks or loads the model."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    from . import lm_eval_model  # noqa: F401  (registers the "namm" model)
+    if argv is not None:
+        sys.argv = [sys.argv[0], *argv]
+    from . import lm_eval_model  # registers the "namm" model
 
     if "--include_path" not in sys.argv:
         sys.argv += ["--include_path", lm_eval_model.TASK_PACK]
-    sys.argv = resolve_offline_names(sys.argv)
-    from lm_eval.__main__ import cli_evaluate
+    try:
+        sys.argv = resolve_offline_names(sys.argv)
+        from lm_eval._cli import HarnessCLI
+        from lm_eval.utils import setup_logging
 
-    cli_evaluate()
+        setup_logging()  # what lm-eval's own cli_evaluate does, with a check between parsing and running
+        parser = HarnessCLI()
+        args = parser.parse_args()
+        if getattr(args, "model", None) == "namm":
+            model_args = dict(getattr(args, "model_args", None) or {})
+            namm_args = {key: model_args.pop(key) for key in lm_eval_model.NAMM_ARGS if key in model_args}
+            lm_eval_model.check_namm_args(namm_args, other_keys=model_args)
+        parser.execute(args)
+    except (ValueError, OSError, RecursionError) as error:
+        if os.environ.get("NAMM_TRACEBACK"):
+            raise
+        print(f"namm-lm-eval: error: {one_line(error)}", file=sys.stderr)
+        return 2
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

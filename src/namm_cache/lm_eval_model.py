@@ -15,6 +15,9 @@ cannot change their logits) and generation batches are left-padded with a mask (
 
 from __future__ import annotations
 
+import inspect
+import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,60 +25,104 @@ import torch
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
+from .budgets import Budget, parse_budget
 from .cache import NAMMCache
+from .config import NAMMConfig
+from .hub import DEFAULT_SCORER, LoadedScorer, load_scorer
 from .offline import OFFLINE_MODELS, ensure_converted
+from .policies import ALIASES, POLICIES, build_policy
+from .policies.namm import NAMMPolicy
+from .validation import check_int, did_you_mean
 
 TASK_PACK = str(Path(__file__).resolve().parent / "lm_eval_tasks")
 NAMM_ARGS = ("scorer", "policy", "budget", "update_interval", "prefill_chunk_size", "max_tokens", "threshold")
+CONFIG_ARGS = ("update_interval", "max_tokens", "threshold")
 
 
-def _number(value: Any) -> Any:
-    if isinstance(value, str):
-        try:
-            return int(value)
-        except ValueError:
-            try:
-                return float(value)
-            except ValueError:
-                return value
-    return value
+@dataclass
+class NAMMArgs:
+    """The NAMM part of lm-eval's `model_args`, every value checked, before any model is loaded."""
+
+    policy: str
+    loaded: LoadedScorer | None
+    budget: Budget | None
+    config: NAMMConfig
+    prefill_chunk_size: int
+
+
+def check_namm_args(args: dict[str, Any], other_keys: Any = ()) -> NAMMArgs:
+    """Validate the NAMM `model_args` through the same checks as the Python API, or raise one `ValueError`.
+
+    lm-eval has already turned text into values (`"128"` -> 128, `"nan"` -> nan, `"true"` -> True); the
+    values are checked as such: `threshold=nan` is refused, and `budget=1` (the text lm-eval turns into the
+    integer 1) is refused as ambiguous, exactly like `parse_budget("1")`. The scorer is loaded here, so a
+    missing or broken scorer is reported before the model loads. `other_keys`: the remaining model_args,
+    checked for near-misses of NAMM argument names (`treshold=`), which HFLM would otherwise swallow.
+    """
+    hflm_parameters = set(inspect.signature(HFLM.__init__).parameters)
+    for key in other_keys:
+        hint = did_you_mean(key, NAMM_ARGS)
+        if hint and key not in hflm_parameters:
+            raise ValueError(f"model_args: unknown argument {key!r}.{hint}")
+    policy = args.get("policy", "namm")
+    known_policies = sorted(set(POLICIES) | set(ALIASES))
+    if not isinstance(policy, str) or ALIASES.get(policy.lower(), policy.lower()) not in POLICIES:
+        hint = did_you_mean(str(policy).lower(), known_policies)
+        raise ValueError(f"model_args: policy must be one of {known_policies}, got {policy!r}.{hint}")
+    policy = ALIASES.get(policy.lower(), policy.lower())
+    scorer = args.get("scorer")
+    if isinstance(scorer, os.PathLike):
+        scorer = os.fspath(scorer)
+    if scorer is not None and not isinstance(scorer, str):
+        raise ValueError(f"model_args: scorer must be a scorer name or folder, got {scorer!r}.")
+    if scorer is not None and policy != "namm":
+        raise ValueError(f"scorer= applies to policy=namm only, not {policy!r}.")
+    prefill_chunk_size = check_int("prefill_chunk_size", args.get("prefill_chunk_size"), minimum=1, maximum=2**31 - 1, optional=True)
+    overrides = {key: args[key] for key in CONFIG_ARGS if key in args}
+    budget = parse_budget(args.get("budget"))
+    if policy == "namm":
+        loaded = load_scorer(scorer or DEFAULT_SCORER)
+        config = loaded.config.replace(**overrides)
+        NAMMPolicy(loaded.scorer).check_budget(budget)
+    else:
+        loaded = None
+        config = NAMMConfig().replace(**overrides)
+        build_policy(policy).check_budget(budget)
+    return NAMMArgs(policy=policy, loaded=loaded, budget=budget, config=config,
+                    prefill_chunk_size=prefill_chunk_size or config.update_interval)
 
 
 @register_model("namm")
 class NAMMLM(HFLM):
     """`HFLM` with a NAMM (or baseline-policy) cache on every request.
 
-    Extra model_args (removed before the model loads): `scorer` (name or path, NAMM policy only),
-    `policy` (namm, h2o, key_norm, streaming_llm, snapkv, tova, random, full), `budget` (token count,
-    fraction or "threshold"), `update_interval`, `max_tokens`, `threshold`, `prefill_chunk_size`
+    Extra model_args (removed and checked before the model loads): `scorer` (name or path, NAMM policy
+    only), `policy` (namm, h2o, key_norm, streaming_llm, snapkv, tova, random, full), `budget` (a token
+    count such as 512, a fraction such as 0.25 or 25%, or "threshold"; 1 is refused as ambiguous: write
+    100% or 1.0 for a full budget), `update_interval`, `max_tokens`, `threshold`, `prefill_chunk_size`
     (default: update_interval). `pretrained` also accepts the offline model names of `namm_cache.offline`.
     """
 
     def __init__(self, pretrained: Any = None, **kwargs: Any):
-        namm_args = {key: _number(kwargs.pop(key)) for key in NAMM_ARGS if key in kwargs}
+        namm_args = check_namm_args({key: kwargs.pop(key) for key in NAMM_ARGS if key in kwargs}, other_keys=kwargs)
         if isinstance(pretrained, str) and pretrained in OFFLINE_MODELS:
             pretrained = str(ensure_converted(pretrained))
         kwargs.setdefault("device", "cuda" if torch.cuda.is_available() else "cpu")
         kwargs.setdefault("dtype", "float32")
         super().__init__(pretrained=pretrained, **kwargs)
-        self.namm_scorer = namm_args.pop("scorer", None)
-        self.namm_policy = str(namm_args.pop("policy", "namm"))
-        self.namm_budget = namm_args.pop("budget", None)
-        self.namm_overrides = {k: v for k, v in namm_args.items() if k != "prefill_chunk_size"}
+        self.namm_policy = namm_args.policy
+        self.namm_loaded = namm_args.loaded
+        self.namm_budget = namm_args.budget
+        self.namm_config = namm_args.config
+        self.prefill_chunk_size = namm_args.prefill_chunk_size
         self.cache_counters = {"caches": 0, "evicted_tokens": 0, "evictions": 0, "kept_fraction_sum": 0.0}
-        self._template = self.make_cache()  # validate everything (and install the attention wrapper) now
-        self.prefill_chunk_size = int(namm_args.get("prefill_chunk_size") or self._template.namm_config.update_interval)
-        if self.prefill_chunk_size < 1:
-            raise ValueError("prefill_chunk_size must be >= 1.")
+        self._template = self.make_cache()  # check the model side (and install the attention wrapper) now
 
     def make_cache(self) -> NAMMCache:
-        if self.namm_policy == "namm":
-            cache = NAMMCache.from_pretrained(self.namm_scorer, model=self.model, budget=self.namm_budget, **self.namm_overrides)
-        else:
-            if self.namm_scorer is not None:
-                raise ValueError(f"scorer= applies to policy=namm only, not {self.namm_policy!r}.")
-            cache = NAMMCache(model=self.model, policy=self.namm_policy, budget=self.namm_budget, **self.namm_overrides)
-        return cache
+        """A fresh cache for one request; the scorer was loaded once, in `__init__`."""
+        if self.namm_loaded is not None:
+            return NAMMCache(model=self.model, scorer=self.namm_loaded.scorer, config=self.namm_config, budget=self.namm_budget)
+        return NAMMCache(model=self.model, policy=self.namm_policy, budget=self.namm_budget, config=self.namm_config)
 
     def _record(self, cache: NAMMCache) -> None:
         stats = cache.stats()
