@@ -31,3 +31,39 @@ def scorer_id(name_or_path: str) -> str:
     for file in ("config.json", "model.safetensors"):
         digest.update((folder / file).read_bytes())
     return f"{name_or_path}@{digest.hexdigest()[:12]}"
+
+
+# Real architectures with random weights: for timing and memory only (weights do not change the work done).
+RANDOM_SHAPES = {
+    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                         num_key_value_heads=3, head_dim=64, vocab_size=49152, rope_theta=100000.0, tie_word_embeddings=True),
+    "llama-3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                         num_key_value_heads=8, head_dim=64, vocab_size=128256, rope_theta=500000.0, tie_word_embeddings=True),
+    "llama-3.1-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                         num_key_value_heads=8, head_dim=128, vocab_size=128256, rope_theta=500000.0),
+}
+
+
+def load_benchmark_model(name: str, *, dtype: torch.dtype = torch.float32, device: str = "cpu", max_positions: int = 32768):
+    """`(model, tokenizer or None)`: an offline real model by name, or `random:SHAPE` (a Llama of that shape,
+    random weights, `max_positions` context) for timing and memory runs that need no real weights."""
+    if name.startswith("random:"):
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        shape = name.split(":", 1)[1]
+        if shape not in RANDOM_SHAPES:
+            raise SystemExit(f"Unknown random shape {shape!r}; choose from {sorted(RANDOM_SHAPES)}.")
+        config = LlamaConfig(**RANDOM_SHAPES[shape], max_position_embeddings=max_positions, attn_implementation="sdpa")
+        torch.manual_seed(0)
+        default_dtype = torch.get_default_dtype()
+        torch.set_default_dtype(dtype)  # initialise in the target dtype: an 8B model in fp32 would double the memory
+        try:
+            with torch.device(device):
+                model = LlamaForCausalLM(config)
+        finally:
+            torch.set_default_dtype(default_dtype)
+        return model.eval(), None
+    from namm_cache.offline import load_offline_model
+
+    model, tokenizer = load_offline_model(name, dtype=dtype)
+    return model.to(device), tokenizer

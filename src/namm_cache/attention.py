@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 from torch import nn
 
+from .profiling import phase
+
 if TYPE_CHECKING:  # pragma: no cover
     from .cache import NAMMLayer
 
@@ -89,6 +91,61 @@ def _generic_eager_attention(
     return output, weights
 
 
+# Keyword arguments of an attention call that do not change its arithmetic (or that are checked below).
+_PLAIN_ATTENTION_KWARGS = frozenset({"scaling", "dropout", "position_ids", "cache_position", "use_cache", "output_attentions",
+                                     "sliding_window", "softcap", "is_causal", "past_key_values", "cache"})
+
+
+def grouped_attention_applies(module: nn.Module, kwargs: dict[str, Any]) -> bool:
+    """True when the call is plain softmax attention, so `grouped_eager_attention` gives what the model's
+    own eager function would: no dropout, no logit softcapping, no sliding window, no attention sinks and
+    no keyword this module does not know the meaning of. Anything else runs the model's own function."""
+    if kwargs.get("dropout", 0.0) or kwargs.get("softcap") is not None or kwargs.get("sliding_window") is not None:
+        return False
+    if getattr(module, "sinks", None) is not None:
+        return False
+    return all(value is None or name in _PLAIN_ATTENTION_KWARGS for name, value in kwargs.items())
+
+
+def grouped_eager_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    bias: torch.Tensor | None,
+    scaling: float | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention that multiplies each KV head with its whole group of query heads at once.
+
+    The arithmetic of transformers' eager attention (scores in the query dtype, softmax in float32), without
+    copying keys and values once per query head, and with probabilities laid out by KV head, which is
+    how the cache averages them.
+
+    Args:
+        query: `(B, H * G, q, D)`, query head `h * G + g` reading KV head `h` (transformers' GQA order).
+        key, value: `(B, H, S, D)`.
+        bias: additive mask `(B, 1 or H, 1, q, S)` (broadcast over the group), or None.
+
+    Returns:
+        output `(B, q, H * G, D)` (the layout attention functions return) and float32 probabilities
+        `(B, H, G, q, S)`.
+    """
+    batch, query_heads, q_length, head_dim = query.shape
+    heads, slots = key.shape[1], key.shape[2]
+    groups = query_heads // heads
+    scaling = scaling if scaling is not None else head_dim**-0.5
+    scores = torch.matmul(query.reshape(batch, heads, groups * q_length, head_dim), key.transpose(-1, -2))
+    scores = scores.view(batch, heads, groups, q_length, slots).mul_(scaling)
+    if bias is not None:
+        scores.add_(bias)
+    probabilities = torch.softmax(scores, dim=-1, dtype=torch.float32)
+    weights = probabilities if value.dtype == torch.float32 else probabilities.to(value.dtype)
+    output = torch.matmul(weights.view(batch, heads, groups * q_length, slots), value)
+    output = output.view(batch, query_heads, q_length, value.shape[-1]).transpose(1, 2).contiguous()
+    return output, probabilities
+
+
 _eager_functions: dict[type, Callable] = {}
 
 
@@ -121,37 +178,54 @@ def _make_attention_function(base: str) -> Callable:
         layer = take_handover(key)
         if layer is None:
             function = _base_attention(base) or model_eager_attention(module)
-            return function(module, query, key, value, standard, **kwargs)
+            with phase("attention"):
+                return function(module, query, key, value, standard, **kwargs)
 
         q_length = query.shape[2]
         padding = observed.padding if observed is not None else None
-        new_is_padding = layer.new_token_padding(padding, q_length)
-        layer.check_positions(kwargs.get("position_ids"), new_is_padding)
-        layer.mark_padding(new_is_padding)
-        segment_ends = layer.segment_ends(new_is_padding, q_length)
+        with phase("bookkeeping"):
+            new_is_padding = layer.new_token_padding(padding, q_length)
+            layer.check_positions(kwargs.get("position_ids"), new_is_padding)
+            layer.mark_padding(new_is_padding)
+            segment_ends = layer.segment_ends(new_is_padding, q_length)
         if not layer.observing and len(segment_ends) == 1 and layer.holds_every_token():
             # Nothing evicted, no padding, no observation needed: transformers' own mask is exactly right.
             if standard is None or (isinstance(standard, torch.Tensor) and standard.shape[-1] == key.shape[-2]):
-                output = (_base_attention(base) or model_eager_attention(module))(module, query, key, value, standard, **kwargs)
+                with phase("attention"):
+                    output = (_base_attention(base) or model_eager_attention(module))(module, query, key, value, standard, **kwargs)
                 layer.observe(None, new_is_padding, q_length)
                 return output
         # Probabilities are only needed when scores depend on them; otherwise run the model's own (fast) kernel.
-        attend = model_eager_attention(module) if layer.observing else (_base_attention(base) or model_eager_attention(module))
+        grouped = layer.observing and grouped_attention_applies(module, kwargs)
+        if grouped:
+            attend = grouped_eager_attention
+        elif layer.observing:
+            attend = model_eager_attention(module)
+        else:
+            attend = _base_attention(base) or model_eager_attention(module)
         chunk_start = layer.tokens_seen - q_length
         query_positions = torch.arange(chunk_start, layer.tokens_seen, device=query.device)
         outputs, weights, start = [], None, 0
         for end in segment_ends:
-            bias = layer.attention_bias(query_positions[start:end], query_heads=query.shape[1], dtype=query.dtype)
-            output, weights = attend(module, query[:, :, start:end], layer.keys, layer.values, bias, **kwargs)
+            with phase("mask"):
+                bias = layer.attention_bias(query_positions[start:end], query_heads=query.shape[1], dtype=query.dtype,
+                                            grouped=grouped)
+            with phase("attention"):
+                output, weights = attend(module, query[:, :, start:end], layer.keys, layer.values, bias, **kwargs)
             segment_padding = new_is_padding[:, start:end] if new_is_padding is not None else None
-            layer.observe(weights if layer.observing else None, segment_padding, end - start)
+            with phase("observe"):
+                layer.observe(weights if layer.observing else None, segment_padding, end - start)
             if end < q_length:
                 # A row reached its eviction point inside this chunk: evict now, as it would between chunks.
                 layer.evict_due_rows(now=chunk_start + end - 1)
             outputs.append(output)
             start = end
         if len(outputs) == 1:
-            return outputs[0], (weights if base == "eager" else None)
+            if base != "eager":
+                return outputs[0], None
+            if grouped:  # the model's eager layout: (B, query heads, q, S) in the query dtype
+                weights = weights.reshape(query.shape[0], query.shape[1], *weights.shape[-2:]).to(query.dtype)
+            return outputs[0], weights
         return torch.cat(outputs, dim=1), None
 
     namm_attention.__name__ = f"namm_{base}_attention"

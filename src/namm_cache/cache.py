@@ -12,6 +12,7 @@ from .attention import hand_over, install_attention
 from .budgets import Budget, ThresholdBudget, parse_budget
 from .config import NAMMConfig
 from .features import SpectrogramState, fold_attention
+from .profiling import phase
 from .policies import FullCachePolicy, NAMMPolicy, Observation, Policy, build_policy
 from .policies.base import ATTENTION_SUM, LAST_ATTENTION, SPECTROGRAM, TRACKERS, WINDOW_ATTENTION
 from .scorers import BAMScorer, Scorer
@@ -121,7 +122,8 @@ class NAMMLayer(CacheLayerMixin):
                 "sequences. Call cache.reset() before a new batch."
             )
         self.evict_due_rows(now=self.tokens_seen - 1)
-        return self._append(key_states, value_states)
+        with phase("append"):
+            return self._append(key_states, value_states)
 
     def raise_missing_observation(self) -> None:
         """The error for a layer whose attention never reached the observation wrapper."""
@@ -199,12 +201,17 @@ class NAMMLayer(CacheLayerMixin):
         q_length = new_is_padding.shape[-1]
         self.token_valid[:, :, -q_length:] &= ~new_is_padding.unsqueeze(1)
 
-    def attention_bias(self, query_positions: torch.Tensor, query_heads: int, dtype: torch.dtype) -> torch.Tensor:
-        """Additive mask `(B, 1 or query_heads, q, S)` for queries at `query_positions` over the stored slots.
+    def attention_bias(self, query_positions: torch.Tensor, query_heads: int, dtype: torch.dtype,
+                       grouped: bool = False) -> torch.Tensor:
+        """Additive mask for queries at `query_positions` over the stored slots.
 
         A slot is visible to a query iff it holds a real token of that (row, head) at a position <= the
         query's: stored tokens, padding, per-head eviction and causality inside the chunk in one rule,
         whatever the slot layout. Masked entries get the dtype's minimum, like transformers' eager masks.
+
+        Returns:
+            `(B, 1 or query_heads, q, S)`, or with `grouped` `(B, 1 or H, 1, q, S)` (one mask per KV head,
+            broadcast over its query heads; see `grouped_eager_attention`).
         """
         batch, heads, slots = self.token_valid.shape
         valid, positions = self.token_valid, self.positions
@@ -212,7 +219,9 @@ class NAMMLayer(CacheLayerMixin):
         if uniform_heads:
             valid, positions = valid[:, :1], positions[:, :1]
         allowed = valid.unsqueeze(2) & (positions.unsqueeze(2) <= query_positions.view(1, 1, -1, 1))
-        if not uniform_heads and query_heads != heads:
+        if grouped:
+            allowed = allowed.unsqueeze(2)
+        elif not uniform_heads and query_heads != heads:
             groups = query_heads // heads
             q_length = query_positions.shape[0]
             allowed = allowed.unsqueeze(2).expand(batch, heads, groups, q_length, slots).reshape(batch, query_heads, q_length, slots)
@@ -252,8 +261,9 @@ class NAMMLayer(CacheLayerMixin):
         """Fold these queries' attention probabilities into each token's spectrogram state.
 
         Args:
-            weights: `(B, query_heads, q, S)` post-softmax attention of `q` consecutive queries over the
-                stored slots, or None when the policy does not need observations (only counts advance).
+            weights: `(B, query_heads, q, S)` or, grouped by KV head, `(B, H, G, q, S)`: post-softmax
+                attention of `q` consecutive queries over the stored slots, or None when the policy does not
+                need observations (only counts advance).
             new_is_padding: `(B, q)` bool (None: no padding); padding queries are not part of any time series.
         """
         if new_is_padding is None:
@@ -265,8 +275,8 @@ class NAMMLayer(CacheLayerMixin):
         if weights is not None:
             self._ensure_feature_state()
             batch, heads, slots = self.token_valid.shape
-            q = weights.shape[2]
-            groups = weights.shape[1] // heads
+            q = weights.shape[-2]
+            groups = weights.numel() // (batch * heads * q * slots)
             probs = weights.detach().to(torch.float32)
             probs = probs.view(batch, heads, groups, q, slots).mean(2) if groups > 1 else probs
             if self.ema is not None:
@@ -309,25 +319,21 @@ class NAMMLayer(CacheLayerMixin):
             self.window_attention += (probs * in_window.to(probs.dtype)[:, None, :, None]).sum(2)
 
     def _fold_rows(self, rows: list[int] | None, values: torch.Tensor) -> None:
-        """Fold `values` `(len(rows), H, S, q)` into the state of batch `rows` (all rows if None)."""
-        config = self.config
+        """Fold `values` `(len(rows), H, S, q)` (any strides) into the state of batch `rows` (all rows if None)."""
         index = slice(None) if rows is None else torch.tensor(rows, device=self.ema.device)
-        shape = values.shape[:3]
         state = SpectrogramState(
-            ema=self.ema[index].reshape(-1, config.n_bins),
-            tail=self.tail[index].reshape(-1, config.hop_length),
-            pending=self.pending[index].reshape(-1, config.hop_length),
+            ema=self.ema[index],
+            tail=self.tail[index],
+            pending=self.pending[index],
             pending_count=self.pending_count[0 if rows is None else rows[0]],
         )
-        state = fold_attention(state, values.reshape(-1, values.shape[-1]), config)
+        state = fold_attention(state, values, self.config)
         if rows is None:
-            self.ema = state.ema.view(*shape, -1)
-            self.tail = state.tail.view(*shape, -1)
-            self.pending = state.pending.view(*shape, -1)
+            self.ema, self.tail, self.pending = state.ema, state.tail, state.pending
         else:
-            self.ema[index] = state.ema.view(*shape, -1)
-            self.tail[index] = state.tail.view(*shape, -1)
-            self.pending[index] = state.pending.view(*shape, -1)
+            self.ema[index] = state.ema
+            self.tail[index] = state.tail
+            self.pending[index] = state.pending
         for b in range(self.batch_size) if rows is None else rows:
             self.pending_count[b] = state.pending_count
 
@@ -384,21 +390,24 @@ class NAMMLayer(CacheLayerMixin):
         batch, heads, slots = self.token_valid.shape
         keep = self.token_valid.clone()
         index = torch.tensor(due_rows, device=self.keys.device)
-        observation = self.observation(due_rows, now)
+        with phase("score"):
+            observation = self.observation(due_rows, now)
         positions, valid, budget = observation.positions, observation.valid, observation.budget
         present = self.token_valid[index].reshape(-1, slots)
         arrived = positions <= now
         if self.observer is not None:
             self.observer(self.layer_idx, observation.spectrogram[valid])
-        scores = self.policy.score(observation)
+        with phase("score"):
+            scores = self.policy.score(observation)
         if scores.shape != valid.shape:
             raise ValueError(f"Policy {type(self.policy).__name__} returned scores of shape {tuple(scores.shape)}, expected {tuple(valid.shape)}.")
-        if budget is None:
-            kept = select_tokens(scores, valid, positions, threshold=self.config.threshold, max_tokens=self.config.max_tokens)
-        else:
-            if self.config.max_tokens is not None:
-                budget = budget.clamp_max(self.config.max_tokens)
-            kept = select_tokens(scores, valid, positions, threshold=None, max_tokens=budget)
+        with phase("select"):
+            if budget is None:
+                kept = select_tokens(scores, valid, positions, threshold=self.config.threshold, max_tokens=self.config.max_tokens)
+            else:
+                if self.config.max_tokens is not None:
+                    budget = budget.clamp_max(self.config.max_tokens)
+                kept = select_tokens(scores, valid, positions, threshold=None, max_tokens=budget)
         kept |= present & ~arrived
         keep[index] = kept.view(len(due_rows), heads, slots)
         if self.window_attention is not None:
@@ -409,7 +418,8 @@ class NAMMLayer(CacheLayerMixin):
         for b in due_rows:
             self.row_evictions[b] += 1
         if removed or not bool(keep.all()):
-            self._compact(keep)
+            with phase("compact"):
+                self._compact(keep)
 
     def holds_every_token(self) -> bool:
         """True while nothing was evicted or masked: slots are exactly the tokens seen, all real."""

@@ -49,7 +49,11 @@ def stft_magnitude(series: torch.Tensor, config: NAMMConfig) -> torch.Tensor:
         onesided=True,
         return_complex=True,
     )
-    return spectrum.abs()
+    # |z| as sqrt(re^2 + im^2) on the real view: the same value as `spectrum.abs()` (no overflow at these
+    # magnitudes) in a third of the time on CPU, where complex abs is the single slowest step of the fold.
+    parts = torch.view_as_real(spectrum)
+    real, imaginary = parts[..., 0], parts[..., 1]
+    return (real * real).addcmul_(imaginary, imaginary).sqrt_()
 
 
 def ema_over_frames(frames: torch.Tensor, previous: torch.Tensor, frame_decay: float) -> torch.Tensor:
@@ -65,7 +69,7 @@ def ema_over_frames(frames: torch.Tensor, previous: torch.Tensor, frame_decay: f
     n_frames = frames.shape[-1]
     exponents = torch.arange(n_frames - 1, -1, -1, device=frames.device, dtype=frames.dtype)
     weights = torch.pow(torch.tensor(frame_decay, dtype=frames.dtype, device=frames.device), exponents)
-    return previous * (frame_decay**n_frames) + (frames * weights).sum(-1)
+    return torch.matmul(frames, weights).add_(previous, alpha=frame_decay**n_frames)
 
 
 @dataclass
@@ -98,8 +102,10 @@ def fold_attention(state: SpectrogramState, new_values: torch.Tensor, config: NA
     """Fold new attention values into a streaming spectrogram state.
 
     Args:
-        state: the state before; its tensors hold `N` series.
-        new_values: `(N, q)` attention each series' token received from `q` new queries, oldest first.
+        state: the state before; its tensors hold series with leading shape `L` (`(N,)` or e.g.
+            `(batch, heads, slots)`), then `n_bins` / `hop_length`.
+        new_values: `(*L, q)` attention each series' token received from `q` new queries, oldest first. Any
+            strides: a transposed view of the attention probabilities is copied once, into the series.
         config: supplies `n_fft`, `hop_length`, `ema_gamma`.
 
     Returns:
@@ -111,18 +117,29 @@ def fold_attention(state: SpectrogramState, new_values: torch.Tensor, config: NA
     q = new_values.shape[-1]
     if q == 0:
         return state
-    unframed = torch.cat([state.pending[:, :count], new_values.to(state.pending.dtype)], dim=-1)
-    n_frames = unframed.shape[-1] // hop
-    leftover = unframed.shape[-1] - n_frames * hop
+    lead = new_values.shape[:-1]
+    dtype = state.pending.dtype
+    n_frames = (count + q) // hop
+    leftover = count + q - n_frames * hop
     ema, tail = state.ema, state.tail
     if n_frames > 0:
-        series = torch.cat([tail, unframed[:, : n_frames * hop]], dim=-1)
-        frames = stft_magnitude(series, config)
-        ema = ema_over_frames(frames, ema, config.frame_decay)
-        tail = series[:, -hop:]
-    pending = torch.zeros_like(state.pending)
+        # [tail | pending | new values that complete frames], built in one buffer (one copy of the new values).
+        framed_new = n_frames * hop - count
+        series = torch.empty(*lead, hop + n_frames * hop, dtype=dtype, device=new_values.device)
+        series[..., :hop] = tail
+        series[..., hop : hop + count] = state.pending[..., :count]
+        series[..., hop + count :] = new_values[..., :framed_new]
+        frames = stft_magnitude(series.view(-1, series.shape[-1]), config)
+        ema = ema_over_frames(frames, ema.reshape(-1, ema.shape[-1]), config.frame_decay).view(ema.shape)
+        tail = series[..., -hop:].clone()
+        rest = new_values[..., framed_new:]
+        pending = torch.zeros_like(state.pending)
+    else:
+        rest = new_values
+        pending = state.pending.clone()
+        pending[..., count:] = 0.0
     if leftover:
-        pending[:, :leftover] = unframed[:, n_frames * hop :]
+        pending[..., count if n_frames == 0 else 0 : leftover] = rest
     return SpectrogramState(ema=ema, tail=tail, pending=pending, pending_count=leftover)
 
 
