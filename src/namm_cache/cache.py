@@ -591,6 +591,11 @@ class NAMMCache(Cache):
                     f"Build the scorer with input_dim={namm_config.feature_dim}, n_bins={namm_config.n_bins}, or change "
                     "n_fft / recency_dim to match the scorer."
                 )
+        if scorer is not None and model is not None:
+            # Score where the cache lives: a scorer left on the CPU would pull every layer's features off the GPU.
+            device = next((p.device for p in model.parameters()), None)
+            if device is not None:
+                scorer.to(device)
         self.policy = policy if policy is not None else NAMMPolicy(scorer)
         if isinstance(self.policy, FullCachePolicy):
             namm_config = namm_config.replace(max_tokens=None)  # a full cache is never capped

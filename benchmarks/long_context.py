@@ -1,0 +1,211 @@
+"""Time and memory against prompt length: DynamicCache vs NAMM (25% and threshold) vs key_norm / h2o at 25%.
+
+    python benchmarks/long_context.py                                         # SmolLM2-135M, CPU, 2k/4k/8k
+    python benchmarks/long_context.py --model random:smollm2-135m --lengths 2048,4096,8192,16384
+    python benchmarks/long_context.py --model random:llama-3.2-1b --device cuda --dtype bfloat16 --tag gpu
+
+For every prompt length and cache (measured side by side in one run, caches alternating): prefill
+tokens/s (`--chunk`-token chunks through the cache), decode ms/token at the end of the prompt (median over
+`--new-tokens` greedy steps, so an eviction round that lands on one step does not decide it; the mean is
+recorded too), peak KV bytes (keys + values held, all layers) and end-to-end seconds (prefill + decode).
+Random-weight models (`random:SHAPE`) have the real architecture, so time and memory are real; their
+answers mean nothing.
+
+Writes `benchmarks/results/long_context[_TAG].json` and `long_context[_TAG].png`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch
+from tqdm.auto import tqdm
+from transformers import DynamicCache
+
+from namm_cache import NAMMCache, install_attention
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import load_benchmark_model, provenance  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+CACHES = ["dynamic_cache", "namm_25pct", "namm_threshold", "key_norm_25pct", "h2o_25pct"]
+
+
+def make_cache(name: str, model, scorer: str, interval: int):
+    if name == "dynamic_cache":
+        return DynamicCache(config=model.config)
+    if name == "namm_25pct":
+        return NAMMCache.from_pretrained(scorer, model=model, budget=0.25, update_interval=interval)
+    if name == "namm_threshold":
+        return NAMMCache.from_pretrained(scorer, model=model, update_interval=interval)
+    policy = name.removesuffix("_25pct")
+    return NAMMCache(model=model, policy=policy, budget=0.25, update_interval=interval)
+
+
+def kv_bytes(cache) -> int:
+    """Keys + values held now, all layers."""
+    if isinstance(cache, NAMMCache):
+        return cache.kv_bytes()
+    return sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers if getattr(layer, "keys", None) is not None)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+@torch.no_grad()
+def measure(model, ids: torch.Tensor, cache, chunk: int, new_tokens: int) -> dict:
+    device = ids.device
+    synchronize(device)
+    start = time.perf_counter()
+    peak = 0
+    for part in ids.split(chunk, dim=1):
+        logits = model(input_ids=part, past_key_values=cache, use_cache=True, logits_to_keep=1).logits
+        peak = max(peak, kv_bytes(cache))
+    synchronize(device)
+    prefill = time.perf_counter() - start
+    token = logits[:, -1:].argmax(-1)
+    steps = []
+    for _ in range(new_tokens):
+        step_start = time.perf_counter()
+        token = model(input_ids=token, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+        synchronize(device)
+        steps.append(time.perf_counter() - step_start)
+        peak = max(peak, kv_bytes(cache))
+    if isinstance(cache, NAMMCache):
+        peak = max(peak, cache.peak_kv_bytes)
+        kept = cache.stats()["mean_kept_fraction"]
+    else:
+        kept = 1.0
+    return {
+        "prefill_seconds": prefill,
+        "prefill_tokens_per_second": ids.shape[1] / prefill,
+        "decode_ms_per_token": 1000 * statistics.median(steps),
+        "decode_ms_per_token_mean": 1000 * statistics.mean(steps),
+        "end_to_end_seconds": prefill + sum(steps),
+        "peak_kv_bytes": peak,
+        "kept_fraction": kept,
+    }
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lengths = result["lengths"]
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    for name in result["caches"]:
+        rows = [result["rows"][str(n)][name] for n in lengths]
+        style = "o-" if name == "dynamic_cache" else "s--"
+        axes[0].plot(lengths, [r["end_to_end_seconds"] for r in rows], style, label=name)
+        axes[1].plot(lengths, [r["decode_ms_per_token"] for r in rows], style, label=name)
+        axes[2].plot(lengths, [r["peak_kv_bytes"] / 2**20 for r in rows], style, label=name)
+    for ax, title in zip(axes, ["end-to-end seconds", "decode ms / token", "peak KV (MiB)"]):
+        ax.set_xlabel("prompt tokens")
+        ax.set_title(title)
+        ax.set_xscale("log", base=2)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"{result['model']} ({result['dtype']}, {result['device']}), {result['new_tokens']} new tokens")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m-instruct", help="offline model name or random:SHAPE")
+    parser.add_argument("--scorer", default="namm-cache/smollm2-135m-bam")
+    parser.add_argument("--lengths", default="2048,4096,8192")
+    parser.add_argument("--caches", default=",".join(CACHES))
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    parser.add_argument("--chunk", type=int, default=512)
+    parser.add_argument("--update-interval", type=int, default=512)
+    parser.add_argument("--new-tokens", type=int, default=16)
+    parser.add_argument("--tag", default="")
+    args = parser.parse_args()
+    try:
+        lengths = [int(n) for n in args.lengths.split(",")]
+    except ValueError:
+        parser.error(f"--lengths must be comma-separated integers, got {args.lengths!r}")
+    caches = args.caches.split(",")
+    unknown = sorted(set(caches) - set(CACHES))
+    if unknown:
+        parser.error(f"unknown caches {unknown}; choose from {CACHES}")
+    if min(lengths) < 1 or args.chunk < 1 or args.new_tokens < 1 or args.update_interval < 1:
+        parser.error("lengths, --chunk, --new-tokens and --update-interval must be positive")
+    if args.device == "cpu":
+        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
+    model, _ = load_benchmark_model(args.model, dtype=DTYPES[args.dtype], device=args.device,
+                                    max_positions=max(32768, max(lengths) + args.new_tokens))
+    window = getattr(model.config, "max_position_embeddings", None)
+    if window is not None and max(lengths) + args.new_tokens > window:
+        parser.error(f"{args.model} has a {window}-token window; use --model random:SHAPE for longer prompts")
+    install_attention(model)
+    device = torch.device(args.device)
+    generator = torch.Generator().manual_seed(0)
+    ids_all = torch.randint(100, model.config.vocab_size - 100, (1, max(lengths)), generator=generator).to(device)
+    measure(model, ids_all[:, : args.chunk], DynamicCache(config=model.config), args.chunk, 2)  # warm-up
+    rows: dict[str, dict] = {}
+    for length in tqdm(lengths, desc="lengths"):
+        ids = ids_all[:, :length]
+        rows[str(length)] = {}
+        for name in caches:
+            cache = make_cache(name, model, args.scorer, args.update_interval)
+            rows[str(length)][name] = measure(model, ids, cache, args.chunk, args.new_tokens)
+            del cache
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        base = rows[str(length)].get("dynamic_cache")
+        if base is not None:
+            for entry in rows[str(length)].values():
+                entry["end_to_end_ratio"] = entry["end_to_end_seconds"] / base["end_to_end_seconds"]
+                entry["decode_ratio"] = entry["decode_ms_per_token"] / base["decode_ms_per_token"]
+                entry["peak_kv_ratio"] = entry["peak_kv_bytes"] / base["peak_kv_bytes"]
+    result = {
+        **provenance(__file__),
+        "model": args.model,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "dtype": args.dtype,
+        "chunk": args.chunk,
+        "update_interval": args.update_interval,
+        "new_tokens": args.new_tokens,
+        "scorer": args.scorer,
+        "lengths": lengths,
+        "caches": caches,
+        "rows": rows,
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    suffix = f"_{args.tag}" if args.tag else ""
+    (RESULTS / f"long_context{suffix}.json").write_text(json.dumps(result, indent=2))
+    plot(result, RESULTS / f"long_context{suffix}.png")
+    print(render_table(result))
+
+
+def render_table(result: dict) -> str:
+    lines = ["| tokens | cache | kept | prefill tok/s | decode ms/token | peak KV MiB | end-to-end s | vs DynamicCache (e2e / decode / KV) |",
+             "|---:|---|---:|---:|---:|---:|---:|---|"]
+    for length in result["lengths"]:
+        for name, row in result["rows"][str(length)].items():
+            ratios = (f"{row['end_to_end_ratio']:.2f}x / {row['decode_ratio']:.2f}x / {row['peak_kv_ratio']:.2f}x"
+                      if "end_to_end_ratio" in row else "-")
+            lines.append(f"| {length} | {name} | {row['kept_fraction']:.0%} | {row['prefill_tokens_per_second']:.0f} | "
+                         f"{row['decode_ms_per_token']:.1f} | {row['peak_kv_bytes'] / 2**20:.1f} | "
+                         f"{row['end_to_end_seconds']:.2f} | {ratios} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
