@@ -5,8 +5,11 @@
     torchrun --nproc_per_node 2 -m evolution.cli --config ... --out ...               # shard members over ranks
     namm-evolve ... --set population=8 --set stages.0.generations=3                   # overrides
 
-Every generation is checkpointed atomically to OUT/checkpoint.pkl, logged to OUT/log.jsonl and plotted
-to OUT/fitness.png; the final distribution mean is written as a loadable scorer folder OUT/scorer.
+Every generation is checkpointed atomically to OUT/checkpoint.safetensors (data only: arrays plus a JSON
+header), logged to OUT/log.jsonl and plotted to OUT/fitness.png; the final distribution mean is written as a
+loadable scorer folder OUT/scorer. A fresh start refuses a non-empty OUT (--resume continues the run in it,
+--overwrite starts it over); --resume without a checkpoint is an error. User errors (config, folder,
+checkpoint) exit with status 2 and one line on stderr.
 """
 
 from __future__ import annotations
@@ -22,36 +25,45 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="namm-evolve", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML or TOML run config (defaults if omitted)")
     parser.add_argument("--out", required=True, help="run folder: checkpoint, log, plot, scorer")
-    parser.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pkl")
+    parser.add_argument("--resume", action="store_true", help="continue the run in OUT from OUT/checkpoint.safetensors")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="start over in a non-empty OUT, deleting its run files (checkpoint, log, plot, config.json, scorer/)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value (dotted keys, YAML values); repeatable")
     parser.add_argument("--export", metavar="FOLDER", help="only write the scorer of OUT's latest checkpoint to FOLDER")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
 
+    from .checkpoint import CheckpointError, check_run_folder, locate_checkpoint, read_checkpoint
     from .config import EvolutionConfig
     from .run import EvolutionRun, World
 
-    try:
-        config = EvolutionConfig.load(args.config, args.overrides)  # every check happens here, before any work
-    except (ValueError, FileNotFoundError) as error:
+    def fail(error: BaseException) -> int:
         print(f"namm-evolve: error: {error}", file=sys.stderr)
         return 2
+
+    user_errors = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, CheckpointError)
+    try:
+        config = EvolutionConfig.load(args.config, args.overrides)  # every config check happens here, before any work
+        if args.export:
+            read_checkpoint(locate_checkpoint(args.out))  # missing or unusable: say so before loading the model
+        elif os.environ.get("RANK", "0") == "0":
+            check_run_folder(args.out, resume=args.resume, overwrite=args.overwrite)  # ... and the run folder
+    except user_errors as error:
+        return fail(error)
     world = World.from_environment()
-    if args.export:
-        try:
-            folder = EvolutionRun(config, args.out, progress=False).export_checkpoint(args.export)
-        except FileNotFoundError as error:
-            print(f"namm-evolve: error: {error}", file=sys.stderr)
-            return 2
-        print(f"exported the latest checkpoint of {args.out} to {folder}")
-        return 0
     try:
-        run = EvolutionRun(config, args.out, world=world, progress=not args.no_progress)
-        state = run.run(resume=args.resume)
-    except FileExistsError as error:
-        print(f"namm-evolve: error: {error}", file=sys.stderr)
-        return 2
+        run = EvolutionRun(config, args.out, world=world, progress=not args.no_progress and not args.export)
+    except user_errors as error:  # e.g. a prompt longer than the context window of a model not converted before
+        return fail(error)
+    try:
+        if args.export:
+            folder = run.export_checkpoint(args.export)
+            print(f"exported the latest checkpoint of {args.out} to {folder}")
+            return 0
+        state = run.run(resume=args.resume, overwrite=args.overwrite)
+    except (FileExistsError, FileNotFoundError, CheckpointError) as error:  # the folder changed since the check above
+        return fail(error)
     if world.is_main:
         last = state.log[-1] if state.log else {}
         print(f"done: {state.generation} generations, distribution-mean fitness {last.get('fitness_distribution_mean')}, "

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import inspect
+import json
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,11 +16,15 @@ import yaml
 from namm_cache import NAMMConfig
 from namm_cache.budgets import parse_budget
 from namm_cache.offline import OFFLINE_MODELS
+from namm_cache.validation import (check_bool, check_choice, check_float, check_int, check_known_keys, check_mapping,
+                                   did_you_mean)
 
+from .cmaes import MAX_POPULATION
 from .tasks import build_task
 
 
 STAGE_NAMM_KEYS = ("update_interval", "threshold", "max_tokens")
+MAX_SEED = 2**31 - 1  # seeds numpy generators (seed + stage + 1 must stay below 2**32)
 
 
 @dataclass
@@ -75,23 +81,16 @@ class EvolutionConfig:
     # ------------------------------------------------------------------ building
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "EvolutionConfig":
-        data = copy.deepcopy(data)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - known
+        """Build and validate a config from parsed YAML / TOML. Every problem is one `ValueError` (or
+        `FileNotFoundError` for a missing model / data file) naming the setting."""
+        data = copy.deepcopy(check_mapping("The evolution config", data))
+        known = [f.name for f in dataclasses.fields(cls)]
+        unknown = [key for key in data if key not in known]
         if unknown:
-            raise ValueError(f"Unknown config key(s) {sorted(unknown)}; known: {sorted(known)}.")
+            hints = "".join(did_you_mean(key, known) for key in unknown)
+            raise ValueError(f"Unknown config key(s) {sorted(unknown)}.{hints} Known: {sorted(known)}.")
         if "stages" in data:
-            stages = []
-            for i, stage in enumerate(data["stages"]):
-                if not isinstance(stage, dict) or set(stage) - {"tasks", "generations", "namm", "memory_weight"} or "tasks" not in stage:
-                    raise ValueError(f"stages[{i}] must be a mapping with 'tasks' and 'generations' (optional: 'namm', 'memory_weight').")
-                namm = dict(stage.get("namm") or {})
-                if set(namm) - set(STAGE_NAMM_KEYS):
-                    raise ValueError(f"stages[{i}].namm may only set {', '.join(STAGE_NAMM_KEYS)}, not {sorted(set(namm) - set(STAGE_NAMM_KEYS))}.")
-                weight = stage.get("memory_weight")
-                stages.append(Stage(tasks=list(stage["tasks"] or []), generations=int(stage.get("generations", 1)), namm=namm,
-                                    memory_weight=None if weight is None else float(weight)))
-            data["stages"] = stages
+            data["stages"] = [_stage_from(i, stage) for i, stage in enumerate(_list("stages", data["stages"]))]
         config = cls(**data)
         config.validate()
         return config
@@ -99,17 +98,26 @@ class EvolutionConfig:
     @classmethod
     def load(cls, path: str | Path | None, overrides: list[str] | None = None) -> "EvolutionConfig":
         """Read a YAML / TOML file (or defaults if None) and apply `key=value` overrides (dotted keys, YAML values)."""
-        data: dict[str, Any] = {}
+        data: Any = {}
         if path is not None:
             path = Path(path)
             if not path.is_file():
                 raise FileNotFoundError(f"Config file {path} not found.")
-            data = tomllib.loads(path.read_text()) if path.suffix == ".toml" else (yaml.safe_load(path.read_text()) or {})
+            try:
+                data = tomllib.loads(path.read_text()) if path.suffix == ".toml" else (yaml.safe_load(path.read_text()) or {})
+            except (yaml.YAMLError, tomllib.TOMLDecodeError, UnicodeDecodeError, RecursionError) as error:
+                raise ValueError(f"Config file {path} is not valid {'TOML' if path.suffix == '.toml' else 'YAML'}: "
+                                 f"{' '.join(str(error).split())}") from None
+            data = check_mapping(f"Config file {path}", data)
         for override in overrides or []:
             if "=" not in override:
                 raise ValueError(f"Override {override!r} must look like key=value (e.g. population=8, stages.0.generations=3).")
             key, raw = override.split("=", 1)
-            set_dotted(data, key.strip(), yaml.safe_load(raw))
+            try:
+                value = yaml.safe_load(raw)
+            except yaml.YAMLError as error:
+                raise ValueError(f"Override {override!r}: the value is not valid YAML ({' '.join(str(error).split())}).") from None
+            set_dotted(data, key.strip(), value)
         return cls.from_dict(data)
 
     def to_dict(self) -> dict[str, Any]:
@@ -135,27 +143,40 @@ class EvolutionConfig:
         return self.prefill_chunk or self.namm_config(stage).update_interval
 
     def validate(self) -> None:
-        if self.population < 2:
-            raise ValueError(f"population must be >= 2 (CMA-ES needs several members), got {self.population}.")
-        if self.sigma0 <= 0:
-            raise ValueError(f"sigma0 must be > 0, got {self.sigma0}.")
-        if self.prompts_per_task < 1 or self.calibration_prompts < 1:
-            raise ValueError("prompts_per_task and calibration_prompts must be >= 1.")
-        if not self.stages or any(stage.generations < 1 for stage in self.stages):
-            raise ValueError("Give at least one stage, each with generations >= 1.")
+        """Check every setting (types, ranges, finite numbers), the scorer, each stage's NAMM settings and tasks,
+        and that the model exists and every prompt fits its context window: all before any work."""
+        if not isinstance(self.model, str) or not self.model:
+            raise ValueError(f"model must be an offline model name or a folder path, got {self.model!r}.")
+        population = check_int("population", self.population)
+        if population < 2:
+            raise ValueError(f"population must be >= 2 (CMA-ES needs several members), got {population}.")
+        check_int("population", population, maximum=MAX_POPULATION)
+        self.population = population
+        self.sigma0 = check_float("sigma0", self.sigma0, above=0.0)
+        self.separable = check_bool("separable", self.separable)
+        self.seed = check_int("seed", self.seed, minimum=0, maximum=MAX_SEED)
+        self.prompts_per_task = check_int("prompts_per_task", self.prompts_per_task, minimum=1)
+        self.calibration_prompts = check_int("calibration_prompts", self.calibration_prompts, minimum=1)
+        self.prefill_chunk = check_int("prefill_chunk", self.prefill_chunk, minimum=1, optional=True)
+        self.memory_weight = check_float("memory_weight", self.memory_weight, minimum=0.0)
+        self.threads = check_int("threads", self.threads, minimum=1)
+        self.namm = check_mapping("namm", self.namm)
+        if not self.stages or not all(isinstance(stage, Stage) for stage in self.stages):
+            raise ValueError("Give at least one stage (stages: a list of {tasks: [...], generations: N}).")
+        for i, stage in enumerate(self.stages):
+            _check_stage(i, stage)
         for index in [None, *range(len(self.stages))]:
             self.namm_config(index)  # every stage's settings must be valid
         parse_budget(self.budget)
-        from namm_cache.scorers import build_scorer
-
-        spec = dict(self.scorer)
-        kind = spec.pop("kind", "bam")
-        config = self.namm_config()
-        build_scorer(kind, input_dim=config.feature_dim, n_bins=config.n_bins, **spec)
-        for stage in self.stages:
-            for task in stage.tasks:
-                build_task(task)  # unknown task, bad arguments, missing data file: raise now
+        self.scorer = _check_scorer(self.scorer, self.namm_config())
+        tasks = [_build_task_at(f"stages[{i}].tasks[{j}]", task)  # unknown task, bad arguments: raise now
+                 for i, stage in enumerate(self.stages) for j, task in enumerate(stage.tasks)]
+        if not self.all_tasks(0):
+            raise ValueError("stages[0] must have at least one task (later stages may add none).")
         resolve_model_path(self.model)
+        window = model_context_window(self.model)
+        for task in tasks:
+            check_fits_context(task, window, self.model)
 
     def all_tasks(self, stage_index: int) -> list[dict[str, Any]]:
         """Tasks of a stage: incremental stages grow the task list (each stage adds its tasks)."""
@@ -167,18 +188,24 @@ class EvolutionConfig:
 
 def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
     parts = key.split(".")
+    if not all(parts):
+        raise ValueError(f"Override key {key!r} has an empty part (write e.g. stages.0.generations=3).")
     target: Any = data
     for i, part in enumerate(parts[:-1]):
         nxt = parts[i + 1]
         if isinstance(target, list):
-            target = target[int(part)]
-        else:
+            target = target[_list_index(key, part, len(target))]
+        elif isinstance(target, dict):
             if part not in target:
                 target[part] = [] if nxt.isdigit() else {}
             target = target[part]
+        else:
+            raise ValueError(f"Override {key!r}: {'.'.join(parts[:i])} is {target!r}, which has no part {part!r}.")
     last = parts[-1]
+    if not isinstance(target, (list, dict)):
+        raise ValueError(f"Override {key!r}: {'.'.join(parts[:-1])} is {target!r}, which has no part {last!r}.")
     if isinstance(target, list):
-        index = int(last)
+        index = _list_index(key, last, len(target) + 1)
         if index == len(target):
             target.append(value)  # `stages.2=...` on a 2-stage config adds a stage
         elif 0 <= index < len(target):
@@ -187,6 +214,86 @@ def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
             raise ValueError(f"Override {key!r}: index {index} is past the end of a list of {len(target)} (append at {len(target)}).")
     else:
         target[last] = value
+
+
+def _list_index(key: str, part: str, length: int) -> int:
+    if not part.isdigit() or int(part) >= length:
+        raise ValueError(f"Override {key!r}: {part!r} is not an index of a list of {length if length else 'no'} item(s).")
+    return int(part)
+
+
+def _list(name: str, value: Any) -> list:
+    if not isinstance(value, list):
+        raise ValueError(f"{name} must be a list, got {type(value).__name__}: {value!r}.")
+    return value
+
+
+def _stage_from(i: int, stage: Any) -> Stage:
+    where = f"stages[{i}]"
+    if not isinstance(stage, dict) or set(stage) - {"tasks", "generations", "namm", "memory_weight"} or "tasks" not in stage:
+        raise ValueError(f"{where} must be a mapping with 'tasks' and 'generations' (optional: 'namm', 'memory_weight').")
+    namm = check_mapping(f"{where}.namm", stage.get("namm") or {})
+    if set(namm) - set(STAGE_NAMM_KEYS):
+        raise ValueError(f"{where}.namm may only set {', '.join(STAGE_NAMM_KEYS)}, not {sorted(set(namm) - set(STAGE_NAMM_KEYS))}.")
+    return Stage(tasks=list(_list(f"{where}.tasks", stage["tasks"] or [])), generations=stage.get("generations", 1), namm=namm,
+                 memory_weight=stage.get("memory_weight"))
+
+
+def _check_stage(i: int, stage: Stage) -> None:
+    where = f"stages[{i}]"
+    stage.generations = check_int(f"{where}.generations", stage.generations, minimum=1)
+    stage.memory_weight = check_float(f"{where}.memory_weight", stage.memory_weight, minimum=0.0, optional=True)
+    for j, task in enumerate(_list(f"{where}.tasks", stage.tasks)):
+        if not isinstance(task, (str, dict)):
+            raise ValueError(f"{where}.tasks[{j}] must be a task name or a mapping like {{name: passkey, tokens: 1000}}, got {task!r}.")
+
+
+def _build_task_at(where: str, spec: Any):
+    try:
+        return build_task(spec)
+    except ValueError as error:
+        raise ValueError(f"{where}: {error}") from None
+
+
+def _check_scorer(spec: Any, namm: NAMMConfig) -> dict[str, Any]:
+    """The scorer spec `{kind, **sizes}`: a known kind and only the arguments its constructor takes (the feature
+    sizes come from `namm`); the constructor checks the values before it allocates anything."""
+    from namm_cache.scorers import SCORER_KINDS, build_scorer
+
+    spec = check_mapping("scorer", spec)
+    kind = check_choice("scorer.kind", spec.get("kind", "bam"), sorted(SCORER_KINDS))
+    arguments = {name: value for name, value in spec.items() if name != "kind"}
+    accepted = [name for name in inspect.signature(SCORER_KINDS[kind].__init__).parameters
+                if name not in ("self", "input_dim", "n_bins")]
+    check_known_keys(f"scorer (kind {kind!r})", arguments, accepted)
+    build_scorer(kind, input_dim=namm.feature_dim, n_bins=namm.n_bins, **arguments)
+    return spec
+
+
+def model_context_window(model: str) -> int | None:
+    """The model's context window (`max_position_embeddings`) read from its config.json without loading weights;
+    None when it cannot be known yet (an offline model not converted so far: checked again after loading)."""
+    from namm_cache.offline import converted_path
+
+    folder = converted_path(model) if model in OFFLINE_MODELS else Path(model).expanduser()
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(config, dict):
+        return None
+    window = config.get("max_position_embeddings")
+    if window is None and isinstance(config.get("text_config"), dict):
+        window = config["text_config"].get("max_position_embeddings")
+    return window if isinstance(window, int) and not isinstance(window, bool) and window > 0 else None
+
+
+def check_fits_context(task: Any, window: int | None, model: str) -> None:
+    """Refuse a task whose prompts (plus answer) are longer than the model's context window."""
+    needed = task.context_tokens()
+    if window is not None and needed is not None and needed > window:
+        raise ValueError(f"Task {task.name!r} needs up to {needed} tokens (prompt + answer), more than the context window "
+                         f"of {model} ({window} tokens); lower its tokens.")
 
 
 def resolve_model_path(model: str) -> str:

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import random
+import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -28,13 +28,18 @@ from namm_cache.calibration import calibrate_normalization
 from namm_cache.hub import ScorerMetadata, save_scorer
 from namm_cache.scorers import build_scorer
 
-from .config import EvolutionConfig, resolve_model_path
+from .checkpoint import (CHECKPOINT, LEGACY_CHECKPOINT, CheckpointError, RunState, atomic_write_bytes, check_run_folder,
+                         locate_checkpoint, read_checkpoint, write_checkpoint)
+from .cmaes import CMAES, maximize_with_cma  # noqa: F401  (maximize_with_cma: re-exported)
+from .config import EvolutionConfig, check_fits_context, resolve_model_path
 from .fitness import evaluate_examples, mean_kept_fraction, normalized_task_scores
 from .tasks import Example, build_task
 
-CHECKPOINT = "checkpoint.pkl"
 LOG = "log.jsonl"
 PLOT = "fitness.png"
+SCORER = "scorer"
+# What a run writes into its folder; `--overwrite` deletes exactly these before a fresh start.
+RUN_FILES = (CHECKPOINT, CHECKPOINT + ".tmp", LEGACY_CHECKPOINT, LOG, LOG + ".tmp", PLOT, "fitness.tmp.png", "config.json", SCORER)
 
 
 # ---------------------------------------------------------------------------------------- distribution
@@ -77,77 +82,9 @@ class World:
         return tensor
 
 
-# ------------------------------------------------------------------------------------------ CMA-ES core
-class CMAES:
-    """pycma's CMA-ES with maximisation, a picklable state and the numpy RNG it draws from."""
-
-    def __init__(self, mean: np.ndarray, sigma0: float, population: int, seed: int, separable: bool = False):
-        import cma
-
-        options = {"popsize": population, "seed": seed + 1, "verbose": -9, "CMA_diagonal": bool(separable)}
-        self.strategy = cma.CMAEvolutionStrategy(np.asarray(mean, dtype=float), sigma0, options)
-
-    def ask(self) -> np.ndarray:
-        return np.asarray(self.strategy.ask())
-
-    def tell(self, solutions: np.ndarray, fitness: list[float]) -> None:
-        self.strategy.tell(list(solutions), [-float(f) for f in fitness])  # cma minimises
-
-    @property
-    def mean(self) -> np.ndarray:
-        return np.asarray(self.strategy.mean)
-
-    @property
-    def sigma(self) -> float:
-        return float(self.strategy.sigma)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
-@dataclass
-class RunState:
-    """All that a resumed run needs to continue the same trajectory."""
-
-    generation: int = 0
-    stage: int = 0
-    stage_generation: int = 0
-    es: CMAES | None = None
-    normalization: tuple[list[float], list[float]] | None = None
-    log: list[dict[str, Any]] = field(default_factory=list)
-    numpy_rng: Any = None
-    python_rng: Any = None
-    torch_rng: Any = None
-
-
-def maximize_with_cma(
-    fitness: Callable[[np.ndarray], list[float]],
-    dim: int,
-    *,
-    generations: int,
-    population: int = 8,
-    sigma0: float = 0.5,
-    seed: int = 0,
-    separable: bool = False,
-) -> CMAES:
-    """A plain maximisation loop with the same CMA-ES core (used for quick checks on synthetic fitness)."""
-    np.random.seed(seed)
-    es = CMAES(np.zeros(dim), sigma0, population, seed, separable)
-    for _ in range(generations):
-        solutions = es.ask()
-        es.tell(solutions, fitness(solutions))
-    return es
-
-
 # ------------------------------------------------------------------------------------------- the run
 class EvolutionRun:
-    """Evolve a NAMM scorer for one model. `run()` continues from `out_dir/checkpoint.pkl` when resuming."""
+    """Evolve a NAMM scorer for one model. `run()` continues from `out_dir/checkpoint.safetensors` when resuming."""
 
     def __init__(self, config: EvolutionConfig, out_dir: str | Path, *, world: World | None = None, progress: bool = True):
         config.validate()
@@ -159,6 +96,10 @@ class EvolutionRun:
         self.budget = parse_budget(config.budget)
         torch.set_num_threads(config.threads)
         self.model, self.tokenizer = load_model(config.model)
+        window = getattr(self.model.config, "max_position_embeddings", None)  # known now even for a model not converted before
+        for stage in config.stages:
+            for task in stage.tasks:
+                check_fits_context(build_task(task), window if isinstance(window, int) else None, config.model)
         spec = dict(config.scorer)
         kind = spec.pop("kind", "bam")
         self.scorer = build_scorer(kind, input_dim=self.namm_config.feature_dim, n_bins=self.namm_config.n_bins, **spec)
@@ -168,13 +109,20 @@ class EvolutionRun:
     def checkpoint_path(self) -> Path:
         return self.out_dir / CHECKPOINT
 
-    def load_state(self, resume: bool) -> RunState:
-        state = None
-        if self.world.is_main:
-            if resume and self.checkpoint_path().is_file():
-                state = pickle.loads(self.checkpoint_path().read_bytes())
-            elif not resume and self.checkpoint_path().exists():
-                raise FileExistsError(f"{self.checkpoint_path()} exists; pass --resume to continue it or choose another --out.")
+    def prepare_folder(self, resume: bool, overwrite: bool) -> RunState | None:
+        """Check the run folder (see `check_run_folder`) and return the state to resume; a fresh start with
+        `overwrite` deletes the previous run's files first. Main rank only."""
+        state = check_run_folder(self.out_dir, resume=resume, overwrite=overwrite)
+        if state is not None and state.es.dim != self.dim:
+            raise CheckpointError(f"{self.checkpoint_path()} evolves {state.es.dim} parameters, but the configured scorer "
+                                  f"has {self.dim}; resume with the config the run was started with.")
+        if overwrite:
+            for name in RUN_FILES:
+                target = self.out_dir / name
+                if target.is_dir() and not target.is_symlink():
+                    shutil.rmtree(target)
+                elif target.exists() or target.is_symlink():
+                    target.unlink()
         return state
 
     def save_state(self, state: RunState) -> None:
@@ -183,7 +131,7 @@ class EvolutionRun:
         state.numpy_rng = np.random.get_state()
         state.python_rng = random.getstate()
         state.torch_rng = torch.get_rng_state()
-        atomic_write_bytes(self.checkpoint_path(), pickle.dumps(state))
+        write_checkpoint(self.checkpoint_path(), state)
         atomic_write_bytes(self.out_dir / LOG, "".join(json.dumps(row) + "\n" for row in state.log).encode())
         plot_log(state.log, self.out_dir / PLOT)
 
@@ -240,9 +188,13 @@ class EvolutionRun:
                                             progress=self.progress)
         return mean.tolist(), std.tolist()
 
-    def run(self, resume: bool = False) -> RunState:
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        state = self.load_state(resume)
+    def run(self, resume: bool = False, overwrite: bool = False) -> RunState:
+        """Run (or, with `resume`, continue) the evolution. A fresh start refuses a non-empty `out_dir` unless
+        `overwrite`; `resume` without a checkpoint is an error."""
+        state = None
+        if self.world.is_main:
+            state = self.prepare_folder(resume, overwrite)
+            self.out_dir.mkdir(parents=True, exist_ok=True)
         if self.world.is_main and state is None:
             np.random.seed(self.config.seed)
             random.seed(self.config.seed)
@@ -317,9 +269,9 @@ class EvolutionRun:
 
     def export_checkpoint(self, folder: str | Path | None = None) -> Path:
         """Write the scorer of the latest checkpoint (distribution mean) without running; safe during a run."""
-        if not self.checkpoint_path().is_file():
-            raise FileNotFoundError(f"No checkpoint at {self.checkpoint_path()}.")
-        state = pickle.loads(self.checkpoint_path().read_bytes())
+        state = read_checkpoint(locate_checkpoint(self.out_dir))
+        if state.es.dim != self.dim:
+            raise CheckpointError(f"{self.checkpoint_path()} evolves {state.es.dim} parameters, but the configured scorer has {self.dim}.")
         self.scorer.set_normalization(torch.tensor(state.normalization[0]), torch.tensor(state.normalization[1]))
         return self.export(state, folder)
 
@@ -348,7 +300,7 @@ class EvolutionRun:
             ],
             extra={"evolution_config": self.config.to_dict()},
         )
-        folder = save_scorer(Path(folder) if folder else self.out_dir / "scorer", self.scorer, self.config.namm_config(state.stage), metadata, repo_id=f"namm-cache/{Path(self.out_dir).name}")
+        folder = save_scorer(Path(folder) if folder else self.out_dir / SCORER, self.scorer, self.config.namm_config(state.stage), metadata, repo_id=f"namm-cache/{Path(self.out_dir).name}")
         if (self.out_dir / PLOT).is_file():
             (folder / PLOT).write_bytes((self.out_dir / PLOT).read_bytes())
         return folder

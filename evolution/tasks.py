@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from namm_cache.prompts import FILLER, haystack_prompt
+from namm_cache.validation import check_int
 
 DATA = Path(__file__).resolve().parent / "data"
 TEXTS = {
@@ -30,6 +31,8 @@ TEXTS = {
 
 def load_text(source: str) -> str:
     """Haystack text by name (`filler`, `kjv_genesis`, `kjv_proverbs`) or a path to a UTF-8 text file."""
+    if not isinstance(source, str) or not source:
+        raise ValueError(f"A haystack / text must be a name ({', '.join(sorted(TEXTS))}) or a file path, got {source!r}.")
     if source == "filler":
         return FILLER * 4
     path = TEXTS.get(source) or Path(source)
@@ -58,13 +61,23 @@ class Task:
     def sample(self, tokenizer: Any, rng: random.Random, n: int) -> list[Example]:
         raise NotImplementedError
 
+    def context_tokens(self) -> int | None:
+        """An upper bound on prompt + answer tokens of an example (None: unknown until the data is tokenized)."""
+        return None
+
+
+MAX_ANSWER_TOKENS = 16  # the haystack tasks' answers (a 5- or 7-digit number) take fewer tokens than this
+
 
 class HaystackTask(Task):
     """Facts hidden in a haystack (filler or prose) and a question about them. Subclasses draw the facts."""
 
     def __init__(self, tokens: int = 1000, haystack: str = "filler"):
-        self.tokens = tokens
+        self.tokens = check_int(f"{self.name}.tokens", tokens, minimum=1)
         self.haystack = load_text(haystack)
+
+    def context_tokens(self) -> int:
+        return self.tokens + MAX_ANSWER_TOKENS
 
     def draw(self, rng: random.Random) -> dict[str, Any]:
         """The needles, instruction, question, answer_prefix and answer of one example."""
@@ -105,8 +118,7 @@ class NeedleTask(HaystackTask):
     name = "needle"
 
     def __init__(self, tokens: int = 1000, haystack: str = "filler", keys: int = 1):
-        if not 1 <= keys <= len(WORDS):
-            raise ValueError(f"keys must be in [1, {len(WORDS)}], got {keys}.")
+        keys = check_int("needle.keys", keys, minimum=1, maximum=len(WORDS))
         super().__init__(tokens, haystack)
         self.keys = keys
         self.name = "needle" if keys == 1 else f"needle_multikey{keys}"
@@ -131,7 +143,7 @@ class VariableTrackingTask(HaystackTask):
 
     def __init__(self, tokens: int = 1000, haystack: str = "filler", hops: int = 4):
         super().__init__(tokens, haystack)
-        self.hops = hops
+        self.hops = check_int("variable_tracking.hops", hops, minimum=1)
 
     def draw(self, rng):
         names = ["".join(rng.choice(string.ascii_uppercase) for _ in range(5)) for _ in range(self.hops + 1)]
@@ -153,8 +165,12 @@ class LongTextTask(Task):
     name = "long_text"
 
     def __init__(self, tokens: int = 1000, text: str = "kjv_genesis", answer_tokens: int = 32):
-        self.tokens, self.answer_tokens = tokens, answer_tokens
+        self.tokens = check_int("long_text.tokens", tokens, minimum=1)
+        self.answer_tokens = check_int("long_text.answer_tokens", answer_tokens, minimum=1)
         self.text = load_text(text)
+
+    def context_tokens(self) -> int:
+        return self.tokens + self.answer_tokens
 
     def sample(self, tokenizer, rng, n):
         ids = tokenizer(self.text, add_special_tokens=False)["input_ids"]
@@ -249,13 +265,20 @@ class JsonlTask(Task):
 
     def __init__(self, path: str, name: str | None = None, metric: str | None = None, score: str = "logprob",
                  max_context_chars: int | None = None, split: str = "test"):
+        if not isinstance(path, str) or not path:
+            raise ValueError(f"jsonl.path must be a file path, got {path!r}.")
+        if name is not None and not isinstance(name, str):
+            raise ValueError(f"jsonl.name must be a string, got {name!r}.")
         self.path = path
         self.name = name or Path(path).stem
         metric = metric or LONGBENCH_METRICS.get(self.name, "qa_f1")
-        if metric not in METRICS:
+        if not isinstance(metric, str) or metric not in METRICS:
             raise ValueError(f"Unknown metric {metric!r}; known: {sorted(METRICS)}.")
-        if score not in ("logprob", "generate"):
+        if not isinstance(score, str) or score not in ("logprob", "generate"):
             raise ValueError(f"score must be 'logprob' or 'generate', got {score!r}.")
+        if not isinstance(split, str):
+            raise ValueError(f"jsonl.split must be a string, got {split!r}.")
+        max_context_chars = check_int("jsonl.max_context_chars", max_context_chars, minimum=1, optional=True)
         self.metric, self.score, self.max_context_chars = metric, score, max_context_chars
         self.records = self._load(path, split)
 
@@ -302,9 +325,11 @@ TASKS: dict[str, Callable[..., Task]] = {
 
 def build_task(spec: dict[str, Any] | str) -> Task:
     """Build a task from `{"name": ..., **arguments}` (or just a name)."""
+    if not isinstance(spec, (str, dict)):
+        raise ValueError(f"A task must be a name or a mapping like {{name: passkey, tokens: 1000}}, got {spec!r}.")
     spec = {"name": spec} if isinstance(spec, str) else dict(spec)
     name = spec.pop("name", None)
-    if name not in TASKS:
+    if not isinstance(name, str) or name not in TASKS:
         raise ValueError(f"Unknown task {name!r}; known tasks: {sorted(TASKS)}.")
     try:
         return TASKS[name](**spec)

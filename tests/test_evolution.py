@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import random
 import signal
 import subprocess
@@ -18,6 +17,7 @@ import torch
 from conftest import tiny_model
 
 from evolution import EvolutionConfig
+from evolution.checkpoint import read_checkpoint
 from evolution.run import maximize_with_cma
 from evolution.tasks import JsonlTask, build_task, qa_f1_score, rouge_l_score
 from namm_cache import NAMMCache, NAMMConfig
@@ -104,7 +104,7 @@ def cli(*args, env_extra=None, check=True, runner=None):
 
 
 def final_mean(out: Path) -> np.ndarray:
-    state = pickle.loads((out / "checkpoint.pkl").read_bytes())
+    state = read_checkpoint(out / "checkpoint.safetensors")
     return state.es.mean, state.generation, state.log
 
 
@@ -112,7 +112,7 @@ def test_end_to_end_run_writes_a_loadable_scorer_with_card_and_plot(tmp_path, ti
     config = write_config(tmp_path / "run.yaml", tiny_model_dir, generations=2)
     out = tmp_path / "out"
     cli("--config", str(config), "--out", str(out))
-    for name in ("checkpoint.pkl", "log.jsonl", "fitness.png", "scorer/config.json", "scorer/model.safetensors", "scorer/README.md", "scorer/fitness.png"):
+    for name in ("checkpoint.safetensors", "log.jsonl", "fitness.png", "scorer/config.json", "scorer/model.safetensors", "scorer/README.md", "scorer/fitness.png"):
         assert (out / name).is_file(), name
     rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [r["generation"] for r in rows] == [0, 1] and rows[1]["tasks"] == ["passkey", "long_text"]
@@ -263,7 +263,7 @@ def test_a_stage_can_change_runtime_settings_and_a_resumed_run_moves_on_to_an_ad
     # settings visibly reach the caches), a stronger memory term; it starts at once.
     third = "stages.2={tasks: [], generations: 1, namm: {max_tokens: null, threshold: -1.0e+9}, memory_weight: 0.5}"
     cli("--config", str(config), "--out", str(out), "--resume", "--set", third)
-    state = pickle.loads((out / "checkpoint.pkl").read_bytes())
+    state = read_checkpoint(out / "checkpoint.safetensors")
     assert (state.generation, state.stage, state.stage_generation) == (3, 2, 1)
     row = state.log[-1]
     assert row["stage"] == 2 and row["tasks"] == ["passkey", "long_text"]
@@ -281,3 +281,52 @@ def test_shipped_smollm2_config_is_valid_and_its_last_stage_trains_the_threshold
     assert [config.stage_memory_weight(i) for i in range(len(config.stages))] == [0.1, 0.1, 0.3, 1.0]
     assert config.namm_config(3).max_tokens is None  # stage 4 inherits stage 3's uncapped settings
     assert config.all_tasks(len(config.stages) - 1) == config.all_tasks(1)  # the last stages add no task
+
+
+def logged_numbers(out: Path) -> list[dict]:
+    """Every row of a run's log without its wall time (the one entry that may differ between two runs)."""
+    rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    return [{key: value for key, value in row.items() if key != "seconds"} for row in rows]
+
+
+def test_a_run_killed_three_times_resumes_on_the_uninterrupted_trajectory(tmp_path, tiny_model_dir):
+    """SIGKILL after generations 2, 6 and 10 of a 12-generation, 3-stage run; every resume must give back exactly
+    the numbers (fitness, quality, kept fractions, sigma) and the final distribution mean of an uninterrupted run."""
+    stages = [{"tasks": [{"name": "passkey", "tokens": 100}], "generations": 3},
+              {"tasks": [{"name": "long_text", "tokens": 80, "answer_tokens": 4}], "generations": 5},
+              {"tasks": [], "generations": 4, "memory_weight": 0.3}]
+    config = write_config(tmp_path / "run.yaml", tiny_model_dir, stages=stages, population=6)
+    straight = tmp_path / "straight"
+    cli("--config", str(config), "--out", str(straight))
+    assert len(logged_numbers(straight)) == 12
+
+    killed = tmp_path / "killed"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    interrupted_at = []
+    for index, kill_after in enumerate((2, 6, 10)):
+        command = [sys.executable, "-m", "evolution.cli", "--config", str(config), "--out", str(killed), "--no-progress"]
+        process = subprocess.Popen(command + (["--resume"] if index else []), env=env, cwd=ROOT,
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 300
+        while time.time() < deadline and process.poll() is None:
+            log = killed / "log.jsonl"
+            if log.is_file() and len(log.read_text().splitlines()) >= kill_after:
+                break
+            time.sleep(0.02)
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        interrupted_at.append(len(logged_numbers(killed)))
+    assert interrupted_at[0] >= 2 and interrupted_at == sorted(set(interrupted_at)) and interrupted_at[-1] < 12, interrupted_at
+    cli("--config", str(config), "--out", str(killed), "--resume")
+
+    expected, resumed = logged_numbers(straight), logged_numbers(killed)
+    assert len(resumed) == 12
+    for row_a, row_b in zip(expected, resumed):
+        assert row_a == row_b, f"generation {row_a['generation']} differs after a resume"
+    (mean_a, generations_a, _), (mean_b, generations_b, _) = final_mean(straight), final_mean(killed)
+    assert generations_a == generations_b == 12
+    np.testing.assert_array_equal(mean_a, mean_b)
+    from safetensors.torch import load_file
+
+    scorer_a, scorer_b = load_file(straight / "scorer" / "model.safetensors"), load_file(killed / "scorer" / "model.safetensors")
+    assert scorer_a.keys() == scorer_b.keys() and all(torch.equal(scorer_a[k], scorer_b[k]) for k in scorer_a)
