@@ -12,6 +12,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 RESULTS = ROOT / "benchmarks" / "results"
 
 
@@ -132,7 +133,44 @@ def render_ruler_smollm2(result: dict) -> str:
     return "\n".join(lines)
 
 
+def render_profile(name: str):
+    """Renderer for `benchmarks/profile_observation.py` results written to `<name>.json`."""
+
+    def render(result: dict) -> str:
+        from profile_observation import render_table
+
+        return (
+            f"Measured {result['date']} on {result['machine']}, device {result['device']}, {result['dtype']}; command: "
+            f"`{result['command']}`. {result['model']}, {result['prompt_tokens']}-token prompt in {result['chunk']}-token "
+            f"chunks + {result['new_tokens']} greedy tokens, `update_interval` {result['update_interval']}, scorer "
+            f"`{result['scorer']}`; seconds per phase, median of {result['repeats']} alternating runs.\n\n" + render_table(result)
+        )
+
+    return render
+
+
+def render_long_context(name: str):
+    """Renderer for `benchmarks/long_context.py` results written to `<name>.json`."""
+
+    def render(result: dict) -> str:
+        from long_context import render_table
+
+        return (
+            f"Measured {result['date']} on {result['machine']}, device {result['device']}, {result['dtype']}; command: "
+            f"`{result['command']}`. {result['model']}, {result['chunk']}-token prefill chunks, `update_interval` "
+            f"{result['update_interval']}, {result['new_tokens']} greedy tokens (decode = median step), scorer "
+            f"`{result['scorer']}`.\n\n" + render_table(result) + f"\n\n![time and memory vs length](benchmarks/results/{name}.png)"
+        )
+
+    return render
+
+
 RENDERERS = {
+    "profile_observation": render_profile("profile_observation"),
+    "profile_observation_gpu_llama1b": render_profile("profile_observation_gpu_llama1b"),
+    "long_context": render_long_context("long_context"),
+    "long_context_gpu_llama1b": render_long_context("long_context_gpu_llama1b"),
+    "long_context_gpu_llama8b": render_long_context("long_context_gpu_llama8b"),
     "ruler_smollm2": render_ruler_smollm2,
     "heldout_smollm2": render_heldout("heldout_smollm2"),
     "heldout_smollm2_stage4": render_heldout("heldout_smollm2_stage4"),

@@ -112,7 +112,7 @@ def grouped_eager_attention(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
-    bias: torch.Tensor | None,
+    hidden: torch.Tensor | None,
     scaling: float | None = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -125,7 +125,9 @@ def grouped_eager_attention(
     Args:
         query: `(B, H * G, q, D)`, query head `h * G + g` reading KV head `h` (transformers' GQA order).
         key, value: `(B, H, S, D)`.
-        bias: additive mask `(B, 1 or H, 1, q, S)` (broadcast over the group), or None.
+        hidden: bool mask `(B, 1 or H, 1, q, S)`, True where a query may not see a slot (broadcast over the
+            group), or None. Hidden scores become the dtype's minimum, which is what transformers' additive
+            eager masks amount to: their probabilities are exactly 0.
 
     Returns:
         output `(B, q, H * G, D)` (the layout attention functions return) and float32 probabilities
@@ -137,8 +139,8 @@ def grouped_eager_attention(
     scaling = scaling if scaling is not None else head_dim**-0.5
     scores = torch.matmul(query.reshape(batch, heads, groups * q_length, head_dim), key.transpose(-1, -2))
     scores = scores.view(batch, heads, groups, q_length, slots).mul_(scaling)
-    if bias is not None:
-        scores.add_(bias)
+    if hidden is not None:
+        scores.masked_fill_(hidden, torch.finfo(scores.dtype).min)
     probabilities = torch.softmax(scores, dim=-1, dtype=torch.float32)
     weights = probabilities if value.dtype == torch.float32 else probabilities.to(value.dtype)
     output = torch.matmul(weights.view(batch, heads, groups * q_length, slots), value)

@@ -210,18 +210,20 @@ class NAMMLayer(CacheLayerMixin):
         whatever the slot layout. Masked entries get the dtype's minimum, like transformers' eager masks.
 
         Returns:
-            `(B, 1 or query_heads, q, S)`, or with `grouped` `(B, 1 or H, 1, q, S)` (one mask per KV head,
-            broadcast over its query heads; see `grouped_eager_attention`).
+            `(B, 1 or query_heads, q, S)` additive mask in `dtype`; with `grouped`, a bool mask
+            `(B, 1 or H, 1, q, S)`, True = hidden (one mask per KV head, broadcast over its query heads,
+            applied with `masked_fill_`; see `grouped_eager_attention`).
         """
         batch, heads, slots = self.token_valid.shape
         valid, positions = self.token_valid, self.positions
         uniform_heads = heads == 1 or (bool((positions == positions[:, :1]).all()) and bool((valid == valid[:, :1]).all()))
         if uniform_heads:
             valid, positions = valid[:, :1], positions[:, :1]
-        allowed = valid.unsqueeze(2) & (positions.unsqueeze(2) <= query_positions.view(1, 1, -1, 1))
         if grouped:
-            allowed = allowed.unsqueeze(2)
-        elif not uniform_heads and query_heads != heads:
+            hidden = (positions.unsqueeze(2) > query_positions.view(1, 1, -1, 1)).logical_or_(~valid.unsqueeze(2))
+            return hidden.unsqueeze(2)
+        allowed = valid.unsqueeze(2) & (positions.unsqueeze(2) <= query_positions.view(1, 1, -1, 1))
+        if not uniform_heads and query_heads != heads:
             groups = query_heads // heads
             q_length = query_positions.shape[0]
             allowed = allowed.unsqueeze(2).expand(batch, heads, groups, q_length, slots).reshape(batch, query_heads, q_length, slots)
