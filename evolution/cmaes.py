@@ -60,7 +60,7 @@ class CMAES:
     def __init__(self, mean: np.ndarray, sigma0: float, population: int, seed: int, separable: bool = False):
         import cma
 
-        mean = np.asarray(mean, dtype=float)
+        mean = np.array(mean, dtype=float)  # a copy: the strategy must not share the caller's array
         self.settings = {"dim": int(mean.shape[0]), "sigma0": float(sigma0), "population": int(population),
                          "seed": int(seed), "separable": bool(separable)}
         self.random = np.random.RandomState(seed + 1)
