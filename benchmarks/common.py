@@ -33,8 +33,30 @@ def scorer_id(name_or_path: str) -> str:
     return f"{name_or_path}@{digest.hexdigest()[:12]}"
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued device work, so wall-clock timers measure it (a no-op on CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_settings(script: str, argv: list[str] | None, args, device: torch.device, names: tuple[str, ...]) -> dict:
+    """Provenance plus the model, device, dtype and the named settings of a model benchmark run."""
+    return {
+        **provenance(script, argv),
+        "model": args.model,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "dtype": args.dtype,
+        **{name: getattr(args, name) for name in names},
+    }
+
+
 # Real architectures with random weights: for timing and memory only (weights do not change the work done).
 RANDOM_SHAPES = {
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, head_dim=16, vocab_size=512, tie_word_embeddings=True),  # for tests
     "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
                          num_key_value_heads=3, head_dim=64, vocab_size=49152, rope_theta=100000.0, tie_word_embeddings=True),
     "llama-3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,

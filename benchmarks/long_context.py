@@ -33,10 +33,9 @@ from transformers import DynamicCache
 from namm_cache import NAMMCache, install_attention
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import load_benchmark_model, provenance  # noqa: E402
+from common import DTYPES, load_benchmark_model, run_settings, synchronize  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 CACHES = ["dynamic_cache", "namm_25pct", "namm_threshold", "key_norm_25pct", "h2o_25pct"]
 
 
@@ -56,11 +55,6 @@ def kv_bytes(cache) -> int:
     if isinstance(cache, NAMMCache):
         return cache.kv_bytes()
     return sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers if getattr(layer, "keys", None) is not None)
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 @torch.no_grad()
@@ -123,7 +117,7 @@ def plot(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m-instruct", help="offline model name or random:SHAPE")
     parser.add_argument("--scorer", default="namm-cache/smollm2-135m-bam")
@@ -134,8 +128,9 @@ def main() -> None:
     parser.add_argument("--chunk", type=int, default=512)
     parser.add_argument("--update-interval", type=int, default=512)
     parser.add_argument("--new-tokens", type=int, default=16)
+    parser.add_argument("--out-dir", type=Path, default=RESULTS)
     parser.add_argument("--tag", default="")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     try:
         lengths = [int(n) for n in args.lengths.split(",")]
     except ValueError:
@@ -175,23 +170,18 @@ def main() -> None:
                 entry["decode_ratio"] = entry["decode_ms_per_token"] / base["decode_ms_per_token"]
                 entry["peak_kv_ratio"] = entry["peak_kv_bytes"] / base["peak_kv_bytes"]
     result = {
-        **provenance(__file__),
-        "model": args.model,
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "dtype": args.dtype,
-        "chunk": args.chunk,
-        "update_interval": args.update_interval,
-        "new_tokens": args.new_tokens,
-        "scorer": args.scorer,
+        **run_settings(__file__, argv, args, device, ("chunk", "update_interval", "new_tokens", "scorer")),
         "lengths": lengths,
         "caches": caches,
         "rows": rows,
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    args.out_dir.mkdir(parents=True, exist_ok=True)
     suffix = f"_{args.tag}" if args.tag else ""
-    (RESULTS / f"long_context{suffix}.json").write_text(json.dumps(result, indent=2))
-    plot(result, RESULTS / f"long_context{suffix}.png")
+    path = args.out_dir / f"long_context{suffix}.json"
+    path.write_text(json.dumps(result, indent=2))
+    plot(result, args.out_dir / f"long_context{suffix}.png")
     print(render_table(result))
+    return path
 
 
 def render_table(result: dict) -> str:

@@ -35,10 +35,9 @@ from namm_cache.profiling import PHASES, profile_phases
 from namm_cache.scorers import keep_all_observing_scorer
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import load_benchmark_model, provenance  # noqa: E402
+from common import DTYPES, load_benchmark_model, run_settings, synchronize  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def cache_factories(model, scorer: str, interval: int) -> dict:
@@ -50,11 +49,6 @@ def cache_factories(model, scorer: str, interval: int) -> dict:
         "namm_25pct": lambda: NAMMCache.from_pretrained(scorer, model=model, budget=0.25, update_interval=interval),
         "namm_threshold": lambda: NAMMCache.from_pretrained(scorer, model=model, update_interval=interval),
     }
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 @torch.no_grad()
@@ -91,7 +85,7 @@ def summarise(runs: list[dict], part: str) -> dict:
     return {"seconds": wall, "phases": phases}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> Path:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m-instruct", help="offline model name or random:SHAPE")
     parser.add_argument("--scorer", default="namm-cache/smollm2-135m-bam")
@@ -102,8 +96,9 @@ def main() -> None:
     parser.add_argument("--update-interval", type=int, default=512)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out-dir", type=Path, default=RESULTS)
     parser.add_argument("--tag", default="", help="suffix of the result file")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     for name in ("prompt_tokens", "chunk", "update_interval", "new_tokens", "repeats"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
@@ -121,16 +116,7 @@ def main() -> None:
         for name, make in factories.items():  # alternate caches so that drift hits all alike
             runs[name].append(run_once(model, ids, make(), args.chunk, args.new_tokens))
     result = {
-        **provenance(__file__),
-        "model": args.model,
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "dtype": args.dtype,
-        "prompt_tokens": args.prompt_tokens,
-        "chunk": args.chunk,
-        "update_interval": args.update_interval,
-        "new_tokens": args.new_tokens,
-        "repeats": args.repeats,
-        "scorer": args.scorer,
+        **run_settings(__file__, argv, args, device, ("prompt_tokens", "chunk", "update_interval", "new_tokens", "repeats", "scorer")),
         "phase_descriptions": PHASES,
         "caches": {
             name: {
@@ -146,10 +132,12 @@ def main() -> None:
         total = entry["prefill"]["seconds"] + entry["decode"]["seconds"]
         entry["total_seconds"] = total
         entry["ratio_to_dynamic_cache"] = total / (base["prefill"]["seconds"] + base["decode"]["seconds"])
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    args.out_dir.mkdir(parents=True, exist_ok=True)
     suffix = f"_{args.tag}" if args.tag else ""
-    (RESULTS / f"profile_observation{suffix}.json").write_text(json.dumps(result, indent=2))
+    path = args.out_dir / f"profile_observation{suffix}.json"
+    path.write_text(json.dumps(result, indent=2))
     print(render_table(result))
+    return path
 
 
 def render_table(result: dict) -> str:

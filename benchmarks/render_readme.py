@@ -133,44 +133,38 @@ def render_ruler_smollm2(result: dict) -> str:
     return "\n".join(lines)
 
 
-def render_profile(name: str):
-    """Renderer for `benchmarks/profile_observation.py` results written to `<name>.json`."""
+def render_benchmark(name: str, module: str, describe, plot: bool = False) -> callable:
+    """Renderer for a benchmark script's result `<name>.json`: a provenance line, `describe(result)`, then the
+    table the script itself renders (`module.render_table`)."""
 
     def render(result: dict) -> str:
-        from profile_observation import render_table
-
-        return (
-            f"Measured {result['date']} on {result['machine']}, device {result['device']}, {result['dtype']}; command: "
-            f"`{result['command']}`. {result['model']}, {result['prompt_tokens']}-token prompt in {result['chunk']}-token "
-            f"chunks + {result['new_tokens']} greedy tokens, `update_interval` {result['update_interval']}, scorer "
-            f"`{result['scorer']}`; seconds per phase, median of {result['repeats']} alternating runs.\n\n" + render_table(result)
-        )
+        table = __import__(module).render_table(result)
+        return (f"Measured {result['date']} on {result['machine']}, device {result['device']}, {result['dtype']}; "
+                f"command: `{result['command']}`. {describe(result)}\n\n{table}"
+                + (f"\n\n![time and memory vs length](benchmarks/results/{name}.png)" if plot else ""))
 
     return render
 
 
-def render_long_context(name: str):
-    """Renderer for `benchmarks/long_context.py` results written to `<name>.json`."""
+def describe_profile(result: dict) -> str:
+    return (f"{result['model']}, {result['prompt_tokens']}-token prompt in {result['chunk']}-token chunks + "
+            f"{result['new_tokens']} greedy tokens, `update_interval` {result['update_interval']}, scorer "
+            f"`{result['scorer']}`; seconds per phase, median of {result['repeats']} alternating runs.")
 
-    def render(result: dict) -> str:
-        from long_context import render_table
 
-        return (
-            f"Measured {result['date']} on {result['machine']}, device {result['device']}, {result['dtype']}; command: "
-            f"`{result['command']}`. {result['model']}, {result['chunk']}-token prefill chunks, `update_interval` "
-            f"{result['update_interval']}, {result['new_tokens']} greedy tokens (decode = median step), scorer "
-            f"`{result['scorer']}`.\n\n" + render_table(result) + f"\n\n![time and memory vs length](benchmarks/results/{name}.png)"
-        )
+def describe_long_context(name: str):
+    def describe(result: dict) -> str:  # noqa: ARG001 - one describer per result file
+        return (f"{result['model']}, {result['chunk']}-token prefill chunks, `update_interval` {result['update_interval']}, "
+                f"{result['new_tokens']} greedy tokens (decode = median step), scorer `{result['scorer']}`.")
 
-    return render
+    return describe
 
 
 RENDERERS = {
-    "profile_observation": render_profile("profile_observation"),
-    "profile_observation_gpu_llama1b": render_profile("profile_observation_gpu_llama1b"),
-    "long_context": render_long_context("long_context"),
-    "long_context_gpu_llama1b": render_long_context("long_context_gpu_llama1b"),
-    "long_context_gpu_llama8b": render_long_context("long_context_gpu_llama8b"),
+    "profile_observation": render_benchmark("profile_observation", "profile_observation", describe_profile),
+    "profile_observation_gpu_llama1b": render_benchmark("profile_observation_gpu_llama1b", "profile_observation", describe_profile),
+    **{name: render_benchmark(name, "long_context", describe_long_context(name), plot=True)
+       for name in ("long_context", "long_context_gpu_llama1b", "long_context_gpu_llama8b")},
     "ruler_smollm2": render_ruler_smollm2,
     "heldout_smollm2": render_heldout("heldout_smollm2"),
     "heldout_smollm2_stage4": render_heldout("heldout_smollm2_stage4"),

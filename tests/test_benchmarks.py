@@ -64,3 +64,45 @@ def test_ruler_benchmark_runs_end_to_end_and_skips_finished_cells(tmp_path, tiny
     seconds = {name: cell["seconds"] for name, cell in result["cells"].items()}
     ruler.main(args)  # every cell is done: nothing reruns
     assert {name: cell["seconds"] for name, cell in json.loads(path.read_text())["cells"].items()} == seconds
+
+
+def test_long_context_benchmark_measures_every_cache_at_every_length(tmp_path):
+    import long_context
+
+    path = long_context.main(["--model", "random:tiny", "--lengths", "128,256", "--chunk", "32", "--update-interval", "32",
+                              "--new-tokens", "3", "--scorer", "namm-cache/smollm2-135m-bam", "--out-dir", str(tmp_path)])
+    result = json.loads(path.read_text())
+    assert result["command"].startswith("python benchmarks/long_context.py --model random:tiny")
+    for length in ("128", "256"):
+        rows = result["rows"][length]
+        assert set(rows) == set(long_context.CACHES)
+        full = rows["dynamic_cache"]
+        assert full["kept_fraction"] == 1.0 and full["end_to_end_ratio"] == 1.0
+        # 2 layers x 2 KV heads x 16 dims x (keys + values) x 4 bytes per token: the prompt + 3 decode steps' tokens
+        assert full["peak_kv_bytes"] == (int(length) + 3) * 2 * 2 * 16 * 2 * 4
+        for name in ("namm_25pct", "key_norm_25pct", "h2o_25pct"):
+            assert 0.2 <= rows[name]["kept_fraction"] <= 0.45
+            assert rows[name]["peak_kv_bytes"] < full["peak_kv_bytes"]
+            assert rows[name]["peak_kv_ratio"] == rows[name]["peak_kv_bytes"] / full["peak_kv_bytes"]
+        assert all(row["decode_ms_per_token"] > 0 and row["prefill_tokens_per_second"] > 0 for row in rows.values())
+    assert (tmp_path / "long_context.png").stat().st_size > 1000
+
+
+def test_profile_splits_the_time_into_phases(tmp_path):
+    import profile_observation
+
+    path = profile_observation.main(["--model", "random:tiny", "--prompt-tokens", "128", "--chunk", "32",
+                                     "--update-interval", "32", "--new-tokens", "3", "--repeats", "1",
+                                     "--out-dir", str(tmp_path)])
+    result = json.loads(path.read_text())
+    caches = result["caches"]
+    assert set(caches["dynamic_cache"]["prefill"]["phases"]) == {"attention", "model outside attention"}
+    for name in ("namm_keep_all_observing", "namm_25pct"):
+        phases = caches[name]["prefill"]["phases"]
+        assert {"attention", "mask", "observe", "append", "score", "select"} <= set(phases)
+        assert sum(phases.values()) <= caches[name]["prefill"]["seconds"] + 1e-9
+        assert all(seconds >= 0 for seconds in phases.values())
+    assert caches["namm_keep_all_observing"]["kept_fraction"] == 1.0
+    assert caches["namm_25pct"]["kept_fraction"] < 0.5
+    assert "compact" in caches["namm_25pct"]["prefill"]["phases"]
+    assert caches["dynamic_cache"]["ratio_to_dynamic_cache"] == 1.0
