@@ -66,7 +66,8 @@ RANDOM_SHAPES = {
 }
 
 
-def load_benchmark_model(name: str, *, dtype: torch.dtype = torch.float32, device: str = "cpu", max_positions: int = 32768):
+def load_benchmark_model(name: str, *, dtype: torch.dtype = torch.float32, device: str = "cpu", max_positions: int = 32768,
+                         attn_implementation: str = "sdpa"):
     """`(model, tokenizer or None)`: an offline real model by name, or `random:SHAPE` (a Llama of that shape,
     random weights, `max_positions` context) for timing and memory runs that need no real weights."""
     if name.startswith("random:"):
@@ -75,7 +76,7 @@ def load_benchmark_model(name: str, *, dtype: torch.dtype = torch.float32, devic
         shape = name.split(":", 1)[1]
         if shape not in RANDOM_SHAPES:
             raise SystemExit(f"Unknown random shape {shape!r}; choose from {sorted(RANDOM_SHAPES)}.")
-        config = LlamaConfig(**RANDOM_SHAPES[shape], max_position_embeddings=max_positions, attn_implementation="sdpa")
+        config = LlamaConfig(**RANDOM_SHAPES[shape], max_position_embeddings=max_positions, attn_implementation=attn_implementation)
         torch.manual_seed(0)
         default_dtype = torch.get_default_dtype()
         torch.set_default_dtype(dtype)  # initialise in the target dtype: an 8B model in fp32 would double the memory
@@ -87,5 +88,5 @@ def load_benchmark_model(name: str, *, dtype: torch.dtype = torch.float32, devic
         return model.eval(), None
     from namm_cache.offline import load_offline_model
 
-    model, tokenizer = load_offline_model(name, dtype=dtype)
+    model, tokenizer = load_offline_model(name, dtype=dtype, attn_implementation=attn_implementation)
     return model.to(device), tokenizer

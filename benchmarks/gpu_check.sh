@@ -2,13 +2,13 @@
 # GPU readiness in one go (under 8 minutes on one H100): the CUDA tests, then the scaling benchmark and the
 # phase profile on random-weight models of real shapes (weights do not change time or memory).
 #
-#   bash benchmarks/gpu_check.sh            # results in benchmarks/results/*_gpu*.json|png, logs in $OUT or ./gpu_check_logs
+#   bash benchmarks/gpu_check.sh            # results in benchmarks/results/*_gpu*.json (copied to $OUT if set), logs in ./gpu_check_logs
 #
 # A machine without transformers >= 5.23 can bring wheels: put them in .whl/ and they are installed into
 # /tmp/site first. Each step runs even if an earlier one failed; the exit status is the number of failed steps.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-LOGS=${OUT:-gpu_check_logs}
+LOGS=gpu_check_logs
 mkdir -p "$LOGS"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 PYTHON=${PYTHON:-python3}
@@ -33,6 +33,8 @@ step long_context_llama1b 150 "$PYTHON" benchmarks/long_context.py --model rando
     --lengths 2048,4096,8192,16384 --new-tokens 32 --tag gpu_llama1b
 step long_context_llama8b 150 "$PYTHON" benchmarks/long_context.py --model random:llama-3.1-8b --device cuda --dtype bfloat16 \
     --lengths 4096,16384 --new-tokens 32 --tag gpu_llama8b
+step decode_eager_llama1b 60 "$PYTHON" benchmarks/long_context.py --model random:llama-3.2-1b --device cuda --dtype bfloat16 \
+    --lengths 8192 --caches dynamic_cache,namm_25pct,key_norm_25pct --attn eager --new-tokens 32 --tag gpu_llama1b_eager
 step profile_llama1b 90 "$PYTHON" benchmarks/profile_observation.py --model random:llama-3.2-1b --device cuda --dtype bfloat16 \
     --repeats 3 --tag gpu_llama1b
 if [ -n "${OUT:-}" ]; then cp benchmarks/results/*gpu*.json "$OUT"/ 2>/dev/null; fi  # $OUT takes 8 files: logs + JSON

@@ -125,6 +125,8 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--caches", default=",".join(CACHES))
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    parser.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"],
+                        help="the model's base attention (what DynamicCache and non-observing caches run)")
     parser.add_argument("--chunk", type=int, default=512)
     parser.add_argument("--update-interval", type=int, default=512)
     parser.add_argument("--new-tokens", type=int, default=16)
@@ -144,7 +146,7 @@ def main(argv: list[str] | None = None) -> Path:
     if args.device == "cpu":
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
     model, _ = load_benchmark_model(args.model, dtype=DTYPES[args.dtype], device=args.device,
-                                    max_positions=max(32768, max(lengths) + args.new_tokens))
+                                    max_positions=max(32768, max(lengths) + args.new_tokens), attn_implementation=args.attn)
     window = getattr(model.config, "max_position_embeddings", None)
     if window is not None and max(lengths) + args.new_tokens > window:
         parser.error(f"{args.model} has a {window}-token window; use --model random:SHAPE for longer prompts")
@@ -170,7 +172,7 @@ def main(argv: list[str] | None = None) -> Path:
                 entry["decode_ratio"] = entry["decode_ms_per_token"] / base["decode_ms_per_token"]
                 entry["peak_kv_ratio"] = entry["peak_kv_bytes"] / base["peak_kv_bytes"]
     result = {
-        **run_settings(__file__, argv, args, device, ("chunk", "update_interval", "new_tokens", "scorer")),
+        **run_settings(__file__, argv, args, device, ("attn", "chunk", "update_interval", "new_tokens", "scorer")),
         "lengths": lengths,
         "caches": caches,
         "rows": rows,
