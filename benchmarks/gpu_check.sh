@@ -18,6 +18,9 @@ if compgen -G ".whl/*.whl" > /dev/null; then
 fi
 export PYTHONPATH=src:benchmarks${PYTHONPATH:+:$PYTHONPATH}
 failed=0
+save() {  # copy finished results to $OUT at once, so a run cut short still returns them ($OUT takes 8 files)
+    if [ -n "${OUT:-}" ]; then cp benchmarks/results/*gpu*.json "$OUT"/ 2>/dev/null; fi
+}
 step() {  # step NAME TIMEOUT COMMAND...: run with a time limit, log to $LOGS/NAME.log, count failures
     local name=$1 limit=$2; shift 2
     echo "== $name ($(date +%T))"
@@ -29,14 +32,15 @@ step() {  # step NAME TIMEOUT COMMAND...: run with a time limit, log to $LOGS/NA
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 "$PYTHON" -c "import torch, transformers; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'transformers', transformers.__version__)"
 step cuda_tests 240 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_devices.py tests/test_cache_equivalence.py
-step long_context_llama1b 150 "$PYTHON" benchmarks/long_context.py --model random:llama-3.2-1b --device cuda --dtype bfloat16 \
+save
+step long_context_llama1b 200 "$PYTHON" benchmarks/long_context.py --model random:llama-3.2-1b --device cuda --dtype bfloat16 \
     --lengths 2048,4096,8192,16384 --new-tokens 32 --tag gpu_llama1b
-step long_context_llama8b 150 "$PYTHON" benchmarks/long_context.py --model random:llama-3.1-8b --device cuda --dtype bfloat16 \
+save
+step long_context_llama8b 200 "$PYTHON" benchmarks/long_context.py --model random:llama-3.1-8b --device cuda --dtype bfloat16 \
     --lengths 4096,16384 --new-tokens 32 --tag gpu_llama8b
-step decode_eager_llama1b 60 "$PYTHON" benchmarks/long_context.py --model random:llama-3.2-1b --device cuda --dtype bfloat16 \
-    --lengths 8192 --caches dynamic_cache,namm_25pct,key_norm_25pct --attn eager --new-tokens 32 --tag gpu_llama1b_eager
+save
 step profile_llama1b 90 "$PYTHON" benchmarks/profile_observation.py --model random:llama-3.2-1b --device cuda --dtype bfloat16 \
     --repeats 3 --tag gpu_llama1b
-if [ -n "${OUT:-}" ]; then cp benchmarks/results/*gpu*.json "$OUT"/ 2>/dev/null; fi  # $OUT takes 8 files: logs + JSON
+save
 echo "== done, $failed failed step(s)"
 exit $failed

@@ -4,7 +4,8 @@
     python benchmarks/long_context.py --model random:smollm2-135m --lengths 2048,4096,8192,16384
     python benchmarks/long_context.py --model random:llama-3.2-1b --device cuda --dtype bfloat16 --tag gpu
 
-For every prompt length and cache (measured side by side in one run, caches alternating): prefill
+For every prompt length and cache (measured side by side in one run; on CUDA each after one untimed run at
+the same shapes, since sdpa's first call at a new key length is several times slower there): prefill
 tokens/s (`--chunk`-token chunks through the cache), decode ms/token at the end of the prompt (median over
 `--new-tokens` greedy steps, so an eviction round that lands on one step does not decide it; the mean is
 recorded too), peak KV bytes (keys + values held, all layers) and end-to-end seconds (prefill + decode).
@@ -130,6 +131,9 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--chunk", type=int, default=512)
     parser.add_argument("--update-interval", type=int, default=512)
     parser.add_argument("--new-tokens", type=int, default=16)
+    parser.add_argument("--warm-runs", type=int, default=None,
+                        help="untimed runs of each cache at each length before the timed one (default: 1 on CUDA, where "
+                             "sdpa's first call at a new key length is several times slower, else 0)")
     parser.add_argument("--out-dir", type=Path, default=RESULTS)
     parser.add_argument("--tag", default="")
     args = parser.parse_args(argv)
@@ -143,6 +147,10 @@ def main(argv: list[str] | None = None) -> Path:
         parser.error(f"unknown caches {unknown}; choose from {CACHES}")
     if min(lengths) < 1 or args.chunk < 1 or args.new_tokens < 1 or args.update_interval < 1:
         parser.error("lengths, --chunk, --new-tokens and --update-interval must be positive")
+    if args.warm_runs is None:
+        args.warm_runs = 1 if args.device.startswith("cuda") else 0
+    if args.warm_runs < 0:
+        parser.error("--warm-runs must be >= 0")
     if args.device == "cpu":
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
     model, _ = load_benchmark_model(args.model, dtype=DTYPES[args.dtype], device=args.device,
@@ -160,6 +168,8 @@ def main(argv: list[str] | None = None) -> Path:
         ids = ids_all[:, :length]
         rows[str(length)] = {}
         for name in caches:
+            for _ in range(args.warm_runs):  # untimed: kernels, plans and allocator warmed at exactly these shapes
+                measure(model, ids, make_cache(name, model, args.scorer, args.update_interval), args.chunk, args.new_tokens)
             cache = make_cache(name, model, args.scorer, args.update_interval)
             rows[str(length)][name] = measure(model, ids, cache, args.chunk, args.new_tokens)
             del cache
@@ -172,7 +182,7 @@ def main(argv: list[str] | None = None) -> Path:
                 entry["decode_ratio"] = entry["decode_ms_per_token"] / base["decode_ms_per_token"]
                 entry["peak_kv_ratio"] = entry["peak_kv_bytes"] / base["peak_kv_bytes"]
     result = {
-        **run_settings(__file__, argv, args, device, ("attn", "chunk", "update_interval", "new_tokens", "scorer")),
+        **run_settings(__file__, argv, args, device, ("attn", "chunk", "update_interval", "new_tokens", "warm_runs", "scorer")),
         "lengths": lengths,
         "caches": caches,
         "rows": rows,
