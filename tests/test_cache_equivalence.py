@@ -107,7 +107,8 @@ def test_two_models_with_two_caches_do_not_interfere():
     torch.testing.assert_close(interleaved["b"], alone_b, rtol=0, atol=0)
 
 
-def test_grouped_attention_equals_the_model_eager_function_and_steps_aside_when_it_would_not():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_grouped_attention_equals_the_model_eager_function_and_steps_aside_when_it_would_not(dtype):
     from transformers.models.llama.modeling_llama import eager_attention_forward
 
     from namm_cache.attention import grouped_attention_applies, grouped_eager_attention
@@ -115,15 +116,17 @@ def test_grouped_attention_equals_the_model_eager_function_and_steps_aside_when_
     model = tiny_model("llama", "eager")
     module = model.model.layers[0].self_attn  # 4 query heads over 2 KV heads
     generator = torch.Generator().manual_seed(0)
-    query, key, value = (torch.randn(2, h, n, 16, generator=generator) for h, n in ((4, 5), (2, 9), (2, 9)))
+    query, key, value = (torch.randn(2, h, n, 16, generator=generator).to(dtype) for h, n in ((4, 5), (2, 9), (2, 9)))
     hidden = torch.rand(2, 2, 1, 5, 9, generator=generator) < 0.3  # per KV head
     hidden[..., -1] = False  # every query sees at least one slot
-    additive = torch.zeros(hidden.shape).masked_fill_(hidden, torch.finfo(torch.float32).min)
+    additive = torch.zeros(hidden.shape, dtype=dtype).masked_fill_(hidden, torch.finfo(dtype).min)
     additive = additive.expand(2, 2, 2, 5, 9).reshape(2, 4, 5, 9)  # per query head, as the model's eager takes it
     expected_output, expected_weights = eager_attention_forward(module, query, key, value, additive, scaling=0.25)
     output, probabilities = grouped_eager_attention(module, query, key, value, hidden, scaling=0.25)
-    torch.testing.assert_close(output, expected_output, rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(probabilities.reshape(2, 4, 5, 9), expected_weights, rtol=1e-6, atol=1e-6)
+    assert torch.equal(output, expected_output)  # the same arithmetic, bit for bit, in every dtype
+    # The model's eager rounds probabilities to its dtype; the cache keeps them in float32.
+    assert probabilities.dtype == torch.float32
+    assert torch.equal(probabilities.reshape(2, 4, 5, 9).to(dtype), expected_weights)
     assert grouped_attention_applies(module, {"scaling": 0.25, "dropout": 0.0, "position_ids": None, "sliding_window": None})
     # Anything that changes the arithmetic, or that the wrapper does not know, goes to the model's own function.
     for extra in ({"softcap": 50.0}, {"dropout": 0.1}, {"sliding_window": 128}, {"s_aux": torch.zeros(4)}):
