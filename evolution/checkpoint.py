@@ -117,6 +117,11 @@ def _read_file(path: Path) -> tuple[dict[str, str], dict[str, np.ndarray]]:
     return metadata, arrays
 
 
+# What the run reads from every log row (resume, export, card and plot).
+LOG_KEYS = frozenset({"generation", "stage", "tasks", "fitness_best", "fitness_mean_population", "fitness_distribution_mean",
+                      "quality_distribution_mean", "kept_distribution_mean", "kept_best"})
+
+
 def _count(document: dict[str, Any], name: str) -> int:
     value = document[name]
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -131,11 +136,11 @@ def _state_from(document: dict[str, Any], arrays: dict[str, np.ndarray]) -> RunS
     for values in (mean, std):
         if not isinstance(values, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values):
             raise ValueError("normalization must be two lists of finite numbers")
-    if len(mean) != len(std):
-        raise ValueError("normalization mean and std differ in length")
+    if len(mean) != len(std) or not mean or min(std) <= 0:
+        raise ValueError("normalization must be a mean and a std of the same length, every std > 0")
     log = document["log"]
-    if not isinstance(log, list) or not all(isinstance(row, dict) for row in log):
-        raise ValueError("log must be a list of objects")
+    if not isinstance(log, list) or not all(isinstance(row, dict) and LOG_KEYS <= set(row) for row in log):
+        raise ValueError(f"log must be a list of objects with the keys {sorted(LOG_KEYS)}")
     es_arrays = {name[len("es/"):]: array for name, array in arrays.items() if name.startswith("es/")}
     es = CMAES.from_state(document["cma_es"], es_arrays)
     numpy_rng = document["numpy_rng"]

@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"exported the latest checkpoint of {args.out} to {folder}")
             return 0
         state = run.run(resume=args.resume, overwrite=args.overwrite)
-    except (FileExistsError, FileNotFoundError, CheckpointError) as error:  # the folder changed since the check above
+    except user_errors as error:  # the folder changed since the check above, or the checkpoint does not fit the config
         return fail(error)
     if world.is_main:
         last = state.log[-1] if state.log else {}

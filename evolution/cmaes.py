@@ -117,8 +117,15 @@ class CMAES:
                     or not 0 <= seed < 2**32 - 1):
                 raise StateError(f"implausible settings {settings!r}")
             x0 = _Decoder(arrays).value(tree["strategy"]["attributes"]["x0"], "strategy.x0")
-            if not isinstance(x0, np.ndarray) or x0.shape != (dim,):
-                raise StateError(f"x0 must be an array of shape ({dim},)")
+            if not isinstance(x0, np.ndarray) or x0.shape != (dim,) or x0.dtype != np.float64 or not np.isfinite(x0).all():
+                raise StateError(f"x0 must be a finite float64 array of shape ({dim},)")
+            # A full-covariance strategy allocates dim x dim matrices when it is built. A genuine checkpoint holds its
+            # covariance, so a file much smaller than one such matrix asks for memory it cannot back: refuse it
+            # before building anything (a crafted 1 MB file must not allocate gigabytes).
+            stored = sum(array.nbytes for array in arrays.values())
+            if not settings["separable"] and stored < dim * dim * 8:
+                raise StateError(f"a full-covariance strategy of {dim} dimensions needs its {dim} x {dim} covariance, "
+                                 f"but the file holds only {stored} bytes of arrays")
             es = cls(x0, sigma0, population, seed, settings["separable"])
             rng = tree["rng"]
             key = arrays["rng.key"]
@@ -127,6 +134,8 @@ class CMAES:
             es.random.set_state(("MT19937", key, _integer(rng["position"], "position"), _integer(rng["has_gauss"], "has_gauss"),
                                  float(rng["cached_gaussian"])))
             _Decoder(arrays).restore(es.strategy, tree["strategy"], "strategy")
+            if not (np.isfinite(es.mean).all() and np.isfinite(es.sigma) and es.sigma > 0):
+                raise StateError("the restored mean or step size is not finite")
             if es.strategy.countiter > 0 and not hasattr(es.strategy, "timer"):
                 from cma.utilities.utils import ElapsedWCTime
 

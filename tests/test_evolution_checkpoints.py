@@ -121,7 +121,9 @@ def test_run_state_round_trip(tmp_path):
     np.random.seed(5)
     random.seed(6)
     torch.manual_seed(7)
-    log = [{"generation": 0, "stage": 0, "tasks": ["passkey"], "fitness_best": 0.25, "per_task_distribution_mean": {"passkey": 1 / 3}}]
+    log = [{"generation": 0, "stage": 0, "tasks": ["passkey"], "fitness_best": 0.25, "fitness_mean_population": 0.2,
+            "fitness_distribution_mean": 0.3, "quality_distribution_mean": 0.4, "kept_distribution_mean": 0.5,
+            "kept_best": 0.6, "per_task_distribution_mean": {"passkey": 1 / 3}}]
     state = state_with(es, generation=3, stage=1, stage_generation=2, log=log)
     write_checkpoint(tmp_path / "checkpoint.safetensors", state)
     back = read_checkpoint(tmp_path / "checkpoint.safetensors")
@@ -203,6 +205,25 @@ CRAFTED = {
 }
 
 
+def huge_full_covariance(path: Path, marker: Path) -> None:
+    """A small file that asks for a 30,000-dimensional full-covariance strategy (7 GB per matrix when built)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="np") as handle:
+        x0 = strategy_attributes(json.loads(handle.metadata()["state"]))["x0"]["array"]
+    rewrite(path, document=lambda s: s["cma_es"]["settings"].update(dim=30000, separable=False),
+            arrays=lambda a: a.update({"es/" + x0: np.zeros(30000)}))
+
+
+CRAFTED.update({
+    "a huge full covariance in a small file": huge_full_covariance,
+    "a zero std": lambda path, marker: rewrite(path, document=lambda s: s["normalization"][1].__setitem__(0, 0.0)),
+    "a log row without its keys": lambda path, marker: rewrite(path, document=lambda s: s.update(log=[{}])),
+    "NaN in the mean": lambda path, marker: rewrite(
+        path, arrays=lambda a: a.update({"es/strategy.mean": np.full_like(a["es/strategy.mean"], np.nan)})),
+})
+
+
 @pytest.mark.parametrize("damage", list(CRAFTED))
 def test_a_crafted_or_damaged_checkpoint_is_one_clear_error_and_runs_no_code(tmp_path, damage):
     path = tmp_path / "checkpoint.safetensors"
@@ -213,6 +234,15 @@ def test_a_crafted_or_damaged_checkpoint_is_one_clear_error_and_runs_no_code(tmp
         read_checkpoint(path)
     assert str(path) in str(error.value) and "\n" not in str(error.value)
     assert not marker.exists()
+
+
+def test_a_small_file_cannot_make_the_reader_build_a_huge_strategy(tmp_path):
+    path = tmp_path / "checkpoint.safetensors"
+    write_checkpoint(path, state_with(CMAES(np.zeros(6), 0.3, 4, 0, False), generation=2))
+    huge_full_covariance(path, tmp_path / "unused")
+    assert path.stat().st_size < 2**20
+    with pytest.raises(CheckpointError, match="needs its 30000 x 30000 covariance"):  # refused before building anything
+        read_checkpoint(path)
 
 
 def test_an_old_pickle_checkpoint_is_never_loaded(tmp_path):
