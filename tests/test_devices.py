@@ -75,8 +75,8 @@ def test_evicting_caches_run_and_free_memory(device, dtype, policy):
     assert 0.2 <= stats["mean_kept_fraction"] <= 0.45
     assert stats["kv_bytes"] < 0.6 * stats["full_cache_kv_bytes"]
     for layer in cache.namm_layers:
-        for name in layer._per_token_tensors():
-            assert getattr(layer, name).device.type == device, name
+        for name, tensor in layer.per_token_tensors().items():
+            assert tensor.device.type == device, name
         assert layer.keys.dtype == dtype
         for h in range(layer.keys.shape[1]):  # kept tokens stay in order, the newest is kept
             positions = layer.positions[0, h][layer.token_valid[0, h]]

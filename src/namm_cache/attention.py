@@ -2,11 +2,11 @@
 
 transformers calls `cache.update(keys, values, layer_idx)` and then, right after, the attention function of
 `config._attn_implementation` with the exact post-RoPE queries and the keys `update` returned. A NAMM layer
-hands itself over in `update` (keyed by the very key tensor it returns); the wrapper below picks it up,
-builds the mask this layer needs (its own kept tokens, causal inside the chunk, padding, per-head
-eviction), runs the model's own eager attention with it (so the post-softmax probabilities are exact and
-free), and gives the probabilities back to the layer. Calls with no hand-over (other caches, sliding
-layers) go to the base implementation untouched.
+hands itself over in `update` (keyed by the very key tensor it returns); the wrapper below picks it up and
+only routes: it chooses the attention function (grouped eager attention, or the model's own eager one, when
+the layer needs post-softmax probabilities; the base kernel otherwise) and asks the layer to run the chunk
+with it (`NAMMLayer.run_attention` builds the mask, observes and evicts). Calls with no hand-over (other
+caches, sliding layers) go to the base implementation untouched.
 
 transformers builds one mask for all layers; it cannot describe layers that keep different tokens. The mask
 function registered beside the attention function therefore returns an `ObservedMask`: the mask the base
@@ -26,7 +26,7 @@ from torch import nn
 from .profiling import phase
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .cache import NAMMLayer
+    from .layer import NAMMLayer
 
 SUPPORTED_BASE_IMPLEMENTATIONS = ("sdpa", "eager")
 NAMM_PREFIX = "namm_"
@@ -183,20 +183,6 @@ def _make_attention_function(base: str) -> Callable:
             with phase("attention"):
                 return function(module, query, key, value, standard, **kwargs)
 
-        q_length = query.shape[2]
-        padding = observed.padding if observed is not None else None
-        with phase("bookkeeping"):
-            new_is_padding = layer.new_token_padding(padding, q_length)
-            layer.check_positions(kwargs.get("position_ids"), new_is_padding)
-            layer.mark_padding(new_is_padding)
-            segment_ends = layer.segment_ends(new_is_padding, q_length)
-        if not layer.observing and len(segment_ends) == 1 and layer.holds_every_token():
-            # Nothing evicted, no padding, no observation needed: transformers' own mask is exactly right.
-            if standard is None or (isinstance(standard, torch.Tensor) and standard.shape[-1] == key.shape[-2]):
-                with phase("attention"):
-                    output = (_base_attention(base) or model_eager_attention(module))(module, query, key, value, standard, **kwargs)
-                layer.observe(None, new_is_padding, q_length)
-                return output
         # Probabilities are only needed when scores depend on them; otherwise run the model's own (fast) kernel.
         grouped = layer.observing and grouped_attention_applies(module, kwargs)
         if grouped:
@@ -205,30 +191,13 @@ def _make_attention_function(base: str) -> Callable:
             attend = model_eager_attention(module)
         else:
             attend = _base_attention(base) or model_eager_attention(module)
-        chunk_start = layer.tokens_seen - q_length
-        query_positions = torch.arange(chunk_start, layer.tokens_seen, device=query.device)
-        outputs, weights, start = [], None, 0
-        for end in segment_ends:
-            with phase("mask"):
-                bias = layer.attention_bias(query_positions[start:end], query_heads=query.shape[1], dtype=query.dtype,
-                                            grouped=grouped)
-            with phase("attention"):
-                output, weights = attend(module, query[:, :, start:end], layer.keys, layer.values, bias, **kwargs)
-            segment_padding = new_is_padding[:, start:end] if new_is_padding is not None else None
-            with phase("observe"):
-                layer.observe(weights if layer.observing else None, segment_padding, end - start)
-            if end < q_length:
-                # A row reached its eviction point inside this chunk: evict now, as it would between chunks.
-                layer.evict_due_rows(now=chunk_start + end - 1)
-            outputs.append(output)
-            start = end
-        if len(outputs) == 1:
-            if base != "eager":
-                return outputs[0], None
-            if grouped:  # the model's eager layout: (B, query heads, q, S) in the query dtype
-                weights = weights.reshape(query.shape[0], query.shape[1], *weights.shape[-2:]).to(query.dtype)
-            return outputs[0], weights
-        return torch.cat(outputs, dim=1), None
+        output, weights = layer.run_attention(module, query, attend, grouped=grouped, standard_mask=standard,
+                                              padding=observed.padding if observed is not None else None, **kwargs)
+        if base != "eager" or weights is None:
+            return output, None
+        if weights.dim() == 5:  # grouped by KV head: the model's eager layout is (B, query heads, q, S) in the query dtype
+            weights = weights.reshape(query.shape[0], query.shape[1], *weights.shape[-2:]).to(query.dtype)
+        return output, weights
 
     namm_attention.__name__ = f"namm_{base}_attention"
     return namm_attention

@@ -1,6 +1,7 @@
 """Eviction policies behind one contract: `score(observation) -> (N, S)`, higher = keep.
 
-`build_policy(name, ...)` builds one by name, so benchmarks and lm-eval switch policy with a string.
+`build_policy(name, ...)` builds one by name, so benchmarks and lm-eval switch policy with a string;
+`BASELINE_POLICIES` lists the registered baselines (every policy but `namm` and `full`).
 """
 
 from __future__ import annotations
@@ -29,6 +30,14 @@ POLICIES: dict[str, type[Policy]] = {
 }
 ALIASES = {"l2": "key_norm", "knorm": "key_norm", "streamingllm": "streaming_llm", "streaming": "streaming_llm", "full_cache": "full"}
 
+# The methods NAMM is compared with: every registered policy but NAMM itself and the full-cache reference.
+BASELINE_POLICIES: tuple[str, ...] = tuple(name for name, cls in POLICIES.items() if cls not in (NAMMPolicy, FullCachePolicy))
+
+
+def baseline_names() -> list[str]:
+    """Registry names of the baseline policies, in registry order (`h2o`, `key_norm`, ...)."""
+    return list(BASELINE_POLICIES)
+
 
 def build_policy(name: str, **kwargs: Any) -> Policy:
     """Build a policy by registry name (`namm` needs `scorer=`); extra keyword arguments go to its constructor."""
@@ -45,6 +54,9 @@ __all__ = [
     "Observation",
     "Policy",
     "POLICIES",
+    "ALIASES",
+    "BASELINE_POLICIES",
+    "baseline_names",
     "build_policy",
     "NAMMPolicy",
     "H2OPolicy",

@@ -2,73 +2,109 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from typing import Any, ClassVar
 
 import torch
 
 from ..budgets import Budget, ThresholdBudget
 from ..config import NAMMConfig
-
-# What a layer can track per token for a policy, from the attention probabilities it observes.
-SPECTROGRAM = "spectrogram"  # EMA of the attention STFT (NAMM)
-ATTENTION_SUM = "attention_sum"  # attention received, summed over every query since the token arrived (H2O)
-LAST_ATTENTION = "last_attention"  # attention from the newest query (TOVA)
-WINDOW_ATTENTION = "window_attention"  # attention summed over the last `window` queries before eviction (SnapKV)
-TRACKERS = (ATTENTION_SUM, LAST_ATTENTION, WINDOW_ATTENTION)
+from ..statistics import STATISTICS, check_needs
 
 
-@dataclass
 class Observation:
     """What a policy sees of one layer when it scores, one row per (batch row, KV head) being scored.
 
     Attributes:
         layer_idx: the model layer.
-        keys: `(N, S, head_dim)` cached (post-RoPE) keys.
+        keys, values: `(N, S, head_dim)` cached keys (post-RoPE) and values.
         positions: `(N, S)` absolute positions of the cached tokens.
         valid: `(N, S)` bool, False for empty storage slots, padding tokens and tokens not yet arrived.
         age: `(N, S)` newest position minus each token's position.
-        spectrogram: `(N, S, n_bins)` EMA of each token's attention spectrogram (zeros if not tracked).
         config: the cache's `NAMMConfig`.
         budget: `(N,)` tokens each row may keep, or None under a threshold budget.
-        attention_sum, last_attention, window_attention: `(N, S)` trackers, None unless the policy needs them.
+        statistics: `{name: (N, S, ...)}`, each statistic the policy needs (`namm_cache.statistics`), e.g.
+            `statistics["spectrogram"]` `(N, S, n_bins)`, `statistics["attention_sum"]` `(N, S)`. Also
+            readable as attributes (`observation.attention_sum`; None when not tracked).
         eviction_round: `(N,)` how many eviction rounds each row's batch row ran before this one.
         batch_rows: `(N,)` the batch row of each observation row.
         head_index: `(N,)` the KV head of each observation row.
+
+    Statistics may also be given as keyword arguments: `Observation(..., attention_sum=tensor)`.
     """
 
-    layer_idx: int
-    keys: torch.Tensor
-    positions: torch.Tensor
-    valid: torch.Tensor
-    age: torch.Tensor
-    spectrogram: torch.Tensor
-    config: NAMMConfig
-    budget: torch.Tensor | None = None
-    attention_sum: torch.Tensor | None = None
-    last_attention: torch.Tensor | None = None
-    window_attention: torch.Tensor | None = None
-    eviction_round: torch.Tensor | None = None
-    batch_rows: torch.Tensor | None = None
-    head_index: torch.Tensor | None = None
+    def __init__(
+        self,
+        layer_idx: int,
+        keys: torch.Tensor,
+        positions: torch.Tensor,
+        valid: torch.Tensor,
+        age: torch.Tensor,
+        config: NAMMConfig,
+        budget: torch.Tensor | None = None,
+        *,
+        values: torch.Tensor | None = None,
+        statistics: dict[str, torch.Tensor] | None = None,
+        eviction_round: torch.Tensor | None = None,
+        batch_rows: torch.Tensor | None = None,
+        head_index: torch.Tensor | None = None,
+        **named_statistics: torch.Tensor,
+    ):
+        unknown = sorted(set(named_statistics) - set(STATISTICS))
+        if unknown:
+            raise TypeError(f"Observation got unknown field(s) {unknown}; statistics known: {sorted(STATISTICS)}.")
+        self.layer_idx = layer_idx
+        self.keys = keys
+        self.values = values
+        self.positions = positions
+        self.valid = valid
+        self.age = age
+        self.config = config
+        self.budget = budget
+        self.statistics = {**(statistics or {}), **named_statistics}
+        self.eviction_round = eviction_round
+        self.batch_rows = batch_rows
+        self.head_index = head_index
+
+    def __getattr__(self, name: str) -> Any:
+        # Only reached for names that are not regular attributes: a statistic's name reads it.
+        if name in STATISTICS:
+            return self.__dict__.get("statistics", {}).get(name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
 
+@dataclass(frozen=True)
 class Policy:
     """An eviction policy: `score(observation) -> (N, S)` float scores, higher = keep.
 
     The cache keeps, per (batch row, KV head), the highest-scoring tokens within the budget (or, under a
     threshold budget, those scoring >= the threshold), and always the newest token.
 
+    Policies are frozen dataclasses: their fields are their settings (shown in `repr`, `settings()` and
+    `NAMMCache.stats()`); subclasses check them in `__post_init__` (calling `super().__post_init__()`).
+
     Class attributes:
         name: registry name (`NAMMCache(policy=name)`).
-        needs: which per-token statistics the layer must track from observed attention.
+        needs: names of the per-token statistics the layer must track from observed attention
+            (`namm_cache.statistics.STATISTICS`); an unknown name is refused when the policy is built.
         supports_threshold: whether scores have a calibrated zero, so a threshold budget makes sense.
-        window: queries in the observation window (`WINDOW_ATTENTION` only).
     """
 
-    name: str = "policy"
-    needs: frozenset[str] = frozenset()
-    supports_threshold: bool = False
-    window: int = 0
+    name: ClassVar[str] = "policy"
+    needs: ClassVar[frozenset[str]] = frozenset()
+    supports_threshold: ClassVar[bool] = False
+
+    def __post_init__(self) -> None:
+        check_needs(self)
+
+    def _set(self, **settings: Any) -> None:
+        """Store checked settings on the frozen instance (for `__post_init__`)."""
+        for key, value in settings.items():
+            object.__setattr__(self, key, value)
+
+    def settings(self) -> dict[str, Any]:
+        """`{field: value}` of this policy's settings; values other than numbers, strings and None by type name."""
+        return {f.name: _describe(getattr(self, f.name)) for f in fields(self)}
 
     def constant_score(self) -> float | None:
         """If every token would get the same score whatever the observation, that score; else None.
@@ -105,3 +141,9 @@ def rank_by_position(positions: torch.Tensor, valid: torch.Tensor, *, newest_fir
 
 # A bonus that puts protected tokens (sinks, recent windows) above any attention-based score.
 PROTECTED = 1.0e9
+
+
+def _describe(value: Any) -> Any:
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return type(value).__name__

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from ..budgets import Budget, ThresholdBudget
 from .base import Observation, Policy
 
 
+@dataclass(frozen=True)
 class FullCachePolicy(Policy):
     """Rule: every token scores 0 under a threshold of 0, so nothing is ever evicted. Refuses budgets."""
 

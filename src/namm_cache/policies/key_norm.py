@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from .base import Observation, Policy
 
 
+@dataclass(frozen=True)
 class KeyNormPolicy(Policy):
     """Devoto et al., "A Simple and Effective L2 Norm-Based Strategy for KV Cache Compression" (EMNLP 2024).
 

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 
 from ..features import token_features
 from ..scorers import Scorer
-from .base import SPECTROGRAM, Observation, Policy
+from .base import Observation, Policy
 
 
+@dataclass(frozen=True)
 class NAMMPolicy(Policy):
     """Sakana AI, "An Evolved Universal Transformer Memory" (Cetin et al., 2024).
 
@@ -17,17 +20,21 @@ class NAMMPolicy(Policy):
     kept. Under a token or fraction budget the highest-scoring tokens are kept instead.
     """
 
+    scorer: Scorer = field(repr=False)
     name = "namm"
-    needs = frozenset({SPECTROGRAM})
+    needs = frozenset({"spectrogram"})
     supports_threshold = True
 
-    def __init__(self, scorer: Scorer):
-        if not isinstance(scorer, Scorer):
+    def __post_init__(self) -> None:
+        if not isinstance(self.scorer, Scorer):
             raise ValueError(
                 f"The namm policy needs a Scorer (BAMScorer(), MLPScorer(), or one loaded with NAMMCache.from_pretrained), "
-                f"got {type(scorer).__name__}: {scorer!r:.60}."
+                f"got {type(self.scorer).__name__}: {self.scorer!r:.60}."
             )
-        self.scorer = scorer
+        super().__post_init__()
+
+    def __repr__(self) -> str:
+        return f"NAMMPolicy(scorer={type(self.scorer).__name__}, {self.scorer.num_parameters()} parameters)"
 
     def constant_score(self) -> float | None:
         return self.scorer.constant_score()
@@ -37,7 +44,7 @@ class NAMMPolicy(Policy):
         if constant is not None:
             return torch.full(observation.valid.shape, constant, device=observation.keys.device)
         features = token_features(
-            observation.spectrogram,
+            observation.statistics["spectrogram"],
             observation.age,
             self.scorer.spectrogram_mean,
             self.scorer.spectrogram_std,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from ..validation import check_int
@@ -18,15 +20,18 @@ def _mix(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+@dataclass(frozen=True)
 class RandomPolicy(Policy):
     """Rule: each token gets a uniform pseudo-random score that depends only on (seed, layer, KV head, the
     row's eviction round, token age), so a run is reproducible and a batch row evicts exactly what
     the same prompt would alone; the top tokens within the budget are kept."""
 
+    seed: int = 0
     name = "random"
 
-    def __init__(self, seed: int = 0):
-        self.seed = check_int("seed", seed, minimum=0, maximum=2**32 - 1)
+    def __post_init__(self) -> None:
+        self._set(seed=check_int("seed", self.seed, minimum=0, maximum=2**32 - 1))
+        super().__post_init__()
 
     def score(self, observation: Observation) -> torch.Tensor:
         n = observation.valid.shape[0]

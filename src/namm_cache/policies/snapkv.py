@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
 from ..validation import check_int
-from .base import PROTECTED, WINDOW_ATTENTION, Observation, Policy, rank_by_position
+from .base import PROTECTED, Observation, Policy, rank_by_position
 
 
+@dataclass(frozen=True)
 class SnapKVPolicy(Policy):
     """Li et al., "SnapKV: LLM Knows What You are Looking for Before Generation" (2024).
 
@@ -18,23 +21,25 @@ class SnapKVPolicy(Policy):
     the observation window itself. Here it runs at every eviction round, not only after the prompt.
     """
 
+    window: int = 32
+    kernel_size: int = 7
     name = "snapkv"
-    needs = frozenset({WINDOW_ATTENTION})
+    needs = frozenset({"window_attention"})
 
-    def __init__(self, window: int = 32, kernel_size: int = 7):
-        window = check_int("window", window, minimum=1, maximum=2**20)
-        kernel_size = check_int("kernel_size", kernel_size, minimum=1, maximum=2**10 + 1)
+    def __post_init__(self) -> None:
+        window = check_int("window", self.window, minimum=1, maximum=2**20)
+        kernel_size = check_int("kernel_size", self.kernel_size, minimum=1, maximum=2**10 + 1)
         if kernel_size % 2 == 0:
             raise ValueError(f"kernel_size must be odd (the pooling is centred on each token), got {kernel_size}.")
-        self.window = window
-        self.kernel_size = kernel_size
+        self._set(window=window, kernel_size=kernel_size)
+        super().__post_init__()
 
     def score(self, observation: Observation) -> torch.Tensor:
         valid, positions = observation.valid, observation.positions
         # Pool over the chronological sequence of real tokens: pack them to the front in order first.
         big = torch.iinfo(positions.dtype).max
         order = torch.where(valid, positions, torch.full_like(positions, big)).argsort(dim=-1, stable=True)
-        packed = observation.window_attention.gather(-1, order) * valid.gather(-1, order)
+        packed = observation.statistics["window_attention"].gather(-1, order) * valid.gather(-1, order)
         pad = self.kernel_size // 2
         pooled = F.avg_pool1d(packed.unsqueeze(1), self.kernel_size, stride=1, padding=pad, count_include_pad=False).squeeze(1)
         scores = torch.empty_like(pooled).scatter_(-1, order, pooled)

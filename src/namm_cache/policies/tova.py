@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from .base import LAST_ATTENTION, Observation, Policy
+from .base import Observation, Policy
 
 
+@dataclass(frozen=True)
 class TOVAPolicy(Policy):
     """Oren et al., "Transformers are Multi-State RNNs" (TOVA, 2024).
 
@@ -16,7 +19,7 @@ class TOVAPolicy(Policy):
     """
 
     name = "tova"
-    needs = frozenset({LAST_ATTENTION})
+    needs = frozenset({"last_attention"})
 
     def score(self, observation: Observation) -> torch.Tensor:
-        return observation.last_attention.clone()
+        return observation.statistics["last_attention"].clone()

@@ -1,0 +1,432 @@
+"""`NAMMLayer`: the cache layer of one full-attention layer (storage, attention segments, eviction, compaction)."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import nn
+from transformers.cache_utils import CacheLayerMixin
+
+from .attention import hand_over
+from .budgets import Budget, ThresholdBudget
+from .config import NAMMConfig
+from .masks import attention_bias, check_chunk_positions, chunk_padding, segment_ends
+from .policies import Observation, Policy
+from .profiling import phase
+from .selection import compaction_indices, select_tokens
+from .statistics import AttentionStep, build_statistics
+
+FeatureObserver = Callable[[int, torch.Tensor], None]
+
+# Storage every layer keeps per slot; the policy's statistics add their own per-token tensors.
+STORAGE = ("keys", "values", "positions", "token_valid")
+
+
+class NAMMLayer(CacheLayerMixin):
+    """Cache layer of one full-attention layer that evicts tokens every `update_interval` tokens seen.
+
+    Storage (B = batch, H = KV heads, S = slots = the most tokens any (row, head) keeps, D = head dim):
+        keys, values: `(B, H, S, D)`, each (row, head) in chronological order; slots past a head's count
+            are empty and masked.
+        positions: `(B, H, S)` absolute position of each slot's token (index in the padded sequence).
+        token_valid: `(B, H, S)` False for empty slots and for padding tokens.
+        statistics: `{name: Statistic}`, one per statistic the policy needs, each with per-token tensors
+            `(B, H, S, ...)` (e.g. the spectrogram's EMA, tail and pending attention).
+    Per batch row: tokens of real (non-padding) input seen, next eviction point, eviction rounds.
+
+    Invariants: `get_seq_length()` is the number of tokens seen (padding included), so positions and
+    masks built by transformers stay right; an evicted token is gone from storage and never attended
+    again; every per-token tensor (storage and statistics) moves with the kept indices; eviction is
+    decided per batch row on that row's own real tokens, so a left-padded batch evicts what each prompt
+    would alone.
+    """
+
+    is_compileable = False
+    is_croppable = False
+    is_sliding = False
+
+    def __init__(
+        self,
+        layer_idx: int,
+        config: NAMMConfig,
+        policy: Policy,
+        budget: Budget | None = None,
+        observer: FeatureObserver | None = None,
+    ):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.config = config
+        self.policy = policy
+        self.budget = budget if budget is not None else ThresholdBudget()
+        self.observer = observer
+        self.statistics = build_statistics(policy, config)
+        self.tokens_seen = 0
+        self.tokens_evicted = 0
+        self.evictions = 0
+        self.awaiting_observation = False
+        self.observing = True
+
+    # ------------------------------------------------------------------ storage
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        batch, heads, _, head_dim = key_states.shape
+        device = key_states.device
+        self.device = device
+        self.keys = key_states.new_zeros(batch, heads, 0, head_dim)
+        self.values = value_states.new_zeros(batch, heads, 0, value_states.shape[-1])
+        self.positions = torch.zeros(batch, heads, 0, dtype=torch.long, device=device)
+        self.token_valid = torch.zeros(batch, heads, 0, dtype=torch.bool, device=device)
+        # Statistics are allocated when the policy first needs observations (_ensure_statistics).
+        for statistic in self.statistics.values():
+            statistic.clear()
+        self.real_tokens_seen = [0] * batch
+        self.next_eviction = [self.config.update_interval] * batch
+        self.row_evictions = [0] * batch
+        self.is_initialized = True
+
+    @property
+    def batch_size(self) -> int:
+        return self.keys.shape[0] if self.is_initialized else 0
+
+    @property
+    def ema(self) -> torch.Tensor | None:
+        """`(B, H, S, n_bins)` EMA of each token's attention spectrogram, or None if not tracked (yet)."""
+        statistic = self.statistics.get("spectrogram")
+        return statistic.tensors.get("ema") if statistic is not None else None
+
+    def per_token_tensors(self) -> dict[str, torch.Tensor]:
+        """Every tensor with one entry per slot: storage, then each statistic's (`"name.tensor"`)."""
+        tensors = {name: getattr(self, name) for name in STORAGE}
+        for statistic in self.statistics.values():
+            tensors.update({f"{statistic.name}.{name}": tensor for name, tensor in statistic.tensors.items()})
+        return tensors
+
+    def _map_statistics(self, function: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        for statistic in self.statistics.values():
+            statistic.tensors = {name: function(tensor) for name, tensor in statistic.tensors.items()}
+
+    def _map_per_token(self, function: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Replace every per-token tensor (storage and statistics) with `function(tensor)`."""
+        for name in STORAGE:
+            setattr(self, name, function(getattr(self, name)))
+        self._map_statistics(function)
+
+    def _ensure_statistics(self) -> None:
+        """Allocate zero state for every slot for each statistic not allocated yet (tokens observed from now on)."""
+        batch, heads, slots = self.token_valid.shape
+        for statistic in self.statistics.values():
+            if not statistic.allocated:
+                statistic.allocate(batch, heads, slots, self.keys.device)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any):
+        """Evict if an eviction point was reached, then append the new chunk and return all stored K/V.
+
+        Returns keys and values `(B, H, S + q, D)`: stored slots (some possibly empty) then the new tokens.
+        """
+        if torch.compiler.is_compiling():
+            raise RuntimeError(
+                "NAMMCache cannot run under torch.compile: eviction changes tensor shapes at data-dependent points. "
+                "Run the model uncompiled (generate() does not auto-compile this cache)."
+            )
+        if self.awaiting_observation:
+            self.raise_missing_observation()
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        elif key_states.shape[0] != self.keys.shape[0]:
+            raise ValueError(
+                f"Batch size changed from {self.keys.shape[0]} to {key_states.shape[0]}; a NAMMCache serves one batch of "
+                "sequences. Call cache.reset() before a new batch."
+            )
+        self.evict_due_rows(now=self.tokens_seen - 1)
+        with phase("append"):
+            return self._append(key_states, value_states)
+
+    def raise_missing_observation(self) -> None:
+        """The error for a layer whose attention never reached the observation wrapper."""
+        raise RuntimeError(
+            f"NAMM layer {self.layer_idx} received no attention observation for its last chunk, so it cannot score "
+            "tokens (it never evicts blind). The model must run its attention through the NAMM wrapper: build the "
+            "cache with NAMMCache(model=model, ...) or call namm_cache.install_attention(model), and use "
+            "attn_implementation 'sdpa' or 'eager'."
+        )
+
+    def _append(self, key_states: torch.Tensor, value_states: torch.Tensor):
+        batch, heads, q, _ = key_states.shape
+        device = self.keys.device
+        new_positions = torch.arange(self.tokens_seen, self.tokens_seen + q, device=device).expand(batch, heads, q)
+        self.keys = torch.cat([self.keys, key_states], dim=-2)
+        self.values = torch.cat([self.values, value_states], dim=-2)
+        self.positions = torch.cat([self.positions, new_positions], dim=-1)
+        self.token_valid = torch.cat([self.token_valid, torch.ones(batch, heads, q, dtype=torch.bool, device=device)], dim=-1)
+        self._map_statistics(lambda state: torch.cat([state, state.new_zeros(batch, heads, q, *state.shape[3:])], dim=2))
+        self.tokens_seen += q
+        self.observing = bool(self.policy.needs) and self.policy.constant_score() is None
+        self.awaiting_observation = True
+        hand_over(self, self.keys)
+        return self.keys, self.values
+
+    def mark_padding(self, new_is_padding: torch.Tensor | None) -> None:
+        """Flag the padding tokens of the chunk just appended: never attended, never kept."""
+        if new_is_padding is None:
+            return
+        q_length = new_is_padding.shape[-1]
+        self.token_valid[:, :, -q_length:] &= ~new_is_padding.unsqueeze(1)
+
+    # ------------------------------------------------------------------ attention of the chunk just appended
+    def run_attention(
+        self,
+        module: nn.Module,
+        query: torch.Tensor,
+        attend: Callable,
+        *,
+        grouped: bool,
+        padding: torch.Tensor | None,
+        standard_mask: Any,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Attention of the chunk just appended over this layer's stored slots, observed and evicted on the way.
+
+        The chunk's queries run in segments that end at the rows' eviction points; after each segment its
+        probabilities are folded into the statistics, and a row that reached its point evicts before the
+        next segment, exactly as it would between chunks.
+
+        Args:
+            query: `(B, query_heads, q, D)` post-RoPE queries of the chunk.
+            attend: the attention function `(module, query, keys, values, mask, **kwargs) -> (output,
+                probabilities)`; with `grouped` it takes a bool mask per KV head (`grouped_eager_attention`).
+            padding: the model's 2D attention mask `(B, tokens seen)` or None.
+            standard_mask: the mask transformers built for all layers, used as is when this layer holds
+                every token and observes nothing.
+
+        Returns:
+            output `(B, q, query_heads, D)` and, when the chunk ran as one segment, `attend`'s probabilities
+            (else None).
+        """
+        q_length = query.shape[2]
+        with phase("bookkeeping"):
+            new_is_padding = chunk_padding(padding, q_length, self.tokens_seen, self.keys.device)
+            check_chunk_positions(kwargs.get("position_ids"), new_is_padding, self.real_tokens_seen, self.tokens_seen)
+            self.mark_padding(new_is_padding)
+            ends = segment_ends(new_is_padding, q_length, self.real_tokens_seen, self.next_eviction, self.config.update_interval)
+        if not self.observing and len(ends) == 1 and self.holds_every_token():
+            # Nothing evicted, no padding, no observation needed: transformers' own mask is exactly right.
+            if standard_mask is None or (isinstance(standard_mask, torch.Tensor) and standard_mask.shape[-1] == self.keys.shape[-2]):
+                with phase("attention"):
+                    output = attend(module, query, self.keys, self.values, standard_mask, **kwargs)
+                self.observe(None, new_is_padding, q_length)
+                return output
+        chunk_start = self.tokens_seen - q_length
+        query_positions = torch.arange(chunk_start, self.tokens_seen, device=query.device)
+        outputs, weights, start = [], None, 0
+        for end in ends:
+            with phase("mask"):
+                mask = attention_bias(self.positions, self.token_valid, query_positions[start:end],
+                                      query_heads=query.shape[1], dtype=query.dtype, grouped=grouped)
+            with phase("attention"):
+                output, weights = attend(module, query[:, :, start:end], self.keys, self.values, mask, **kwargs)
+            segment_padding = new_is_padding[:, start:end] if new_is_padding is not None else None
+            with phase("observe"):
+                self.observe(weights if self.observing else None, segment_padding, end - start)
+            if end < q_length:
+                # A row reached its eviction point inside this chunk: evict now, as it would between chunks.
+                self.evict_due_rows(now=chunk_start + end - 1)
+            outputs.append(output)
+            start = end
+        if len(outputs) == 1:
+            return outputs[0], weights
+        return torch.cat(outputs, dim=1), None
+
+    # ------------------------------------------------------------------ observation -> statistics
+    def observe(self, weights: torch.Tensor | None, new_is_padding: torch.Tensor | None, q_length: int) -> None:
+        """Fold these queries' attention probabilities into every statistic the policy needs.
+
+        Args:
+            weights: `(B, query_heads, q, S)` or, grouped by KV head, `(B, H, G, q, S)`: post-softmax
+                attention of `q` consecutive queries over the stored slots, or None when the policy does not
+                need observations (only counts advance).
+            new_is_padding: `(B, q)` bool (None: no padding); padding queries are not part of any statistic.
+        """
+        if new_is_padding is None:
+            real_queries = None
+            real_counts = [q_length] * self.batch_size
+        else:
+            real_queries = ~new_is_padding
+            real_counts = real_queries.sum(-1).tolist()
+        if weights is not None and self.statistics:
+            self._ensure_statistics()
+            batch, heads, slots = self.token_valid.shape
+            q = weights.shape[-2]
+            groups = weights.numel() // (batch * heads * q * slots)
+            probabilities = weights.detach().to(torch.float32)
+            probabilities = probabilities.view(batch, heads, groups, q, slots).mean(2) if groups > 1 else probabilities
+            step = AttentionStep(probabilities, real_queries, self.real_tokens_seen, self.next_eviction)
+            for statistic in self.statistics.values():
+                statistic.fold(step)
+        for b, count in enumerate(real_counts):
+            self.real_tokens_seen[b] += count
+        self.awaiting_observation = False
+
+    # ------------------------------------------------------------------ eviction
+    def evict_due_rows(self, now: int) -> None:
+        """Score and evict in every batch row that has reached its next eviction point.
+
+        `now` is the position of the newest token processed; tokens at later positions (the rest of the
+        current chunk, when a row's point falls inside it) are neither scored nor evicted.
+        """
+        due = [b for b in range(self.batch_size) if self.real_tokens_seen[b] >= self.next_eviction[b]]
+        if not due:
+            return
+        self._evict(due, now)
+        for b in due:
+            while self.next_eviction[b] <= self.real_tokens_seen[b]:
+                self.next_eviction[b] += self.config.update_interval
+
+    def observation(self, rows: list[int], now: int) -> Observation:
+        """What the policy sees of batch `rows` at position `now` (one observation row per (row, KV head)).
+
+        Tokens at positions after `now` (the rest of a chunk, mid-chunk) are not valid for scoring.
+        """
+        heads, slots = self.token_valid.shape[1:]
+        index = torch.tensor(rows, device=self.keys.device)
+        positions = self.positions[index].reshape(-1, slots)
+        valid = self.token_valid[index].reshape(-1, slots) & (positions <= now)
+        budgets = [self.budget.tokens_for(self.real_tokens_seen[b]) for b in rows]
+        budget = None if budgets[0] is None else torch.tensor(budgets, device=positions.device).repeat_interleave(heads)
+        return Observation(
+            layer_idx=self.layer_idx,
+            keys=self.keys[index].reshape(-1, slots, self.keys.shape[-1]),
+            values=self.values[index].reshape(-1, slots, self.values.shape[-1]),
+            positions=positions,
+            valid=valid,
+            age=(now - positions).clamp_min(0),
+            config=self.config,
+            budget=budget,
+            statistics={name: statistic.value(index, heads, slots) for name, statistic in self.statistics.items()},
+            eviction_round=torch.tensor([self.row_evictions[b] for b in rows], device=positions.device).repeat_interleave(heads),
+            batch_rows=index.repeat_interleave(heads),
+            head_index=torch.arange(heads, device=positions.device).repeat(len(rows)),
+        )
+
+    def _evict(self, due_rows: list[int], now: int) -> None:
+        batch, heads, slots = self.token_valid.shape
+        keep = self.token_valid.clone()
+        index = torch.tensor(due_rows, device=self.keys.device)
+        with phase("score"):
+            observation = self.observation(due_rows, now)
+        positions, valid, budget = observation.positions, observation.valid, observation.budget
+        present = self.token_valid[index].reshape(-1, slots)
+        arrived = positions <= now
+        spectrogram = observation.statistics.get("spectrogram")
+        if self.observer is not None and spectrogram is not None:
+            self.observer(self.layer_idx, spectrogram[valid])
+        with phase("score"):
+            scores = self.policy.score(observation)
+        if scores.shape != valid.shape:
+            raise ValueError(f"Policy {type(self.policy).__name__} returned scores of shape {tuple(scores.shape)}, expected {tuple(valid.shape)}.")
+        with phase("select"):
+            if budget is None:
+                kept = select_tokens(scores, valid, positions, threshold=self.config.threshold, max_tokens=self.config.max_tokens)
+            else:
+                if self.config.max_tokens is not None:
+                    budget = budget.clamp_max(self.config.max_tokens)
+                kept = select_tokens(scores, valid, positions, threshold=None, max_tokens=budget)
+        kept |= present & ~arrived
+        keep[index] = kept.view(len(due_rows), heads, slots)
+        for statistic in self.statistics.values():
+            if statistic.allocated:
+                statistic.evicted(index)
+        removed = int(self.token_valid.sum() - keep.sum())
+        self.tokens_evicted += removed
+        self.evictions += 1
+        for b in due_rows:
+            self.row_evictions[b] += 1
+        if removed or not bool(keep.all()):
+            with phase("compact"):
+                self._compact(keep)
+
+    def holds_every_token(self) -> bool:
+        """True while nothing was evicted or masked: slots are exactly the tokens seen, all real."""
+        return self.keys.shape[-2] == self.tokens_seen and bool(self.token_valid.all())
+
+    def _compact(self, keep: torch.Tensor) -> None:
+        """Shrink storage to the kept slots of every (row, head); kept tokens stay in chronological order."""
+        batch, heads, slots = keep.shape
+        order, slot_valid = compaction_indices(keep.reshape(batch * heads, slots))
+        new_slots = order.shape[-1]
+        order = order.view(batch, heads, new_slots)
+
+        def gather(tensor: torch.Tensor) -> torch.Tensor:
+            index = order[(..., *([None] * (tensor.dim() - 3)))].expand(batch, heads, new_slots, *tensor.shape[3:])
+            return tensor.gather(2, index).contiguous()
+
+        self._map_per_token(gather)
+        self.token_valid &= slot_valid.view(batch, heads, new_slots)
+
+    # ------------------------------------------------------------------ transformers API
+    def get_seq_length(self) -> int:
+        return self.tokens_seen
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        stored = self.keys.shape[-2] if self.is_initialized else 0
+        return stored + query_length, self.tokens_seen - stored
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.keys = self.values = None
+        self.is_initialized = False
+        self.tokens_seen = 0
+        self.tokens_evicted = 0
+        self.evictions = 0
+        self.awaiting_observation = False
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError(
+            "NAMMCache cannot be cropped: evicted tokens cannot be restored, so assisted / speculative decoding (which "
+            "rolls the cache back) is not supported. Use generate() without an assistant model."
+        )
+
+    def _select_batch(self, index: torch.Tensor) -> None:
+        if not self.is_initialized:
+            return
+        index = index.to(self.keys.device)
+        self._map_per_token(lambda tensor: tensor.index_select(0, index))
+        rows = index.tolist()
+        for statistic in self.statistics.values():
+            if statistic.allocated:
+                statistic.select_rows(rows)
+        self.real_tokens_seen = [self.real_tokens_seen[i] for i in rows]
+        self.next_eviction = [self.next_eviction[i] for i in rows]
+        self.row_evictions = [self.row_evictions[i] for i in rows]
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._select_batch(beam_idx)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.is_initialized:
+            self._select_batch(torch.arange(self.batch_size, device=self.keys.device).repeat_interleave(repeats))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.is_initialized:
+            if indices.dtype == torch.bool:
+                indices = indices.nonzero().flatten()
+            self._select_batch(indices)
+
+    # ------------------------------------------------------------------ accounting
+    def kv_bytes(self) -> int:
+        if not self.is_initialized:
+            return 0
+        return self.keys.nbytes + self.values.nbytes
+
+    def state_bytes(self) -> int:
+        """Bytes of everything kept per token besides keys and values (positions, flags, statistics)."""
+        if not self.is_initialized:
+            return 0
+        return sum(tensor.nbytes for name, tensor in self.per_token_tensors().items() if name not in ("keys", "values"))
+
+    def kept_per_head(self) -> torch.Tensor:
+        """`(B, H)` number of real tokens each (row, KV head) holds."""
+        if not self.is_initialized:
+            return torch.zeros(0, 0, dtype=torch.long)
+        return self.token_valid.sum(-1)
