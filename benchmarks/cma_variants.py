@@ -19,11 +19,10 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from namm_cache.evolution.run import CMAES
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import provenance  # noqa: E402
-
-from evolution.run import CMAES  # noqa: E402
 
 DIM, POPULATION, SIGMA0, GENERATIONS = 4172, 8, 0.065, 150
 

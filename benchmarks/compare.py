@@ -4,10 +4,10 @@
     python benchmarks/compare.py --model gemma3-270m --tag gemma3 # zero-shot transfer: same scorer, no retraining
     python benchmarks/compare.py --scorer runs/smollm2-bam/scorer # any scorer folder / repo id
 
-Held-out prompts (KJV Proverbs haystack, a seed never used in training): pass key, one needle, variable
-tracking (greedy-answer accuracy) and long-text continuation (teacher-forced answer probability,
-normalised by the full cache). Each (policy, budget) cell is written to the JSON as soon as it finishes
-and skipped on the next run, so an interrupted benchmark resumes. Outputs, under benchmarks/results/:
+The held-out suite (`namm_cache.tasks.heldout_examples`: KJV Proverbs haystacks, a seed never used in
+training): pass key, one needle, variable tracking (greedy-answer accuracy) and long-text continuation
+(teacher-forced answer probability, normalised by the full cache). Each (policy, budget) cell is written to
+the JSON as soon as it finishes and skipped on the next run, so an interrupted benchmark resumes. Outputs, under benchmarks/results/:
 `compare_<tag>.json`, `compare_<tag>_quality.png` (score vs kept fraction) and `compare_<tag>_cost.png`
 (time and peak KV per policy).
 """
@@ -17,43 +17,26 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import sys
 import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch
 from tqdm.auto import tqdm
 
-from evolution.fitness import _tokens, evaluate_examples, generate_answer
-from evolution.run import load_model
-from evolution.tasks import build_task
 from namm_cache import NAMMCache
+from namm_cache.evolution.fitness import answers_correctly, evaluate_examples
+from namm_cache.evolution.run import load_model
 from namm_cache.hub import DEFAULT_SCORER, load_scorer
+from namm_cache.tasks import HELDOUT_SEED, heldout_examples
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import provenance, scorer_id  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 BASELINES = ["h2o", "key_norm", "streaming_llm", "snapkv", "tova", "random"]
-SEED = 424_242
-
-
-def held_out_examples(tokenizer, tokens: int, prompts: int):
-    rng = random.Random(SEED + tokens)
-    specs = [
-        {"name": "passkey", "tokens": tokens, "haystack": "kjv_proverbs"},
-        {"name": "needle", "tokens": tokens, "haystack": "kjv_proverbs"},
-        {"name": "variable_tracking", "tokens": tokens, "haystack": "kjv_proverbs", "hops": 3},
-        {"name": "long_text", "tokens": tokens, "text": "kjv_proverbs", "answer_tokens": 32},
-    ]
-    examples = []
-    for spec in specs:
-        examples += build_task(spec).sample(tokenizer, rng, prompts)
-    return examples
 
 
 def run_cell(model, tokenizer, examples, make_cache, chunk: int) -> dict:
@@ -68,8 +51,7 @@ def run_cell(model, tokenizer, examples, make_cache, chunk: int) -> dict:
             kept.append(result.kept_fraction)
             continue
         cache = make_cache()
-        answer = generate_answer(model, tokenizer, cache, _tokens(tokenizer, example.prompt), chunk, 8)
-        per_task.setdefault(example.task, []).append(float(answer.strip().startswith(example.answer.strip())))
+        per_task.setdefault(example.task, []).append(float(answers_correctly(model, tokenizer, cache, example, chunk)))
         kept.append(result.kept_fraction)
         peak = max(peak, getattr(cache, "peak_kv_bytes", 0))
     return {
@@ -153,8 +135,9 @@ def main(argv: list[str] | None = None) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / f"compare_{args.tag}.json"
     budgets = [float(b) for b in args.budgets.split(",")]
+    # The seed is part of the settings: cells measured on other prompts (before the one held-out suite) rerun.
     settings = {"model": args.model, "tokens": args.tokens, "prompts_per_task": args.prompts,
-                "update_interval": args.update_interval}
+                "update_interval": args.update_interval, "seed": HELDOUT_SEED}
     result = json.loads(path.read_text()) if path.is_file() else {}
     if result.get("settings") != settings:
         result = {"settings": settings, "cells": {}}  # different settings: start over
@@ -163,7 +146,7 @@ def main(argv: list[str] | None = None) -> Path:
                   **provenance(__file__, argv))
 
     model, tokenizer = load_model(args.model)
-    examples = held_out_examples(tokenizer, args.tokens, args.prompts)
+    examples = heldout_examples(tokenizer, args.prompts, tokens=args.tokens)
     loaded = load_scorer(args.scorer)
     interval = args.update_interval
     config = loaded.config.replace(update_interval=interval, max_tokens=None)

@@ -99,10 +99,10 @@ def render_heldout(name: str):
     """Renderer for a held-out evaluation written to `benchmarks/results/<name>.json`."""
 
     def render(result: dict) -> str:
-        from evolution.evaluate import table
+        from namm_cache.evolution.evaluate import table
 
         return (
-            f"Measured {result['date']}; command: `python -m evolution.evaluate --scorer {result['scorer']} "
+            f"Measured {result['date']}; command: `python -m namm_cache.evolution.evaluate --scorer {result['scorer']} "
             f"--prompts-per-task {result['prompts_per_task']}{' --no-cap' if result.get('no_cap') else ''} "
             f"--out benchmarks/results/{name}.json`. Held-out KJV Proverbs haystacks, seed {result['seed']}, "
             f"{result['prompts_per_task']} prompts per task. Cells: teacher-forced answer probability (greedy accuracy in "

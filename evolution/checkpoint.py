@@ -2,8 +2,8 @@
 
 `OUT/checkpoint.safetensors` holds the arrays (the CMA-ES state's arrays, the random generators' keys) and,
 in its metadata, a JSON document with everything else: position in the run, normalisation statistics, the log,
-the CMA-ES state tree (see `evolution.cmaes`) and the generators' states. Reading one never imports or calls
-anything it names, so a crafted file can at worst be refused; every problem with a file is one
+the CMA-ES state tree (see `namm_cache.evolution.cmaes`) and the generators' states. Reading one never imports
+or calls anything it names, so a crafted file can at worst be refused; every problem with a file is one
 `CheckpointError` naming it. Files are written to a temporary name, fsynced and renamed, so a run killed at
 any moment leaves the previous complete checkpoint.
 """

@@ -1,9 +1,9 @@
 """`namm-evolve`: evolve a NAMM scorer with CMA-ES from a YAML / TOML config.
 
-    namm-evolve --config evolution/configs/smollm2.yaml --out runs/smollm2            # start
-    namm-evolve --config evolution/configs/smollm2.yaml --out runs/smollm2 --resume   # continue after a stop
-    torchrun --nproc_per_node 2 -m evolution.cli --config ... --out ...               # shard members over ranks
-    namm-evolve ... --set population=8 --set stages.0.generations=3                   # overrides
+    namm-evolve --config evolution/configs/smollm2.yaml --out runs/smollm2             # start
+    namm-evolve --config evolution/configs/smollm2.yaml --out runs/smollm2 --resume    # continue after a stop
+    torchrun --nproc_per_node 2 -m namm_cache.evolution.cli --config ... --out ...     # shard members over ranks
+    namm-evolve ... --set population=8 --set stages.0.generations=3                    # overrides
 
 Every generation is checkpointed atomically to OUT/checkpoint.safetensors (data only: arrays plus a JSON
 header), logged to OUT/log.jsonl and plotted to OUT/fitness.png; the final distribution mean is written as a

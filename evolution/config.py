@@ -16,12 +16,11 @@ import yaml
 from namm_cache import NAMMConfig
 from namm_cache.budgets import parse_budget
 from namm_cache.offline import OFFLINE_MODELS
+from namm_cache.tasks import HELDOUT_TEXT, TRAINING_TEXT, build_task
 from namm_cache.validation import (check_bool, check_choice, check_float, check_int, check_known_keys, check_mapping,
                                    did_you_mean)
 
 from .cmaes import MAX_POPULATION
-from .tasks import build_task
-
 
 STAGE_NAMM_KEYS = ("update_interval", "threshold", "max_tokens")
 MAX_SEED = 2**31 - 1  # seeds numpy generators (seed + stage + 1 must stay below 2**32)
@@ -250,9 +249,13 @@ def _check_stage(i: int, stage: Stage) -> None:
 
 def _build_task_at(where: str, spec: Any):
     try:
-        return build_task(spec)
+        task = build_task(spec)
     except ValueError as error:
         raise ValueError(f"{where}: {error}") from None
+    if getattr(task, "source", None) == HELDOUT_TEXT:  # held-out numbers are only honest on text never trained on
+        raise ValueError(f"{where}: {HELDOUT_TEXT!r} is the held-out text (evaluation, benchmarks, the lm-eval pack); "
+                         f"train on {TRAINING_TEXT!r}, 'filler' or a text file of your own.")
+    return task
 
 
 def _check_scorer(spec: Any, namm: NAMMConfig) -> dict[str, Any]:

@@ -1,8 +1,9 @@
 """Held-out evaluation of an evolved scorer against the full cache and the baselines at the same memory.
 
-    python -m evolution.evaluate --scorer runs/smollm2-bam/scorer --out runs/smollm2-bam/heldout.json
+    python -m namm_cache.evolution.evaluate --scorer runs/smollm2-bam/scorer --out runs/smollm2-bam/heldout.json
 
-Prompts use the held-out haystack (`kjv_proverbs`) and seeds never used in training. The scorer runs with
+Prompts are the held-out suite (`namm_cache.tasks.heldout_examples`: `kjv_proverbs` haystacks, a seed never
+used in training). The scorer runs with
 its stored settings (or, with `--no-cap`, with its score threshold alone: its own memory use); every baseline
 then runs with the fraction budget under which it holds the scorer's measured mean kept fraction (solved
 from one probe run, `matched_budget`), so the comparison is at the same retained KV. Scores are normalised
@@ -15,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -27,18 +27,11 @@ from tqdm.auto import tqdm
 
 from namm_cache import NAMMCache
 from namm_cache.hub import load_scorer
+from namm_cache.tasks import HELDOUT_SEED, HELDOUT_TASKS, heldout_examples
 
-from .fitness import _tokens, evaluate_examples, generate_answer, mean_kept_fraction
-from .tasks import build_task
+from .fitness import answers_correctly, evaluate_examples, mean_kept_fraction
 
-HELDOUT_TASKS = [
-    {"name": "passkey", "tokens": 1000, "haystack": "kjv_proverbs"},
-    {"name": "needle", "tokens": 1000, "haystack": "kjv_proverbs"},
-    {"name": "variable_tracking", "tokens": 1000, "haystack": "kjv_proverbs", "hops": 3},
-    {"name": "long_text", "tokens": 1000, "text": "kjv_proverbs", "answer_tokens": 32},
-]
 BASELINES = ["h2o", "key_norm", "streaming_llm", "snapkv", "tova", "random"]
-HELDOUT_SEED = 987_654_321  # never used by a training run (those seed prompts with seed * 1000003 + generation * 7919)
 
 
 def matched_budget(target: float, probe_budget: float, probe_kept: float) -> float:
@@ -65,10 +58,7 @@ def evaluate_heldout(model, tokenizer, scorer_path: str, *, prompts_per_task: in
     if no_cap and config.threshold is None:
         raise ValueError(f"{scorer_path} has no score threshold: without its cap it would keep every token.")
     chunk = config.update_interval
-    rng = random.Random(HELDOUT_SEED)
-    examples = []
-    for spec in HELDOUT_TASKS:
-        examples += build_task(spec).sample(tokenizer, rng, prompts_per_task)
+    examples = heldout_examples(tokenizer, prompts_per_task)
 
     def run(make_cache, label: str) -> dict[str, Any]:
         results = evaluate_examples(model, tokenizer, examples, make_cache, chunk=chunk)
@@ -76,8 +66,7 @@ def evaluate_heldout(model, tokenizer, scorer_path: str, *, prompts_per_task: in
         for example in examples:
             if example.task == "long_text":
                 continue
-            answer = generate_answer(model, tokenizer, make_cache(), _tokens(tokenizer, example.prompt), chunk, 8)
-            accuracy.setdefault(example.task, []).append(answer.strip().startswith(example.answer.strip()))
+            accuracy.setdefault(example.task, []).append(answers_correctly(model, tokenizer, make_cache(), example, chunk))
         per_task: dict[str, dict[str, float]] = {}
         for task in dict.fromkeys(e.task for e in examples):
             idx = [i for i, e in enumerate(examples) if e.task == task]

@@ -9,18 +9,13 @@ from typing import Any, Callable
 import torch
 
 from namm_cache import NAMMCache
-
-from .tasks import METRICS, Example
+from namm_cache.tasks import METRICS, Example, token_ids
 
 
 @dataclass
 class ExampleResult:
     score: float  # in [0, 1]: geometric-mean answer-token probability, or the generation metric
     kept_fraction: float  # mean fraction of real tokens kept over NAMM layers, at the end of the prompt
-
-
-def _tokens(tokenizer, text: str) -> torch.Tensor:
-    return torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]], dtype=torch.long)
 
 
 @torch.no_grad()
@@ -47,6 +42,12 @@ def generate_answer(model, tokenizer, cache, prompt_ids: torch.Tensor, chunk: in
     return tokenizer.decode(out[0, prompt_ids.shape[1]:], skip_special_tokens=True)
 
 
+def answers_correctly(model, tokenizer, cache, example: Example, chunk: int, max_new_tokens: int = 8) -> bool:
+    """Whether the greedy answer to `example.prompt` through `cache` is `example.answer` (`Example.is_correct`)."""
+    completion = generate_answer(model, tokenizer, cache, token_ids(tokenizer, example.prompt), chunk, max_new_tokens)
+    return example.is_correct(completion)
+
+
 def mean_kept_fraction(results: list[ExampleResult]) -> float:
     """Mean over examples of the fraction of real tokens kept."""
     return sum(r.kept_fraction for r in results) / len(results)
@@ -71,9 +72,9 @@ def evaluate_examples(
     results = []
     for example in examples:
         cache = make_cache()
-        prompt_ids = _tokens(tokenizer, example.prompt)
+        prompt_ids = token_ids(tokenizer, example.prompt)
         if example.metric == "logprob":
-            answer_ids = _tokens(tokenizer, example.answer)
+            answer_ids = token_ids(tokenizer, example.answer)
             score = math.exp(answer_logprob(model, cache, prompt_ids, answer_ids, chunk))
             fraction = kept_fraction(cache)
         else:

@@ -27,13 +27,13 @@ from namm_cache.budgets import parse_budget
 from namm_cache.calibration import calibrate_normalization
 from namm_cache.hub import ScorerMetadata, save_scorer
 from namm_cache.scorers import build_scorer
+from namm_cache.tasks import Example, build_task
 
 from .checkpoint import (CHECKPOINT, LEGACY_CHECKPOINT, CheckpointError, RunState, atomic_write_bytes, check_run_folder,
                          locate_checkpoint, read_checkpoint, write_checkpoint)
 from .cmaes import CMAES, maximize_with_cma  # noqa: F401  (maximize_with_cma: re-exported)
 from .config import EvolutionConfig, check_fits_context, resolve_model_path
 from .fitness import evaluate_examples, mean_kept_fraction, normalized_task_scores
-from .tasks import Example, build_task
 
 LOG = "log.jsonl"
 PLOT = "fitness.png"

@@ -18,7 +18,7 @@ from transformers import DynamicCache
 
 from namm_cache import NAMMCache
 from namm_cache.offline import load_offline_model
-from namm_cache.prompts import passkey_prompt
+from namm_cache.tasks import passkey_prompt
 
 
 def kv_bytes(cache) -> int:

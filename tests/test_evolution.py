@@ -16,12 +16,12 @@ import pytest
 import torch
 from conftest import tiny_model
 
-from evolution import EvolutionConfig
-from evolution.checkpoint import read_checkpoint
-from evolution.run import maximize_with_cma
-from evolution.tasks import JsonlTask, build_task, qa_f1_score, rouge_l_score
 from namm_cache import NAMMCache, NAMMConfig
 from namm_cache.calibration import KeepAllObservingPolicy, calibrate_normalization
+from namm_cache.evolution import EvolutionConfig
+from namm_cache.evolution.checkpoint import read_checkpoint
+from namm_cache.evolution.run import maximize_with_cma
+from namm_cache.tasks import JsonlTask, build_task, qa_f1_score, rouge_l_score
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -96,7 +96,7 @@ def write_config(path: Path, model_dir: Path, generations: int = 2, **extra) -> 
 def cli(*args, env_extra=None, check=True, runner=None):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
     env.update(env_extra or {})
-    command = (runner or [sys.executable, "-m", "evolution.cli"]) + list(args) + ["--no-progress"]
+    command = (runner or [sys.executable, "-m", "namm_cache.evolution.cli"]) + list(args) + ["--no-progress"]
     result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
     if check and result.returncode != 0:
         raise AssertionError(result.stdout[-3000:] + result.stderr[-3000:])
@@ -141,7 +141,7 @@ def test_resume_after_sigkill_continues_the_same_trajectory(tmp_path, tiny_model
     cli("--config", str(config), "--out", str(straight))
     killed = tmp_path / "killed"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
-    process = subprocess.Popen([sys.executable, "-m", "evolution.cli", "--config", str(config), "--out", str(killed), "--no-progress"],
+    process = subprocess.Popen([sys.executable, "-m", "namm_cache.evolution.cli", "--config", str(config), "--out", str(killed), "--no-progress"],
                                env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while time.time() < deadline and not ((killed / "log.jsonl").is_file() and (killed / "log.jsonl").read_text().strip()):
@@ -164,7 +164,7 @@ def test_one_and_two_processes_give_the_same_result(tmp_path, tiny_model_dir):
     single = tmp_path / "single"
     cli("--config", str(config), "--out", str(single))
     double = tmp_path / "double"
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(29500 + os.getpid() % 1000), "-m", "evolution.cli"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(29500 + os.getpid() % 1000), "-m", "namm_cache.evolution.cli"]
     cli("--config", str(config), "--out", str(double), runner=torchrun)
     mean_1, _, log_1 = final_mean(single)
     mean_2, _, log_2 = final_mean(double)
@@ -202,8 +202,8 @@ def test_config_loads_toml_and_builds_every_task(tmp_path):
 def test_heldout_evaluation_matches_baselines_to_the_scorers_memory_and_bundles(tmp_path, tiny_model_dir, monkeypatch):
     from helpers import random_scorer
 
-    from evolution.evaluate import evaluate_heldout
-    from evolution.run import load_model
+    from namm_cache.evolution.evaluate import evaluate_heldout
+    from namm_cache.evolution.run import load_model
     from namm_cache.hub import ScorerMetadata, load_scorer, save_scorer
 
     folder = tmp_path / "scorer"
@@ -239,7 +239,7 @@ def test_heldout_evaluation_matches_baselines_to_the_scorers_memory_and_bundles(
 
 
 def test_matched_budget_solves_the_budget_to_kept_line():
-    from evolution.evaluate import matched_budget
+    from namm_cache.evolution.evaluate import matched_budget
 
     # 1000 real tokens, rounds every 128: the last round sees 896 and keeps budget x 896, then 104 more arrive.
     kept = lambda budget: (budget * 896 + 104) / 1000
@@ -304,7 +304,7 @@ def test_a_run_killed_three_times_resumes_on_the_uninterrupted_trajectory(tmp_pa
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
     interrupted_at = []
     for index, kill_after in enumerate((2, 6, 10)):
-        command = [sys.executable, "-m", "evolution.cli", "--config", str(config), "--out", str(killed), "--no-progress"]
+        command = [sys.executable, "-m", "namm_cache.evolution.cli", "--config", str(config), "--out", str(killed), "--no-progress"]
         process = subprocess.Popen(command + (["--resume"] if index else []), env=env, cwd=ROOT,
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.time() + 300

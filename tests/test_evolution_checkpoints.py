@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 import torch
 
-from evolution.checkpoint import CheckpointError, RunState, check_run_folder, read_checkpoint, write_checkpoint
-from evolution.cli import main as namm_evolve
-from evolution.cmaes import CMAES
+from namm_cache.evolution.checkpoint import CheckpointError, RunState, check_run_folder, read_checkpoint, write_checkpoint
+from namm_cache.evolution.cli import main as namm_evolve
+from namm_cache.evolution.cmaes import CMAES
 
 ROOT = Path(__file__).resolve().parent.parent
 

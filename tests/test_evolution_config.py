@@ -9,7 +9,7 @@ import math
 import pytest
 from test_evolution_checkpoints import assert_one_line_error, run_cli, small_config, weightless_model_dir  # noqa: F401
 
-from evolution import EvolutionConfig
+from namm_cache.evolution import EvolutionConfig
 
 
 # ------------------------------------------------------------------------------------ config values
@@ -62,7 +62,7 @@ HOSTILE = [None, True, False, "abc", "", -1, 0, 1, 2.5, float("nan"), float("inf
 def test_hostile_config_values_give_value_errors_or_valid_configs(tiny_model_dir, key):
     """Every value of every setting either builds a config whose values have the right types, or raises a
     `ValueError` / `FileNotFoundError`: never another exception, never a silently converted value."""
-    from evolution.config import set_dotted
+    from namm_cache.evolution.config import set_dotted
 
     base = {"model": str(tiny_model_dir), "scorer": {"kind": "mlp", "hidden_dim": 4}, "population": 4,
             "stages": [{"tasks": [{"name": "passkey", "tokens": 100}], "generations": 1}]}

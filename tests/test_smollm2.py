@@ -8,7 +8,7 @@ from helpers import observing_keep_all_scorer
 from transformers import DynamicCache
 
 from namm_cache import NAMMCache
-from namm_cache.prompts import passkey_prompt
+from namm_cache.tasks import passkey_prompt
 
 pytestmark = pytest.mark.slow
 

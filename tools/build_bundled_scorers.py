@@ -21,7 +21,7 @@ from namm_cache import BAMScorer, NAMMConfig, attention_mass_scorer
 from namm_cache.calibration import calibrate_normalization
 from namm_cache.hub import ScorerMetadata, save_scorer
 from namm_cache.offline import load_offline_model
-from namm_cache.prompts import passkey_prompt
+from namm_cache.tasks import passkey_prompt
 
 ROOT = Path(__file__).resolve().parent.parent / "src" / "namm_cache" / "bundled" / "namm-cache"
 

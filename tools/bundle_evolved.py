@@ -2,8 +2,8 @@
 
     python tools/bundle_evolved.py runs/smollm2-bam/scorer benchmarks/results/heldout_smollm2.json namm-cache/smollm2-135m-bam
 
-The card's results table is rendered from the held-out JSON written by `python -m evolution.evaluate`. The
-bundled scorer keeps the settings that evaluation used: evaluated with `--no-cap`, it is stored without its
+The card's results table is rendered from the held-out JSON written by
+`python -m namm_cache.evolution.evaluate`. The bundled scorer keeps the settings that evaluation used: evaluated with `--no-cap`, it is stored without its
 training cap (`max_tokens`), so by default it keeps what its threshold keeps.
 """
 
@@ -31,7 +31,7 @@ def main() -> None:
         for row in heldout["rows"]
     ]
     metadata.description += (
-        f" Held-out evaluation (`python -m evolution.evaluate`, {heldout['date']}): KJV Proverbs haystacks, seed "
+        f" Held-out evaluation (`python -m namm_cache.evolution.evaluate`, {heldout['date']}): KJV Proverbs haystacks, seed "
         f"{heldout['seed']}, {heldout['prompts_per_task']} prompts per task; retrieval columns are greedy accuracy, "
         "long_text is the answer probability; the normalised score is the mean over tasks of the teacher-forced answer "
         "probability divided by the full cache's; each baseline runs at the fraction budget under which it holds "

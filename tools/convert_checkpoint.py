@@ -20,22 +20,19 @@ import argparse
 import io
 import json
 import pickle
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from evolution.checkpoint import CHECKPOINT, LEGACY_CHECKPOINT, RunState, read_checkpoint, write_checkpoint  # noqa: E402
-from evolution.cmaes import CMAES  # noqa: E402
-from evolution.config import EvolutionConfig  # noqa: E402
+from namm_cache.evolution.checkpoint import CHECKPOINT, LEGACY_CHECKPOINT, RunState, read_checkpoint, write_checkpoint
+from namm_cache.evolution.cmaes import CMAES
+from namm_cache.evolution.config import EvolutionConfig
 
 
 class LegacyRunState:
-    """Stands in for the old `evolution.run.RunState` while unpickling (its attributes arrive as a dict)."""
+    """Stands in for the old `evolution.run.RunState` while unpickling (its attributes arrive as a dict); old pickles
+    name the module as it was then installed, top-level `evolution`."""
 
 
 class LegacyCMAES:
