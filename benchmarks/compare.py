@@ -26,7 +26,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
 from tqdm.auto import tqdm
 
-from namm_cache import NAMMCache
+from namm_cache import CacheSpec
+from namm_cache.policies import BASELINE_POLICIES
 from namm_cache.evolution.fitness import answers_correctly, evaluate_examples
 from namm_cache.evolution.run import load_model
 from namm_cache.hub import DEFAULT_SCORER, load_scorer
@@ -36,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import provenance, scorer_id  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
-BASELINES = ["h2o", "key_norm", "streaming_llm", "snapkv", "tova", "random"]
+BASELINES = list(BASELINE_POLICIES)
 
 
 def run_cell(model, tokenizer, examples, make_cache, chunk: int) -> dict:
@@ -162,13 +163,8 @@ def main(argv: list[str] | None = None) -> Path:
         if done is not None and (policy != "namm" or done.get("scorer") == sid):
             continue
         bar.set_postfix_str(name)
-        if policy == "full":
-            make = lambda: NAMMCache(model=model, policy="full", config=config)
-        elif policy == "namm":
-            make = lambda b=budget: NAMMCache(model=model, scorer=loaded.scorer, config=config, budget=b)
-        else:
-            make = lambda p=policy, b=budget: NAMMCache(model=model, policy=p, budget=b, config=config)
-        cell = run_cell(model, tokenizer, examples, make, interval)
+        spec = CacheSpec(policy=policy, scorer=loaded.scorer if policy == "namm" else None, config=config, budget=budget)
+        cell = run_cell(model, tokenizer, examples, lambda spec=spec: spec.build(model), interval)
         cell.update(policy=policy, budget=budget, scorer=sid if policy == "namm" else None)
         result["cells"][name] = cell
         summarize(result)

@@ -31,7 +31,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import DynamicCache
 
-from namm_cache import NAMMCache, install_attention
+from namm_cache import CacheSpec, NAMMCache, install_attention
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import DTYPES, load_benchmark_model, run_settings, synchronize  # noqa: E402
@@ -40,15 +40,17 @@ RESULTS = Path(__file__).resolve().parent / "results"
 CACHES = ["dynamic_cache", "namm_25pct", "namm_threshold", "key_norm_25pct", "h2o_25pct"]
 
 
-def make_cache(name: str, model, scorer: str, interval: int):
-    if name == "dynamic_cache":
-        return DynamicCache(config=model.config)
-    if name == "namm_25pct":
-        return NAMMCache.from_pretrained(scorer, model=model, budget=0.25, update_interval=interval)
+def cache_spec(name: str, scorer: str, interval: int) -> CacheSpec:
+    """The cache a row name stands for (`dynamic_cache` is transformers' own, built apart)."""
+    settings = {"update_interval": interval}
     if name == "namm_threshold":
-        return NAMMCache.from_pretrained(scorer, model=model, update_interval=interval)
+        return CacheSpec(scorer=scorer, overrides=settings)
     policy = name.removesuffix("_25pct")
-    return NAMMCache(model=model, policy=policy, budget=0.25, update_interval=interval)
+    return CacheSpec(policy=policy, scorer=scorer if policy == "namm" else None, budget=0.25, overrides=settings)
+
+
+def make_cache(name: str, model, specs: dict[str, CacheSpec]):
+    return DynamicCache(config=model.config) if name == "dynamic_cache" else specs[name].build(model)
 
 
 def kv_bytes(cache) -> int:
@@ -163,14 +165,15 @@ def main(argv: list[str] | None = None) -> Path:
     generator = torch.Generator().manual_seed(0)
     ids_all = torch.randint(100, model.config.vocab_size - 100, (1, max(lengths)), generator=generator).to(device)
     measure(model, ids_all[:, : args.chunk], DynamicCache(config=model.config), args.chunk, 2)  # warm-up
+    specs = {name: cache_spec(name, args.scorer, args.update_interval).load() for name in caches if name != "dynamic_cache"}
     rows: dict[str, dict] = {}
     for length in tqdm(lengths, desc="lengths"):
         ids = ids_all[:, :length]
         rows[str(length)] = {}
         for name in caches:
             for _ in range(args.warm_runs):  # untimed: kernels, plans and allocator warmed at exactly these shapes
-                measure(model, ids, make_cache(name, model, args.scorer, args.update_interval), args.chunk, args.new_tokens)
-            cache = make_cache(name, model, args.scorer, args.update_interval)
+                measure(model, ids, make_cache(name, model, specs), args.chunk, args.new_tokens)
+            cache = make_cache(name, model, specs)
             rows[str(length)][name] = measure(model, ids, cache, args.chunk, args.new_tokens)
             del cache
             if device.type == "cuda":

@@ -27,7 +27,8 @@ import torch
 from tqdm.auto import tqdm
 from transformers import DynamicCache
 
-from namm_cache import NAMMCache, attention_mass_scorer
+from namm_cache import CacheSpec, NAMMCache, attention_mass_scorer
+from namm_cache.policies import BASELINE_POLICIES
 from namm_cache.offline import load_offline_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -35,13 +36,12 @@ from common import provenance  # noqa: E402
 from namm_cache.selection import select_tokens
 
 RESULTS = Path(__file__).resolve().parent / "results"
-POLICIES = ["namm", "h2o", "key_norm", "streaming_llm", "snapkv", "tova", "random"]
+POLICIES = ["namm", *BASELINE_POLICIES]
 
 
 def make_cache(model, policy: str, budget, interval: int) -> NAMMCache:
-    if policy == "namm":
-        return NAMMCache(model=model, scorer=attention_mass_scorer(bias=10.0), budget=budget, update_interval=interval)
-    return NAMMCache(model=model, policy=policy, budget=budget, update_interval=interval)
+    scorer = attention_mass_scorer(bias=10.0) if policy == "namm" else None
+    return CacheSpec(policy=policy, scorer=scorer, budget=budget, overrides={"update_interval": interval}).build(model)
 
 
 def median_time(fn, repeats: int) -> float:

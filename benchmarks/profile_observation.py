@@ -30,7 +30,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import DynamicCache
 
-from namm_cache import NAMMCache, install_attention
+from namm_cache import CacheSpec, NAMMCache, install_attention
 from namm_cache.profiling import PHASES, profile_phases
 from namm_cache.scorers import keep_all_observing_scorer
 
@@ -42,13 +42,14 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 def cache_factories(model, scorer: str, interval: int) -> dict:
     """The caches profiled: the reference, NAMM observing but keeping all, NAMM at 25%, and NAMM on its threshold."""
-    return {
-        "dynamic_cache": lambda: DynamicCache(config=model.config),
-        "namm_keep_all_observing": lambda: NAMMCache(model=model, scorer=keep_all_observing_scorer().to(model.device),
-                                                     update_interval=interval),
-        "namm_25pct": lambda: NAMMCache.from_pretrained(scorer, model=model, budget=0.25, update_interval=interval),
-        "namm_threshold": lambda: NAMMCache.from_pretrained(scorer, model=model, update_interval=interval),
+    settings = {"update_interval": interval}
+    specs = {
+        "namm_keep_all_observing": CacheSpec(scorer=keep_all_observing_scorer(), overrides=settings),
+        "namm_25pct": CacheSpec(scorer=scorer, budget=0.25, overrides=settings).load(),
+        "namm_threshold": CacheSpec(scorer=scorer, overrides=settings).load(),
     }
+    return {"dynamic_cache": lambda: DynamicCache(config=model.config),
+            **{name: (lambda spec=spec: spec.build(model)) for name, spec in specs.items()}}
 
 
 @torch.no_grad()

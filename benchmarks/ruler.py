@@ -27,6 +27,7 @@ import torch
 from tqdm.auto import tqdm
 
 from namm_cache.hub import DEFAULT_SCORER, load_scorer
+from namm_cache.policies import BASELINE_POLICIES
 from namm_cache.offline import OFFLINE_MODELS, ensure_converted
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -35,7 +36,7 @@ from common import provenance, scorer_id  # noqa: E402
 RESULTS = Path(__file__).resolve().parent / "results"
 TASKS = ["namm_ruler_niah_single_1", "namm_ruler_niah_multikey_2", "namm_ruler_niah_multikey_3",
          "namm_ruler_vt", "namm_ruler_cwe", "namm_ruler_fwe"]
-BASELINES = ["h2o", "key_norm", "streaming_llm", "snapkv", "tova", "random"]
+BASELINES = list(BASELINE_POLICIES)
 
 
 def run_cell(model_dir: str, model, tokenizer, task_manager, settings: dict, **namm_args) -> dict:

@@ -25,13 +25,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
 from tqdm.auto import tqdm
 
-from namm_cache import NAMMCache
+from namm_cache import CacheSpec
+from namm_cache.policies import BASELINE_POLICIES
 from namm_cache.hub import load_scorer
 from namm_cache.tasks import HELDOUT_SEED, HELDOUT_TASKS, heldout_examples
 
 from .fitness import answers_correctly, evaluate_examples, mean_kept_fraction
 
-BASELINES = ["h2o", "key_norm", "streaming_llm", "snapkv", "tova", "random"]
+BASELINES = list(BASELINE_POLICIES)  # every registered baseline, in registry order
 
 
 def matched_budget(target: float, probe_budget: float, probe_kept: float) -> float:
@@ -77,10 +78,13 @@ def evaluate_heldout(model, tokenizer, scorer_path: str, *, prompts_per_task: in
 
     rows = []
     bar = tqdm(total=2 + len(policies or BASELINES), desc="held-out", disable=not progress)
-    full = run(lambda: NAMMCache(model=model, policy="full", config=config), "full cache")
+    def maker(spec: CacheSpec):
+        return lambda: spec.build(model)
+
+    full = run(maker(CacheSpec(policy="full", config=config)), "full cache")
     bar.update(1)
     mode = "threshold" if no_cap else (f"cap {config.max_tokens}" if config.max_tokens else "stored settings")
-    namm = run(lambda: NAMMCache(model=model, scorer=loaded.scorer, config=config), f"NAMM ({mode})")
+    namm = run(maker(CacheSpec(scorer=loaded.scorer, config=config)), f"NAMM ({mode})")
     bar.update(1)
     rows += [full, namm]
     baseline_config = config.replace(max_tokens=None)
@@ -89,10 +93,10 @@ def evaluate_heldout(model, tokenizer, scorer_path: str, *, prompts_per_task: in
     # the budget -> kept map once (teacher-forced, cheapest policy) and solve for the budget that matches.
     target = max(1e-3, min(1.0, namm["kept_fraction"]))
     probe = evaluate_examples(model, tokenizer, examples,
-                              lambda: NAMMCache(model=model, policy="streaming_llm", budget=target, config=baseline_config), chunk=chunk)
+                              maker(CacheSpec(policy="streaming_llm", budget=target, config=baseline_config)), chunk=chunk)
     fraction = matched_budget(target, target, mean_kept_fraction(probe))
     for policy in policies or BASELINES:
-        rows.append(run(lambda: NAMMCache(model=model, policy=policy, budget=fraction, config=baseline_config),
+        rows.append(run(maker(CacheSpec(policy=policy, budget=fraction, config=baseline_config)),
                         f"{policy} (budget {fraction:.1%})"))
         bar.update(1)
     bar.close()

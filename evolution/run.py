@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from namm_cache import NAMMCache
+from namm_cache import CacheSpec, NAMMCache
 from namm_cache.budgets import parse_budget
 from namm_cache.calibration import calibrate_normalization
 from namm_cache.hub import ScorerMetadata, save_scorer
@@ -146,9 +146,11 @@ class EvolutionRun:
     def make_cache(self, vector: np.ndarray | None, stage: int) -> Callable[[], NAMMCache]:
         config = self.config.namm_config(stage)
         if vector is None:
-            return lambda: NAMMCache(model=self.model, policy="full", config=config)
-        self.scorer.set_flat_params(torch.as_tensor(vector, dtype=torch.float32))
-        return lambda: NAMMCache(model=self.model, scorer=self.scorer, config=config, budget=self.budget)
+            spec = CacheSpec(policy="full", config=config)
+        else:
+            self.scorer.set_flat_params(torch.as_tensor(vector, dtype=torch.float32))
+            spec = CacheSpec(scorer=self.scorer, config=config, budget=self.budget)
+        return lambda: spec.build(self.model)
 
     def evaluate_generation(self, members: np.ndarray, examples: list[Example], stage: int) -> dict[str, Any]:
         """Scores of every member (rows of `members`) on `examples` under `stage`'s settings, sharded over ranks by job."""

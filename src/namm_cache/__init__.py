@@ -4,10 +4,12 @@ from .attention import install_attention, register_attention_functions
 from .cache import NAMMCache, NAMMLayer
 from .config import NAMMConfig
 from .scorers import BAMScorer, MLPScorer, Scorer, attention_mass_scorer
+from .spec import CacheSpec
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CacheSpec",
     "NAMMCache",
     "NAMMLayer",
     "NAMMConfig",

@@ -32,6 +32,7 @@ from .hub import DEFAULT_SCORER, LoadedScorer, load_scorer
 from .offline import OFFLINE_MODELS, ensure_converted
 from .policies import ALIASES, POLICIES, build_policy
 from .policies.namm import NAMMPolicy
+from .spec import CacheSpec
 from .validation import check_int, did_you_mean
 
 TASK_PACK = str(Path(__file__).resolve().parent / "lm_eval_tasks")
@@ -110,19 +111,17 @@ class NAMMLM(HFLM):
         kwargs.setdefault("device", "cuda" if torch.cuda.is_available() else "cpu")
         kwargs.setdefault("dtype", "float32")
         super().__init__(pretrained=pretrained, **kwargs)
-        self.namm_policy = namm_args.policy
         self.namm_loaded = namm_args.loaded
-        self.namm_budget = namm_args.budget
-        self.namm_config = namm_args.config
+        self.namm_spec = CacheSpec(policy="namm" if namm_args.loaded is not None else namm_args.policy,
+                                   scorer=namm_args.loaded.scorer if namm_args.loaded is not None else None,
+                                   budget=namm_args.budget, config=namm_args.config)
         self.prefill_chunk_size = namm_args.prefill_chunk_size
         self.cache_counters = {"caches": 0, "evicted_tokens": 0, "evictions": 0, "kept_fraction_sum": 0.0}
         self._template = self.make_cache()  # check the model side (and install the attention wrapper) now
 
     def make_cache(self) -> NAMMCache:
         """A fresh cache for one request; the scorer was loaded once, in `__init__`."""
-        if self.namm_loaded is not None:
-            return NAMMCache(model=self.model, scorer=self.namm_loaded.scorer, config=self.namm_config, budget=self.namm_budget)
-        return NAMMCache(model=self.model, policy=self.namm_policy, budget=self.namm_budget, config=self.namm_config)
+        return self.namm_spec.build(self.model)
 
     def _record(self, cache: NAMMCache) -> None:
         stats = cache.stats()
