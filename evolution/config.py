@@ -60,6 +60,9 @@ class EvolutionConfig:
         calibration_prompts: prompts used to calibrate the normalisation statistics before generation 0.
         threads: torch threads per process.
         stages: incremental stages.
+        initial_scorer: a scorer folder or name (e.g. one written by `namm_cache.evolution.distill`) whose
+            weights are the initial CMA-ES mean and whose normalisation statistics replace the keep-all
+            calibration; None starts from the zero scorer (keeps everything), as the paper does.
     """
 
     model: str = "smollm2-135m-instruct"
@@ -76,6 +79,7 @@ class EvolutionConfig:
     calibration_prompts: int = 4
     threads: int = 2
     stages: list[Stage] = field(default_factory=lambda: [Stage(tasks=[{"name": "passkey", "tokens": 1000}], generations=10)])
+    initial_scorer: str | None = None
 
     # ------------------------------------------------------------------ building
     @classmethod
@@ -168,6 +172,8 @@ class EvolutionConfig:
             self.namm_config(index)  # every stage's settings must be valid
         parse_budget(self.budget)
         self.scorer = _check_scorer(self.scorer, self.namm_config())
+        if self.initial_scorer is not None:
+            self.load_initial_scorer()  # it must exist and match the scorer and feature settings: checked now
         tasks = [_build_task_at(f"stages[{i}].tasks[{j}]", task)  # unknown task, bad arguments: raise now
                  for i, stage in enumerate(self.stages) for j, task in enumerate(stage.tasks)]
         if not self.all_tasks(0):
@@ -176,6 +182,25 @@ class EvolutionConfig:
         window = model_context_window(self.model)
         for task in tasks:
             check_fits_context(task, window, self.model)
+
+    def load_initial_scorer(self):
+        """The `initial_scorer`, loaded and checked against `scorer` and the feature settings (ValueError if not)."""
+        from namm_cache.hub import load_scorer
+
+        if not isinstance(self.initial_scorer, str) or not self.initial_scorer:
+            raise ValueError(f"initial_scorer must be a scorer folder or name, got {self.initial_scorer!r}.")
+        loaded = load_scorer(self.initial_scorer)
+        wanted = {"kind": "bam", **self.scorer}
+        have = loaded.scorer.config_dict()
+        mismatched = {key: (have.get(key), value) for key, value in wanted.items() if have.get(key) != value}
+        features = ("n_fft", "hop_length", "ema_gamma", "recency_dim", "recency_max_frequency")
+        ours = self.namm_config()
+        mismatched.update({key: (getattr(loaded.config, key), getattr(ours, key)) for key in features
+                           if getattr(loaded.config, key) != getattr(ours, key)})
+        if mismatched:
+            shown = ", ".join(f"{key} {a!r} there, {b!r} here" for key, (a, b) in mismatched.items())
+            raise ValueError(f"initial_scorer {self.initial_scorer} does not fit this run's scorer and features: {shown}.")
+        return loaded
 
     def all_tasks(self, stage_index: int) -> list[dict[str, Any]]:
         """Tasks of a stage: incremental stages grow the task list (each stage adds its tasks)."""

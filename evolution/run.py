@@ -201,8 +201,14 @@ class EvolutionRun:
             np.random.seed(self.config.seed)
             random.seed(self.config.seed)
             torch.manual_seed(self.config.seed)
-            state = RunState(normalization=self.calibrate())
-            state.es = CMAES(np.zeros(self.dim), self.config.sigma0, self.config.population, self.config.seed, self.config.separable)
+            if self.config.initial_scorer is not None:  # a warm start: its weights and its statistics
+                initial = self.config.load_initial_scorer().scorer
+                state = RunState(normalization=(initial.spectrogram_mean.tolist(), initial.spectrogram_std.tolist()))
+                mean0 = initial.get_flat_params().double().numpy()
+            else:
+                state = RunState(normalization=self.calibrate())
+                mean0 = np.zeros(self.dim)
+            state.es = CMAES(mean0, self.config.sigma0, self.config.population, self.config.seed, self.config.separable)
             (self.out_dir / "config.json").write_text(json.dumps(self.config.to_dict(), indent=2))
             self.save_state(state)
         elif self.world.is_main:

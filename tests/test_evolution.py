@@ -330,3 +330,29 @@ def test_a_run_killed_three_times_resumes_on_the_uninterrupted_trajectory(tmp_pa
 
     scorer_a, scorer_b = load_file(straight / "scorer" / "model.safetensors"), load_file(killed / "scorer" / "model.safetensors")
     assert scorer_a.keys() == scorer_b.keys() and all(torch.equal(scorer_a[k], scorer_b[k]) for k in scorer_a)
+
+
+def test_a_run_can_start_from_a_given_scorer(tmp_path, tiny_model_dir):
+    """`initial_scorer` (e.g. a distilled warm start) is the initial mean, and its statistics replace calibration."""
+    from namm_cache import MLPScorer, NAMMConfig
+    from namm_cache.hub import save_scorer
+
+    start = MLPScorer(hidden_dim=8)
+    start.set_flat_params(torch.randn(start.num_parameters(), generator=torch.Generator().manual_seed(3)) * 2.0)
+    start.set_normalization(torch.full((17,), 0.25), torch.full((17,), 3.0))
+    save_scorer(tmp_path / "start", start, NAMMConfig(update_interval=32))
+    config = write_config(tmp_path / "run.yaml", tiny_model_dir, generations=2, initial_scorer=str(tmp_path / "start"))
+    out = tmp_path / "out"
+    cli("--config", str(config), "--out", str(out))
+    mean, _, _ = final_mean(out)
+    state = read_checkpoint(out / "checkpoint.safetensors")
+    assert state.normalization == ([0.25] * 17, [3.0] * 17)  # the scorer's statistics, not a fresh calibration
+    initial = start.get_flat_params().double().numpy()
+    assert np.linalg.norm(mean - initial) < 0.5 * np.linalg.norm(initial)  # two generations from it, not from zero
+    # A scorer of another kind or size is refused before any work, with what differs.
+    other = tmp_path / "other"
+    save_scorer(other, MLPScorer(hidden_dim=16), NAMMConfig())
+    bad = write_config(tmp_path / "bad.yaml", tiny_model_dir, generations=2, initial_scorer=str(other))
+    refused = cli("--config", str(bad), "--out", str(tmp_path / "never"), check=False)
+    assert refused.returncode == 2 and "hidden_dim 16 there, 8 here" in refused.stderr
+    assert not (tmp_path / "never").exists()
