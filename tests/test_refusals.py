@@ -18,7 +18,7 @@ import torch
 from conftest import random_ids, tiny_model
 from helpers import random_scorer
 from safetensors.torch import save_file
-from test_hub import build_hf_cache
+from test_hub import build_hf_cache, edit_config
 
 from namm_cache import NAMMCache, NAMMConfig
 from namm_cache.budgets import FractionBudget, TokenBudget, parse_budget
@@ -36,15 +36,9 @@ def scorer_folder(tmp_path: Path, config_text: str | None = None, **changes) -> 
     for name in ("config.json", "model.safetensors"):
         (folder / name).write_bytes((KEEP_ALL / name).read_bytes())
     if config_text is None:
-        payload = json.loads((KEEP_ALL / "config.json").read_text())
-        for key, value in changes.items():
-            target = payload
-            *path, last = key.split(".")
-            for part in path:
-                target = target[part]
-            target[last] = value
-        config_text = json.dumps(payload)
-    (folder / "config.json").write_text(config_text)
+        edit_config(folder, **changes)
+    else:
+        (folder / "config.json").write_text(config_text)
     return folder
 
 
