@@ -25,10 +25,10 @@ import torch
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
-from .budgets import Budget, parse_budget
+from .budgets import parse_budget
 from .cache import NAMMCache
 from .config import NAMMConfig
-from .hub import DEFAULT_SCORER, LoadedScorer, load_scorer
+from .hub import DEFAULT_SCORER, load_scorer
 from .offline import OFFLINE_MODELS, ensure_converted
 from .policies import ALIASES, POLICIES, build_policy
 from .policies.namm import NAMMPolicy
@@ -42,12 +42,10 @@ CONFIG_ARGS = ("update_interval", "max_tokens", "threshold")
 
 @dataclass
 class NAMMArgs:
-    """The NAMM part of lm-eval's `model_args`, every value checked, before any model is loaded."""
+    """The NAMM part of lm-eval's `model_args`, every value checked, before any model is loaded: the cache every
+    request gets (its scorer loaded once) and the prefill chunk size."""
 
-    policy: str
-    loaded: LoadedScorer | None
-    budget: Budget | None
-    config: NAMMConfig
+    spec: CacheSpec
     prefill_chunk_size: int
 
 
@@ -85,12 +83,12 @@ def check_namm_args(args: dict[str, Any], other_keys: Any = ()) -> NAMMArgs:
         loaded = load_scorer(scorer or DEFAULT_SCORER)
         config = loaded.config.replace(**overrides)
         NAMMPolicy(loaded.scorer).check_budget(budget)
+        spec = CacheSpec(scorer=loaded.scorer, budget=budget, config=config)
     else:
-        loaded = None
         config = NAMMConfig().replace(**overrides)
         build_policy(policy).check_budget(budget)
-    return NAMMArgs(policy=policy, loaded=loaded, budget=budget, config=config,
-                    prefill_chunk_size=prefill_chunk_size or config.update_interval)
+        spec = CacheSpec(policy=policy, budget=budget, config=config)
+    return NAMMArgs(spec=spec, prefill_chunk_size=prefill_chunk_size or config.update_interval)
 
 
 @register_model("namm")
@@ -111,10 +109,7 @@ class NAMMLM(HFLM):
         kwargs.setdefault("device", "cuda" if torch.cuda.is_available() else "cpu")
         kwargs.setdefault("dtype", "float32")
         super().__init__(pretrained=pretrained, **kwargs)
-        self.namm_loaded = namm_args.loaded
-        self.namm_spec = CacheSpec(policy="namm" if namm_args.loaded is not None else namm_args.policy,
-                                   scorer=namm_args.loaded.scorer if namm_args.loaded is not None else None,
-                                   budget=namm_args.budget, config=namm_args.config)
+        self.namm_spec = namm_args.spec
         self.prefill_chunk_size = namm_args.prefill_chunk_size
         self.cache_counters = {"caches": 0, "evicted_tokens": 0, "evictions": 0, "kept_fraction_sum": 0.0}
         self._template = self.make_cache()  # check the model side (and install the attention wrapper) now
