@@ -1,7 +1,8 @@
 """Eviction policies behind one contract: `score(observation) -> (N, S)`, higher = keep.
 
 `build_policy(name, ...)` builds one by name, so benchmarks and lm-eval switch policy with a string;
-`BASELINE_POLICIES` lists the registered baselines (every policy but `namm` and `full`).
+`BASELINE_POLICIES` lists the registered baselines (every policy but `namm`, `full` and the `oracle` ceiling,
+which needs each prompt's evidence positions: `build_policy("oracle", positions=[...])`).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from .full import FullCachePolicy
 from .h2o import H2OPolicy
 from .key_norm import KeyNormPolicy
 from .namm import NAMMPolicy
+from .oracle import OraclePolicy
 from .random_policy import RandomPolicy
 from .snapkv import SnapKVPolicy
 from .streaming_llm import StreamingLLMPolicy
@@ -27,11 +29,14 @@ POLICIES: dict[str, type[Policy]] = {
     "tova": TOVAPolicy,
     "random": RandomPolicy,
     "full": FullCachePolicy,
+    "oracle": OraclePolicy,
 }
 ALIASES = {"l2": "key_norm", "knorm": "key_norm", "streamingllm": "streaming_llm", "streaming": "streaming_llm", "full_cache": "full"}
 
-# The methods NAMM is compared with: every registered policy but NAMM itself and the full-cache reference.
-BASELINE_POLICIES: tuple[str, ...] = tuple(name for name, cls in POLICIES.items() if cls not in (NAMMPolicy, FullCachePolicy))
+# The methods NAMM is compared with: every registered policy but NAMM itself and the two references, the full
+# cache and the oracle (a ceiling told where the evidence is, which no method can know).
+BASELINE_POLICIES: tuple[str, ...] = tuple(name for name, cls in POLICIES.items()
+                                           if cls not in (NAMMPolicy, FullCachePolicy, OraclePolicy))
 
 
 def baseline_names() -> list[str]:
@@ -66,4 +71,5 @@ __all__ = [
     "TOVAPolicy",
     "RandomPolicy",
     "FullCachePolicy",
+    "OraclePolicy",
 ]

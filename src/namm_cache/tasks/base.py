@@ -39,6 +39,9 @@ class Example:
 
     `metric` says how it is scored: "logprob" (the teacher-forced probability of `answer`) or the name of a
     generation metric in `namm_cache.tasks.METRICS` (a greedy answer scored against `answers`).
+    `evidence`, where a task knows it, lists the `(start, end)` character spans of `prompt` that hold what the
+    answer needs (the haystack tasks' needle sentences); `evidence_positions` turns them into token positions,
+    which the oracle policy (`namm_cache.policies.OraclePolicy`) keeps.
     """
 
     prompt: str
@@ -46,10 +49,23 @@ class Example:
     task: str
     answers: list[str] | None = None  # all acceptable answers (generation metrics)
     metric: str = "logprob"
+    evidence: list[tuple[int, int]] | None = None  # character spans of `prompt` the answer depends on
 
     def is_correct(self, completion: str) -> bool:
         """Whether a greedy completion of `prompt` is `answer` (see `is_correct`)."""
         return is_correct(completion, self.answer)
+
+    def evidence_positions(self, tokenizer: Any) -> list[int]:
+        """Token positions (indices into `token_ids(tokenizer, prompt)`) of every token overlapping an evidence span.
+
+        Needs a tokenizer that reports character offsets (a "fast" tokenizer); raises `ValueError` when the
+        example has no evidence."""
+        if not self.evidence:
+            raise ValueError(f"This {self.task!r} example carries no evidence spans.")
+        encoded = tokenizer(self.prompt, add_special_tokens=False, return_offsets_mapping=True)
+        offsets = encoded["offset_mapping"]
+        return [i for i, (start, end) in enumerate(offsets)
+                if end > start and any(start < span_end and end > span_start for span_start, span_end in self.evidence)]
 
 
 class Task:

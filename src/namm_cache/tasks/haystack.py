@@ -39,8 +39,21 @@ class HaystackTask(Task):
             fields = self.draw(rng)
             answer = fields.pop("answer")
             prompt = haystack_prompt(tokenizer, self.tokens, haystack=self.haystack, haystack_offset=rng.randrange(10**6), **fields)
-            examples.append(Example(prompt, answer, self.name))
+            examples.append(Example(prompt, answer, self.name, evidence=needle_spans(prompt, fields["needles"])))
         return examples
+
+
+def needle_spans(prompt: str, needles: list[tuple[float, str]]) -> list[tuple[int, int]]:
+    """The `(start, end)` character span of each needle sentence in `prompt`, in prompt order (the evidence).
+
+    Needles sit in the prompt in depth order (`haystack_prompt`), so each is searched after the previous one."""
+    spans = []
+    for _, sentence in sorted(needles):
+        start = prompt.find(sentence, spans[-1][1] if spans else 0)
+        if start < 0:
+            raise ValueError(f"The needle {sentence!r} is not in the prompt (too few tokens for it?).")
+        spans.append((start, start + len(sentence)))
+    return spans
 
 
 @register_task("passkey")
