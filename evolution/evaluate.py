@@ -1,14 +1,22 @@
 """Held-out evaluation of an evolved scorer against the full cache and the baselines at the same memory.
 
     python -m namm_cache.evolution.evaluate --scorer runs/smollm2-bam/scorer --out runs/smollm2-bam/heldout.json
+    python -m namm_cache.evolution.evaluate --scorer ... --budget 0.25 --out ...   # NAMM keeps its top 25%
 
 Prompts are the held-out suite (`namm_cache.tasks.heldout_examples`: `kjv_proverbs` haystacks, a seed never
-used in training). The scorer runs with
-its stored settings (or, with `--no-cap`, with its score threshold alone: its own memory use); every baseline
-then runs with the fraction budget under which it holds the scorer's measured mean kept fraction (solved
-from one probe run, `matched_budget`), so the comparison is at the same retained KV. Scores are normalised
-by the full cache on the same prompts (teacher-forced answer probability; passkey / needle / variable
-tracking also report greedy exact-answer accuracy).
+used in training), 30 per task by default. The scorer runs with its stored settings, or with `--no-cap` with
+its score threshold alone (its own memory use), or with `--budget F` under a fraction budget (its top F of the
+tokens seen at each eviction round); every baseline then runs with the fraction budget under which it holds
+the scorer's measured mean kept fraction (solved from one probe run, `matched_budget`), so the comparison is
+at the same retained KV. Scores are normalised by the full cache on the same prompts (teacher-forced answer
+probability; passkey / needle / variable tracking also report greedy exact-answer accuracy).
+
+Every row keeps its per-prompt scores (the same prompts for every cache). The gate compares NAMM with the best
+baseline (highest normalised mean) by a paired bootstrap over prompts (`paired_bootstrap`): the 95% interval
+of the difference of normalised means and of their ratio. An `oracle (ceiling)` row, at the same budget,
+keeps each prompt's evidence (the needle sentences), 4 sinks and the most recent tokens, on the tasks whose
+examples carry evidence; it is a ceiling, never the best baseline. Bad flags exit with status 2 and one
+`error:` line on stderr.
 """
 
 from __future__ import annotations
@@ -16,23 +24,28 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
 from namm_cache import CacheSpec
 from namm_cache.policies import BASELINE_POLICIES
 from namm_cache.hub import load_scorer
-from namm_cache.tasks import HELDOUT_SEED, HELDOUT_TASKS, heldout_examples
+from namm_cache.tasks import HELDOUT_SEED, HELDOUT_TASKS, Example, heldout_examples
+from namm_cache.validation import check_float, check_int
 
 from .fitness import answers_correctly, evaluate_examples, mean_kept_fraction
 
 BASELINES = list(BASELINE_POLICIES)  # every registered baseline, in registry order
+GATE_PROMPTS_PER_TASK = 30  # the gate's minimum: fewer prompts give intervals too wide to decide anything
+RESAMPLES = 10_000
 
 
 def matched_budget(target: float, probe_budget: float, probe_kept: float) -> float:
@@ -49,92 +62,265 @@ def matched_budget(target: float, probe_budget: float, probe_kept: float) -> flo
     return max(1e-3, min(1.0, 1.0 - (1.0 - target) / slope))
 
 
-def evaluate_heldout(model, tokenizer, scorer_path: str, *, prompts_per_task: int = 4, policies: list[str] | None = None,
-                     progress: bool = True, no_cap: bool = False) -> dict[str, Any]:
-    """Full cache, the scorer and every baseline (at the scorer's measured kept fraction) on held-out prompts.
+def _normalized_means(scores: dict[str, np.ndarray], full: dict[str, np.ndarray]) -> np.ndarray:
+    """Mean over tasks of (mean score / full-cache mean score); `(..., prompts)` arrays give `(...)` results.
 
-    `no_cap=True` drops the scorer's stored `max_tokens`, so it keeps what its threshold keeps."""
+    A task whose full-cache mean is 0 has no ratio and is left out (NaN; all NaN gives NaN)."""
+    ratios = []
+    for task in scores:
+        reference = full[task].mean(axis=-1)
+        mine = scores[task].mean(axis=-1)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratios.append(np.where(reference > 0, mine / np.where(reference > 0, reference, 1.0), np.nan))
+    stacked = np.stack(ratios)
+    counted = (~np.isnan(stacked)).sum(axis=0)
+    total = np.nansum(stacked, axis=0)
+    return np.where(counted > 0, total / np.maximum(counted, 1), np.nan)
+
+
+def paired_bootstrap(namm: dict[str, Any], baseline: dict[str, Any], full: dict[str, Any], *,
+                     resamples: int = RESAMPLES, seed: int = 0, confidence: float = 0.95) -> dict[str, float]:
+    """Paired bootstrap over prompts of (NAMM normalised mean - baseline normalised mean), and of their ratio.
+
+    Args:
+        namm, baseline, full: `{task: (prompts,) scores}`, the same tasks, and for each task the same prompts in
+            the same order in all three (a row's per-prompt scores).
+        resamples: bootstrap resamples; each draws, within every task, prompt indices with replacement
+            (numpy `default_rng(seed)`) and applies the same draw to NAMM, the baseline and the full cache.
+        confidence: the percentile interval's coverage.
+
+    Returns `{difference, low, high, ratio, ratio_low, ratio_high, resamples, seed, confidence}`: the point
+    estimates on the prompts as measured and the percentile interval of each over the resamples. The normalised
+    mean is the mean over tasks of (mean score / full-cache mean score), as in the results table.
+    """
+    resamples = check_int("resamples", resamples, minimum=1)
+    seed = check_int("seed", seed, minimum=0)
+    confidence = check_float("confidence", confidence, above=0.0, below=1.0)
+    if not namm or set(namm) != set(baseline) or set(namm) != set(full):
+        raise ValueError(f"NAMM, baseline and full cache must score the same tasks (at least one): "
+                         f"{sorted(namm)}, {sorted(baseline)}, {sorted(full)}.")
+    arrays = {}
+    for task in namm:
+        rows = [np.asarray(scores[task], dtype=np.float64) for scores in (namm, baseline, full)]
+        if any(row.ndim != 1 for row in rows) or len({row.shape[0] for row in rows}) != 1 or rows[0].shape[0] == 0:
+            raise ValueError(f"Task {task!r}: NAMM, baseline and full cache need the same non-zero number of "
+                             f"per-prompt scores (paired), got {[row.shape for row in rows]}.")
+        if not all(np.isfinite(row).all() for row in rows):
+            raise ValueError(f"Task {task!r}: per-prompt scores must be finite.")
+        arrays[task] = rows
+    point = {name: _normalized_means({t: rows[i] for t, rows in arrays.items()}, {t: rows[2] for t, rows in arrays.items()})
+             for i, name in enumerate(("namm", "baseline"))}
+    rng = np.random.default_rng(seed)
+    drawn: list[dict[str, np.ndarray]] = [{}, {}, {}]
+    for task, rows in arrays.items():
+        index = rng.integers(0, rows[0].shape[0], size=(resamples, rows[0].shape[0]))
+        for i, row in enumerate(rows):
+            drawn[i][task] = row[index]
+    namm_means, baseline_means = _normalized_means(drawn[0], drawn[2]), _normalized_means(drawn[1], drawn[2])
+    tail = (1.0 - confidence) / 2 * 100
+    difference = namm_means - baseline_means
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = namm_means / baseline_means
+    low, high = np.nanpercentile(difference, [tail, 100 - tail]) if np.isfinite(difference).any() else (np.nan, np.nan)
+    finite = ratio[np.isfinite(ratio)]
+    ratio_low, ratio_high = np.percentile(finite, [tail, 100 - tail]) if finite.size else (np.nan, np.nan)
+    point_ratio = point["namm"] / point["baseline"] if point["baseline"] > 0 else float("nan")
+    return {"difference": float(point["namm"] - point["baseline"]), "low": float(low), "high": float(high),
+            "ratio": float(point_ratio), "ratio_low": float(ratio_low), "ratio_high": float(ratio_high),
+            "resamples": resamples, "seed": seed, "confidence": confidence}
+
+
+def evaluate_heldout(model, tokenizer, scorer_path: str, *, prompts_per_task: int = GATE_PROMPTS_PER_TASK,
+                     policies: list[str] | None = None, progress: bool = True, no_cap: bool = False,
+                     budget: float | None = None, oracle: bool = True, resamples: int = RESAMPLES,
+                     seed: int = 0) -> dict[str, Any]:
+    """Full cache, the scorer, every baseline and the oracle ceiling (at the scorer's measured kept fraction) on
+    held-out prompts, with the gate's paired bootstrap of NAMM against the best baseline (`result["gate"]`).
+
+    `no_cap=True` drops the scorer's stored `max_tokens`, so it keeps what its threshold keeps; `budget=F` runs
+    it under a fraction budget instead (its top F, no cap). Each row holds `per_task` means and `scores`
+    (`{task: [per-prompt teacher-forced probability]}`, prompts in suite order)."""
+    prompts_per_task = check_int("prompts_per_task", prompts_per_task, minimum=1)
+    budget = check_float("budget", budget, above=0.0, maximum=1.0, optional=True)
+    resamples = check_int("resamples", resamples, minimum=1)
+    seed = check_int("seed", seed, minimum=0)
+    if no_cap and budget is not None:
+        raise ValueError("Choose one of no_cap (the scorer's threshold) and budget (a fraction budget), not both.")
     loaded = load_scorer(scorer_path)
-    config = loaded.config.replace(max_tokens=None) if no_cap else loaded.config
+    config = loaded.config.replace(max_tokens=None) if no_cap or budget is not None else loaded.config
     if no_cap and config.threshold is None:
         raise ValueError(f"{scorer_path} has no score threshold: without its cap it would keep every token.")
     chunk = config.update_interval
     examples = heldout_examples(tokenizer, prompts_per_task)
 
-    def run(make_cache, label: str) -> dict[str, Any]:
-        results = evaluate_examples(model, tokenizer, examples, make_cache, chunk=chunk)
-        accuracy = {}
-        for example in examples:
-            if example.task == "long_text":
-                continue
-            accuracy.setdefault(example.task, []).append(answers_correctly(model, tokenizer, make_cache(), example, chunk))
+    def run(make_cache, label: str, policy: str, on: list[Example] | None = None) -> dict[str, Any]:
+        """Score `on` (default: every example), a fresh `make_cache(example)` per prompt."""
+        on = examples if on is None else on
+        results, correct = [], {}
+        for example in on:
+            results += evaluate_examples(model, tokenizer, [example], lambda: make_cache(example), chunk=chunk)
+            if example.task != "long_text":
+                correct.setdefault(example.task, []).append(answers_correctly(model, tokenizer, make_cache(example), example, chunk))
+        scores: dict[str, list[float]] = {}
+        for example, result in zip(on, results):
+            scores.setdefault(example.task, []).append(result.score)
         per_task: dict[str, dict[str, float]] = {}
-        for task in dict.fromkeys(e.task for e in examples):
-            idx = [i for i, e in enumerate(examples) if e.task == task]
-            per_task[task] = {"score": sum(results[i].score for i in idx) / len(idx)}
-            if task in accuracy:
-                per_task[task]["accuracy"] = sum(accuracy[task]) / len(accuracy[task])
-        return {"label": label, "kept_fraction": mean_kept_fraction(results), "per_task": per_task}
+        for task, values in scores.items():
+            per_task[task] = {"score": sum(values) / len(values)}
+            if task in correct:
+                per_task[task]["accuracy"] = sum(correct[task]) / len(correct[task])
+        return {"label": label, "policy": policy, "kept_fraction": mean_kept_fraction(results), "per_task": per_task,
+                "scores": scores}
 
-    rows = []
-    bar = tqdm(total=2 + len(policies or BASELINES), desc="held-out", disable=not progress)
     def maker(spec: CacheSpec):
-        return lambda: spec.build(model)
+        return lambda example: spec.build(model)
 
-    full = run(maker(CacheSpec(policy="full", config=config)), "full cache")
+    with_evidence = [e for e in examples if e.evidence]
+    baselines = list(policies or BASELINES)
+    bar = tqdm(total=2 + len(baselines) + bool(oracle and with_evidence), desc="held-out", disable=not progress)
+    full = run(maker(CacheSpec(policy="full", config=config)), "full cache", "full")
     bar.update(1)
-    mode = "threshold" if no_cap else (f"cap {config.max_tokens}" if config.max_tokens else "stored settings")
-    namm = run(maker(CacheSpec(scorer=loaded.scorer, config=config)), f"NAMM ({mode})")
+    if budget is not None:
+        mode = f"budget {budget:.0%}"
+    else:
+        mode = "threshold" if no_cap else (f"cap {config.max_tokens}" if config.max_tokens else "stored settings")
+    namm = run(maker(CacheSpec(scorer=loaded.scorer, budget=budget, config=config)), f"NAMM ({mode})", "namm")
     bar.update(1)
-    rows += [full, namm]
+    rows = [full, namm]
     baseline_config = config.replace(max_tokens=None)
     # A fraction budget applies at eviction rounds; the tokens appended since the last round are all held, so a
     # baseline given the scorer's measured kept fraction would end up holding more than the scorer did. Probe
     # the budget -> kept map once (teacher-forced, cheapest policy) and solve for the budget that matches.
     target = max(1e-3, min(1.0, namm["kept_fraction"]))
     probe = evaluate_examples(model, tokenizer, examples,
-                              maker(CacheSpec(policy="streaming_llm", budget=target, config=baseline_config)), chunk=chunk)
+                              lambda: CacheSpec(policy="streaming_llm", budget=target, config=baseline_config).build(model),
+                              chunk=chunk)
     fraction = matched_budget(target, target, mean_kept_fraction(probe))
-    for policy in policies or BASELINES:
+    for policy in baselines:
         rows.append(run(maker(CacheSpec(policy=policy, budget=fraction, config=baseline_config)),
-                        f"{policy} (budget {fraction:.1%})"))
+                        f"{policy} (budget {fraction:.1%})", policy))
+        bar.update(1)
+    if oracle and with_evidence:
+        def oracle_cache(example: Example):
+            positions = example.evidence_positions(tokenizer)
+            return CacheSpec(policy="oracle", policy_kwargs={"positions": positions}, budget=fraction,
+                             config=baseline_config).build(model)
+
+        rows.append(run(oracle_cache, f"oracle (ceiling, budget {fraction:.1%})", "oracle", with_evidence))
         bar.update(1)
     bar.close()
+    full_scores = {task: np.asarray(values) for task, values in full["scores"].items()}
     for row in rows:
-        normalized = [row["per_task"][t]["score"] / full["per_task"][t]["score"] for t in row["per_task"] if full["per_task"][t]["score"] > 0]
-        row["normalized_mean"] = sum(normalized) / len(normalized)
-    return {"scorer": str(scorer_path), "no_cap": no_cap, "tasks": HELDOUT_TASKS, "prompts_per_task": prompts_per_task, "seed": HELDOUT_SEED,
-            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "rows": rows}
+        row["normalized_mean"] = float(_normalized_means({t: np.asarray(v) for t, v in row["scores"].items()},
+                                                         {t: full_scores[t] for t in row["scores"]}))
+    result = {"scorer": str(scorer_path), "no_cap": no_cap, "budget": budget, "tasks": HELDOUT_TASKS,
+              "prompts_per_task": prompts_per_task, "seed": HELDOUT_SEED,
+              "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "rows": rows}
+    candidates = [row for row in rows if row["policy"] in baselines]
+    if candidates:
+        best = max(candidates, key=lambda row: row["normalized_mean"])
+        gate = paired_bootstrap({t: np.asarray(v) for t, v in namm["scores"].items()},
+                                {t: np.asarray(v) for t, v in best["scores"].items()}, full_scores,
+                                resamples=resamples, seed=seed)
+        result["gate"] = {"baseline": best["policy"], "baseline_label": best["label"], **gate}
+    return result
+
+
+def gate_line(result: dict[str, Any]) -> str | None:
+    """One line: NAMM - best baseline with its interval, and the ratio; None for results without a gate."""
+    gate = result.get("gate")
+    if not gate:
+        return None
+    coverage = f"{gate['confidence']:.0%}"
+    return (f"NAMM \u2212 best baseline ({gate['baseline']}): {gate['difference']:+.3f}, {coverage} CI "
+            f"[{gate['low']:+.3f}, {gate['high']:+.3f}]; NAMM / {gate['baseline']}: {gate['ratio']:.3f}, {coverage} CI "
+            f"[{gate['ratio_low']:.3f}, {gate['ratio_high']:.3f}] (paired bootstrap over {result['prompts_per_task']} "
+            f"prompts/task, {gate['resamples']} resamples)")
 
 
 def table(result: dict[str, Any]) -> str:
+    """The results as a Markdown table, then the gate's line (results written before the gate have none)."""
     tasks = list(result["rows"][0]["per_task"])
     lines = ["| cache | kept | normalised mean | " + " | ".join(tasks) + " |", "|---|---:|---:|" + "---:|" * len(tasks)]
+    partial = False
     for row in result["rows"]:
         cells = []
         for task in tasks:
-            entry = row["per_task"][task]
+            entry = row["per_task"].get(task)
+            if entry is None:
+                cells.append("\u2013")
+                continue
             cells.append(f"{entry['score']:.3f}" + (f" ({entry['accuracy']:.0%})" if "accuracy" in entry else ""))
-        lines.append(f"| {row['label']} | {row['kept_fraction']:.0%} | {row['normalized_mean']:.3f} | " + " | ".join(cells) + " |")
+        mark = "*" if len(row["per_task"]) < len(tasks) else ""
+        partial = partial or bool(mark)
+        lines.append(f"| {row['label']} | {row['kept_fraction']:.0%} | {row['normalized_mean']:.3f}{mark} | " + " | ".join(cells) + " |")
+    if partial:
+        lines += ["", "\\* over the tasks whose prompts carry evidence (the needle sentences) only."]
+    line = gate_line(result)
+    if line:
+        lines += ["", line]
     return "\n".join(lines)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--scorer", required=True)
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m namm_cache.evolution.evaluate", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--scorer", required=True, help="a scorer folder or name")
     parser.add_argument("--model", default="smollm2-135m-instruct")
-    parser.add_argument("--prompts-per-task", type=int, default=4)
+    parser.add_argument("--prompts-per-task", default=str(GATE_PROMPTS_PER_TASK),
+                        help=f"held-out prompts per task (default {GATE_PROMPTS_PER_TASK}, the gate's minimum)")
     parser.add_argument("--no-cap", action="store_true", help="run the scorer with its threshold only (no max_tokens)")
-    parser.add_argument("--out", required=True)
-    args = parser.parse_args()
+    parser.add_argument("--budget", help="run the scorer under a fraction budget in (0, 1] (its top F; no max_tokens)")
+    parser.add_argument("--resamples", default=str(RESAMPLES), help=f"bootstrap resamples (default {RESAMPLES})")
+    parser.add_argument("--bootstrap-seed", default="0", help="the bootstrap's numpy seed (default 0)")
+    parser.add_argument("--no-oracle", action="store_true", help="leave out the oracle (ceiling) row")
+    parser.add_argument("--out", required=True, help="results JSON")
+    args = parser.parse_args(argv)
+
+    def fail(error: BaseException) -> int:
+        print(f"evaluate: error: {' '.join(str(error).split())}", file=sys.stderr)
+        return 2
+
+    try:  # every flag is checked before the model loads
+        if args.no_cap and args.budget is not None:
+            raise ValueError("--no-cap and --budget choose two different modes; give one.")
+        prompts = check_int("--prompts-per-task", _number("--prompts-per-task", args.prompts_per_task), minimum=1)
+        budget = None if args.budget is None else check_float("--budget", _number("--budget", args.budget), above=0.0, maximum=1.0)
+        resamples = check_int("--resamples", _number("--resamples", args.resamples), minimum=1)
+        seed = check_int("--bootstrap-seed", _number("--bootstrap-seed", args.bootstrap_seed), minimum=0)
+        out = Path(args.out)
+        if out.is_dir() or not out.parent.is_dir():
+            raise ValueError(f"--out {args.out!r} must be a file in an existing folder.")
+        loaded = load_scorer(args.scorer)
+        if args.no_cap and loaded.config.threshold is None:
+            raise ValueError(f"{args.scorer} has no score threshold: --no-cap would keep every token.")
+    except (ValueError, OSError) as error:  # ScorerLoadError is a ValueError
+        return fail(error)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
     from .run import load_model
 
-    model, tokenizer = load_model(args.model)
-    result = evaluate_heldout(model, tokenizer, args.scorer, prompts_per_task=args.prompts_per_task, no_cap=args.no_cap)
-    Path(args.out).write_text(json.dumps(result, indent=2))
+    try:
+        model, tokenizer = load_model(args.model)
+    except (ValueError, OSError) as error:
+        return fail(error)
+    result = evaluate_heldout(model, tokenizer, args.scorer, prompts_per_task=prompts, no_cap=args.no_cap, budget=budget,
+                              oracle=not args.no_oracle, resamples=resamples, seed=seed)
+    out.write_text(json.dumps(result, indent=2))
     print(table(result))
+    return 0
+
+
+def _number(flag: str, text: str) -> float:
+    """A flag's text as a number (ints stay exact), or a `ValueError` naming the flag."""
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"{flag} must be a number, got {text!r}.") from None
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

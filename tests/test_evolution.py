@@ -213,11 +213,11 @@ def test_heldout_evaluation_matches_baselines_to_the_scorers_memory_and_bundles(
     capped = evaluate_heldout(model, tokenizer, str(folder), prompts_per_task=1, policies=["h2o"], progress=False)
     free = evaluate_heldout(model, tokenizer, str(folder), prompts_per_task=1, policies=["h2o"], progress=False, no_cap=True)
     for result in (capped, free):
-        full, namm, h2o = result["rows"]
+        full, namm, h2o, oracle = result["rows"]  # the oracle ceiling comes last
         assert full["kept_fraction"] == 1.0 and full["normalized_mean"] == pytest.approx(1.0)
         assert set(namm["per_task"]) == {"passkey", "needle", "variable_tracking", "long_text"}
         assert abs(h2o["kept_fraction"] - namm["kept_fraction"]) < 0.01  # baselines hold what the scorer held
-        assert h2o["label"].startswith("h2o (budget ")
+        assert h2o["label"].startswith("h2o (budget ") and oracle["label"].startswith("oracle (ceiling, budget ")
     # ~1k-token prompts: the cap holds <= 64 tokens + one interval; the threshold alone keeps more.
     assert capped["rows"][1]["kept_fraction"] < 0.25 < free["rows"][1]["kept_fraction"]
     assert capped["rows"][1]["label"] == "NAMM (cap 64)" and free["rows"][1]["label"] == "NAMM (threshold)"

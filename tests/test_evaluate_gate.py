@@ -1,0 +1,256 @@
+"""The held-out gate: paired bootstrap of NAMM vs the best baseline, the oracle ceiling, the CLI's flag checks."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import random_ids, tiny_model
+
+from namm_cache import CacheSpec, NAMMConfig
+from namm_cache.evolution.evaluate import main, paired_bootstrap, table
+from namm_cache.policies import BASELINE_POLICIES, POLICIES, OraclePolicy, build_policy
+
+TASKS = ("passkey", "needle", "long_text")
+
+
+def scores(prompts: int, seed: int = 0, shift: float = 0.0) -> dict[str, np.ndarray]:
+    """Per-prompt scores in (0, 1) per task, a task-dependent level plus prompt-to-prompt noise."""
+    rng = np.random.default_rng(seed)
+    return {task: np.clip(0.3 + 0.1 * i + 0.15 * rng.standard_normal(prompts), 0.01, 1.0) + shift for i, task in enumerate(TASKS)}
+
+
+def normalised(namm, full):
+    return np.mean([namm[t].mean() / full[t].mean() for t in namm])
+
+
+def test_identical_rows_give_a_zero_interval_and_ratio_one():
+    full, baseline = scores(30, seed=1), scores(30, seed=2)
+    gate = paired_bootstrap({t: v.copy() for t, v in baseline.items()}, baseline, full, resamples=500, seed=0)
+    assert gate["difference"] == gate["low"] == gate["high"] == 0.0
+    assert gate["ratio"] == pytest.approx(1.0) and gate["ratio_low"] == pytest.approx(1.0) and gate["ratio_high"] == pytest.approx(1.0)
+
+
+def test_a_constant_shift_gives_an_interval_excluding_zero_around_the_point_estimate():
+    full, baseline = scores(30, seed=1), scores(30, seed=2)
+    namm = {t: v + 0.1 for t, v in baseline.items()}
+    gate = paired_bootstrap(namm, baseline, full, resamples=2000, seed=0)
+    expected = normalised(namm, full) - normalised(baseline, full)
+    assert gate["difference"] == pytest.approx(expected)
+    assert 0 < gate["low"] < gate["difference"] < gate["high"]
+    assert gate["ratio"] == pytest.approx(normalised(namm, full) / normalised(baseline, full))
+    assert 1 < gate["ratio_low"] < gate["ratio"] < gate["ratio_high"]
+    # The same shift, negative: the interval lies below zero.
+    worse = paired_bootstrap(baseline, namm, full, resamples=2000, seed=0)
+    assert worse["low"] < worse["high"] < 0
+
+
+def test_the_interval_narrows_with_more_prompts():
+    def width(prompts):
+        full, namm, baseline = scores(prompts, 1), scores(prompts, 2), scores(prompts, 3)
+        gate = paired_bootstrap(namm, baseline, full, resamples=2000, seed=0)
+        return gate["high"] - gate["low"]
+
+    assert width(200) < 0.6 * width(20)
+
+
+def test_the_bootstrap_is_deterministic_for_a_seed():
+    full, namm, baseline = scores(30, 1), scores(30, 2), scores(30, 3)
+    first = paired_bootstrap(namm, baseline, full, resamples=1000, seed=7)
+    assert paired_bootstrap(namm, baseline, full, resamples=1000, seed=7) == first
+    other = paired_bootstrap(namm, baseline, full, resamples=1000, seed=8)
+    assert other["difference"] == first["difference"] and (other["low"], other["high"]) != (first["low"], first["high"])
+
+
+@pytest.mark.parametrize("break_it", ["namm_shorter", "baseline_longer", "full_shorter", "missing_task", "empty", "two_dim", "nan"])
+def test_the_bootstrap_refuses_unpaired_scores(break_it):
+    full, namm, baseline = scores(10, 1), scores(10, 2), scores(10, 3)
+    if break_it == "namm_shorter":
+        namm["needle"] = namm["needle"][:-1]
+    elif break_it == "baseline_longer":
+        baseline["passkey"] = np.append(baseline["passkey"], 0.5)
+    elif break_it == "full_shorter":
+        full["long_text"] = full["long_text"][:5]
+    elif break_it == "missing_task":
+        del baseline["needle"]
+    elif break_it == "empty":
+        namm, baseline, full = ({t: np.zeros(0) for t in TASKS} for _ in range(3))
+    elif break_it == "two_dim":
+        namm["needle"] = namm["needle"].reshape(2, 5)
+    else:
+        namm["needle"][3] = np.nan
+    with pytest.raises(ValueError):
+        paired_bootstrap(namm, baseline, full, resamples=100, seed=0)
+
+
+def test_the_bootstrap_refuses_bad_settings():
+    full = scores(5, 1)
+    for settings in ({"resamples": 0}, {"seed": -1}, {"resamples": 1.5}, {"confidence": 1.0}):
+        with pytest.raises(ValueError):
+            paired_bootstrap(full, full, full, **settings)
+
+
+# ---------------------------------------------------------------------------------------------- oracle
+
+
+def kept_sets(cache) -> list[set[int]]:
+    return [set(layer.positions[0, h][layer.token_valid[0, h]].tolist())
+            for layer in cache.namm_layers for h in range(layer.keys.shape[1])]
+
+
+def test_the_oracle_keeps_exactly_the_evidence_the_sinks_and_the_most_recent_tokens():
+    model = tiny_model("llama")
+    evidence = [40, 41, 42, 70, 71]
+    spec = CacheSpec(policy="oracle", policy_kwargs={"positions": evidence}, budget=0.25, overrides={"update_interval": 32})
+    cache = spec.build(model)
+    ids = random_ids(129)
+    with torch.no_grad():
+        for chunk in ids[:, :128].split(32, dim=1):
+            model(input_ids=chunk, cache=cache)
+        model(input_ids=ids[:, 128:], cache=cache)  # runs the eviction round at 128 tokens seen
+    budget = 32  # ceil(0.25 x 128)
+    protected = set(evidence) | {0, 1, 2, 3}
+    recent = set(range(128 - (budget - len(protected)), 128))
+    expected = protected | recent | {128}
+    for kept in kept_sets(cache):
+        assert kept == expected
+    assert "oracle" not in BASELINE_POLICIES and POLICIES["oracle"] is OraclePolicy
+
+
+def test_the_oracle_differs_from_streaming_llm_only_by_the_evidence():
+    model = tiny_model("llama")
+    ids = random_ids(129)
+
+    def run(spec):
+        cache = spec.build(model)
+        with torch.no_grad():
+            for chunk in ids.split(32, dim=1):
+                model(input_ids=chunk, cache=cache)
+        return kept_sets(cache)
+
+    config = NAMMConfig(update_interval=32)
+    oracle = run(CacheSpec(policy="oracle", policy_kwargs={"positions": [50, 51]}, budget=40, config=config))
+    streaming = run(CacheSpec(policy="streaming_llm", budget=40, config=config))
+    for mine, theirs in zip(oracle, streaming):
+        assert {50, 51} <= mine and not {50, 51} & theirs
+        assert len(mine) == len(theirs) and len(theirs - mine) == 2  # two recent tokens made room for the evidence
+
+
+def test_the_oracle_ranks_evidence_above_sinks_above_recency():
+    from namm_cache.policies import Observation
+
+    positions = torch.arange(100).unsqueeze(0)
+    observation = Observation(0, torch.zeros(1, 100, 4), positions, torch.ones(1, 100, dtype=torch.bool),
+                              99 - positions, NAMMConfig())
+    score = OraclePolicy(positions=(60, 61, 20)).score(observation)[0]
+    evidence, sinks, rest = score[[20, 60, 61]], score[:4], score[torch.tensor([i for i in range(100) if i > 3 and i not in (20, 60, 61)])]
+    assert evidence.min() > sinks.max() and sinks.min() > rest.max()
+    assert torch.equal(rest.argsort(), torch.arange(rest.numel()))  # the rest by recency: the newest highest
+    assert OraclePolicy(positions=[61, 60, 20, 60]).positions == (20, 60, 61)
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"positions": []}, {"positions": [-1, 3]}, {"positions": [1.5]}, {"positions": "12"},
+                                    {"positions": [True]}, {"positions": None}, {"positions": [1], "sinks": -1},
+                                    {"positions": [1], "window": 3}])
+def test_the_oracle_refuses_bad_arguments_with_one_value_error(kwargs):
+    with pytest.raises(ValueError) as error:
+        build_policy("oracle", **kwargs)
+    assert "\n" not in str(error.value)
+
+
+def test_the_oracle_refuses_a_threshold_budget():
+    with pytest.raises(ValueError, match="threshold"):
+        CacheSpec(policy="oracle", policy_kwargs={"positions": [3]}).build(tiny_model("llama"))
+
+
+def test_haystack_examples_carry_their_needles_as_evidence(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    from namm_cache.tasks import heldout_examples, token_ids
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    examples = heldout_examples(tokenizer, 1, tokens=300)
+    for example in examples:
+        if example.task == "long_text":
+            assert example.evidence is None
+            continue
+        spans = example.evidence
+        assert spans and all(example.prompt[a:b].startswith(("The pass key", "The special magic", "VAR")) for a, b in spans)
+        positions = example.evidence_positions(tokenizer)
+        ids = token_ids(tokenizer, example.prompt)[0]
+        text = tokenizer.decode(ids[positions])
+        for a, b in spans:
+            assert example.prompt[a:b].replace(" ", "") in text.replace(" ", "")
+        # Only evidence tokens: the tokens just outside are not evidence.
+        assert positions[0] > 0 and positions[-1] < len(ids) - 1
+        assert len(positions) < 30 * len(spans)
+
+
+# ---------------------------------------------------------------------------------------------- evaluation and CLI
+
+
+def test_heldout_evaluation_keeps_per_prompt_scores_and_gates_against_the_best_baseline(tmp_path, tiny_model_dir):
+    from helpers import random_scorer
+
+    from namm_cache.evolution.evaluate import evaluate_heldout
+    from namm_cache.evolution.run import load_model
+    from namm_cache.hub import ScorerMetadata, save_scorer
+
+    folder = tmp_path / "scorer"
+    save_scorer(folder, random_scorer(seed=3), NAMMConfig(update_interval=128, threshold=0.0, max_tokens=64),
+                ScorerMetadata(description="test scorer"))
+    model, tokenizer = load_model(str(tiny_model_dir))
+    result = evaluate_heldout(model, tokenizer, str(folder), prompts_per_task=2, policies=["h2o", "streaming_llm"],
+                              progress=False, budget=0.25, resamples=300)
+    labels = [row["label"] for row in result["rows"]]
+    assert labels[1] == "NAMM (budget 25%)" and labels[-1].startswith("oracle (ceiling, budget ")
+    namm, oracle = result["rows"][1], result["rows"][-1]
+    assert 0.2 < namm["kept_fraction"] < 0.4 and abs(oracle["kept_fraction"] - namm["kept_fraction"]) < 0.02
+    for row in result["rows"][:-1]:
+        assert {task: len(values) for task, values in row["scores"].items()} == {
+            "passkey": 2, "needle": 2, "variable_tracking": 2, "long_text": 2}
+        for task, values in row["scores"].items():
+            assert row["per_task"][task]["score"] == pytest.approx(sum(values) / 2)
+    assert set(oracle["scores"]) == {"passkey", "needle", "variable_tracking"}  # long_text carries no evidence
+    gate = result["gate"]
+    baselines = [row for row in result["rows"] if row["policy"] in ("h2o", "streaming_llm")]
+    best = max(baselines, key=lambda row: row["normalized_mean"])
+    assert gate["baseline"] == best["policy"] and gate["resamples"] == 300
+    assert gate["difference"] == pytest.approx(namm["normalized_mean"] - best["normalized_mean"])
+    assert gate["low"] <= gate["difference"] <= gate["high"]
+    text = table(result)
+    assert f"NAMM \u2212 best baseline ({best['policy']}): {gate['difference']:+.3f}" in text
+    assert "over 2 prompts/task" in text and "\u2013" in text  # the oracle's long_text cell is empty
+
+
+def test_the_table_reads_results_written_before_the_gate():
+    old = {"rows": [{"label": "full cache", "kept_fraction": 1.0, "normalized_mean": 1.0, "per_task": {"passkey": {"score": 0.5}}}]}
+    assert "best baseline" not in table(old) and "| full cache | 100% | 1.000 | 0.500 |" in table(old)
+
+
+@pytest.mark.parametrize("flags", [["--budget", "0"], ["--budget", "1.5"], ["--budget", "abc"], ["--budget", "nan"],
+                                   ["--prompts-per-task", "0"], ["--prompts-per-task", "2.5"], ["--resamples", "0"],
+                                   ["--bootstrap-seed", "-3"], ["--no-cap", "--budget", "0.25"], ["--scorer-missing"],
+                                   ["--out-folder-missing"]])
+def test_the_cli_refuses_bad_flags_with_one_error_line(flags, tmp_path, capsys, monkeypatch):
+    from helpers import random_scorer
+
+    from namm_cache.evolution import run
+    from namm_cache.hub import ScorerMetadata, save_scorer
+
+    def load_model(name):
+        raise AssertionError("the flags should have been refused before the model loads")
+
+    monkeypatch.setattr(run, "load_model", load_model)
+    folder = tmp_path / "scorer"
+    save_scorer(folder, random_scorer(seed=3), NAMMConfig(update_interval=128, threshold=0.0, max_tokens=64),
+                ScorerMetadata(description="test scorer"))
+    scorer, out = str(folder), str(tmp_path / "out.json")
+    if flags == ["--scorer-missing"]:
+        scorer, flags = str(tmp_path / "nowhere"), []
+    elif flags == ["--out-folder-missing"]:
+        out, flags = str(tmp_path / "missing" / "out.json"), []
+    code = main(["--scorer", scorer, "--out", out, *flags])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.count("\n") == 1 and err.startswith("evaluate: error: ")
