@@ -23,6 +23,7 @@ from namm_cache.validation import (check_bool, check_choice, check_float, check_
 from .cmaes import MAX_POPULATION
 
 STAGE_NAMM_KEYS = ("update_interval", "threshold", "max_tokens")
+FITNESS_KINDS = ("exact", "replay")
 MAX_SEED = 2**31 - 1  # seeds numpy generators (seed + stage + 1 must stay below 2**32)
 
 
@@ -63,6 +64,12 @@ class EvolutionConfig:
         initial_scorer: a scorer folder or name (e.g. one written by `namm_cache.evolution.distill`) whose
             weights are the initial CMA-ES mean and whose normalisation statistics replace the keep-all
             calibration; None starts from the zero scorer (keeps everything), as the paper does.
+        fitness: "exact" (every member feeds every prompt through its own cache) or "replay" (one observing
+            full-cache pass per prompt, each member's evictions replayed on it: `evolution/replay.py`).
+        validation_prompts_per_task: size per task of a fixed validation set (drawn once per stage, never
+            trained on, apart from the held-out set) on which the distribution mean is scored exactly every
+            `validation_every` generations; 0 turns validation off.
+        validation_every: generations between validation scores (the last generation of a stage always has one).
     """
 
     model: str = "smollm2-135m-instruct"
@@ -80,6 +87,9 @@ class EvolutionConfig:
     threads: int = 2
     stages: list[Stage] = field(default_factory=lambda: [Stage(tasks=[{"name": "passkey", "tokens": 1000}], generations=10)])
     initial_scorer: str | None = None
+    fitness: str = "exact"
+    validation_prompts_per_task: int = 0
+    validation_every: int = 5
 
     # ------------------------------------------------------------------ building
     @classmethod
@@ -163,6 +173,9 @@ class EvolutionConfig:
         self.prefill_chunk = check_int("prefill_chunk", self.prefill_chunk, minimum=1, optional=True)
         self.memory_weight = check_float("memory_weight", self.memory_weight, minimum=0.0)
         self.threads = check_int("threads", self.threads, minimum=1)
+        self.fitness = check_choice("fitness", self.fitness, FITNESS_KINDS)
+        self.validation_prompts_per_task = check_int("validation_prompts_per_task", self.validation_prompts_per_task, minimum=0)
+        self.validation_every = check_int("validation_every", self.validation_every, minimum=1)
         self.namm = check_mapping("namm", self.namm)
         if not self.stages or not all(isinstance(stage, Stage) for stage in self.stages):
             raise ValueError("Give at least one stage (stages: a list of {tasks: [...], generations: N}).")

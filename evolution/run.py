@@ -27,13 +27,14 @@ from namm_cache.budgets import parse_budget
 from namm_cache.calibration import calibrate_normalization
 from namm_cache.hub import ScorerMetadata, save_scorer
 from namm_cache.scorers import build_scorer
-from namm_cache.tasks import Example, build_task
+from namm_cache.tasks import Example, build_task, token_ids
 
 from .checkpoint import (CHECKPOINT, LEGACY_CHECKPOINT, CheckpointError, RunState, atomic_write_bytes, check_run_folder,
                          locate_checkpoint, read_checkpoint, write_checkpoint)
 from .cmaes import CMAES, maximize_with_cma  # noqa: F401  (maximize_with_cma: re-exported)
 from .config import EvolutionConfig, check_fits_context, resolve_model_path
 from .fitness import evaluate_examples, mean_kept_fraction, normalized_task_scores
+from .replay import answer_scores, kept_fraction as replay_fraction, record_prompt, replay_kept
 
 LOG = "log.jsonl"
 PLOT = "fitness.png"
@@ -104,6 +105,7 @@ class EvolutionRun:
         kind = spec.pop("kind", "bam")
         self.scorer = build_scorer(kind, input_dim=self.namm_config.feature_dim, n_bins=self.namm_config.n_bins, **spec)
         self.dim = self.scorer.num_parameters()
+        self._validation: dict[int, tuple[list[Example], torch.Tensor]] = {}
 
     # --------------------------------------------------------------- state
     def checkpoint_path(self) -> Path:
@@ -153,24 +155,59 @@ class EvolutionRun:
         return lambda: spec.build(self.model)
 
     def evaluate_generation(self, members: np.ndarray, examples: list[Example], stage: int) -> dict[str, Any]:
-        """Scores of every member (rows of `members`) on `examples` under `stage`'s settings, sharded over ranks by job."""
+        """Scores of every member (rows of `members`) on `examples` under `stage`'s settings, sharded over ranks.
+
+        With `fitness: exact` a job is one (member or full cache, example) pair; with `fitness: replay` a job is
+        one example: one recorded full-cache pass, then every member replayed on it (`evolution/replay.py`)."""
         n_members, n_examples = members.shape[0], len(examples)
-        jobs = [(m, e) for m in range(-1, n_members) for e in range(n_examples)]  # member -1 = full cache
-        results = torch.zeros(len(jobs), 2, dtype=torch.float64)
-        mine = [j for j in range(len(jobs)) if j % self.world.size == self.world.rank]
-        for j in tqdm(mine, desc="evaluating", leave=False, disable=not self.progress):
-            member, example = jobs[j]
-            make = self.make_cache(None if member < 0 else members[member], stage)
-            (result,) = evaluate_examples(self.model, self.tokenizer, [examples[example]], make, chunk=self.config.chunk(stage))
-            results[j, 0], results[j, 1] = result.score, result.kept_fraction
-        results = self.world.sum(results)
-        table = results.view(n_members + 1, n_examples, 2)
+        results = torch.zeros(n_members + 1, n_examples, 2, dtype=torch.float64)  # row 0: the full cache
+        if self.config.fitness == "replay":
+            mine = [e for e in range(n_examples) if e % self.world.size == self.world.rank]
+            for e in tqdm(mine, desc="replaying", leave=False, disable=not self.progress):
+                results[:, e] = self.replay_example(members, examples[e], stage)
+        else:
+            jobs = [(m, e) for m in range(-1, n_members) for e in range(n_examples)]  # member -1 = full cache
+            mine = [j for j in range(len(jobs)) if j % self.world.size == self.world.rank]
+            for j in tqdm(mine, desc="evaluating", leave=False, disable=not self.progress):
+                member, example = jobs[j]
+                results[member + 1, example] = self.exact_score(None if member < 0 else members[member], examples[example], stage)
+        table = self.world.sum(results)
+        return self.summarize(table, examples, stage)
+
+    def exact_score(self, vector: np.ndarray | None, example: Example, stage: int) -> torch.Tensor:
+        """`(score, kept fraction)` of one member (None: the full cache) on one example, through its own cache."""
+        make = self.make_cache(vector, stage)
+        (result,) = evaluate_examples(self.model, self.tokenizer, [example], make, chunk=self.config.chunk(stage))
+        return torch.tensor([result.score, result.kept_fraction], dtype=torch.float64)
+
+    def replay_example(self, members: np.ndarray, example: Example, stage: int) -> torch.Tensor:
+        """`(members + 1, 2)` (score, kept fraction) of the full cache (row 0) and every member on `example`."""
+        if example.metric != "logprob":  # a generated answer cannot be replayed: evaluate it exactly
+            rows = [self.exact_score(None, example, stage)] + [self.exact_score(m, example, stage) for m in members]
+            return torch.stack(rows)
+        config = self.config.namm_config(stage)
+        prompt, answer = token_ids(self.tokenizer, example.prompt), token_ids(self.tokenizer, example.answer)
+        recording = record_prompt(self.model, prompt, answer, config, self.config.chunk(stage))
+        recording.prepare(self.scorer, config)
+        kept = []
+        for vector in members:
+            self.scorer.set_flat_params(torch.as_tensor(vector, dtype=torch.float32))
+            kept.append(replay_kept(recording, self.scorer, config, self.budget))
+        everything = torch.ones_like(kept[0])
+        scores = answer_scores(self.model, recording, [everything, *kept], config)
+        answer_fed = recording.queries.shape[1]
+        fractions = [1.0] + [replay_fraction(k, answer_fed) for k in kept]
+        return torch.tensor([scores, fractions], dtype=torch.float64).T
+
+    def summarize(self, table: torch.Tensor, examples: list[Example], stage: int) -> dict[str, Any]:
+        """Fitness, quality, kept fraction and per-task scores of each member from the `(members + 1, examples,
+        2)` table of (score, kept fraction), row 0 the full cache."""
         from .fitness import ExampleResult
 
         as_results = lambda row: [ExampleResult(float(s), float(k)) for s, k in row.tolist()]
         full = as_results(table[0])
         fitness, quality, kept, per_task = [], [], [], []
-        for m in range(n_members):
+        for m in range(table.shape[0] - 1):
             member = as_results(table[m + 1])
             tasks = normalized_task_scores(member, full, examples)
             q = sum(tasks.values()) / len(tasks)
@@ -181,6 +218,41 @@ class EvolutionRun:
             fitness.append(q - self.config.stage_memory_weight(stage) * k)
         return {"fitness": fitness, "quality": quality, "kept": kept, "per_task": per_task,
                 "full_scores": [r.score for r in full]}
+
+    # --------------------------------------------------------------- validation
+    def validation_examples(self, stage: int) -> list[Example]:
+        """The stage's fixed validation set: its tasks, drawn from a generator no training draw uses."""
+        rng = random.Random(f"validation/{self.config.seed}/{stage}")
+        examples = []
+        for spec in self.config.all_tasks(stage):
+            examples += build_task(spec).sample(self.tokenizer, rng, self.config.validation_prompts_per_task)
+        return examples
+
+    def validate_mean(self, mean: np.ndarray, stage: int) -> dict[str, Any]:
+        """The distribution mean scored exactly on the stage's validation set (the full cache's scores are
+        computed once per stage), sharded over ranks."""
+        if stage not in self._validation:
+            examples = self.validation_examples(stage)
+            full = torch.zeros(len(examples), 2, dtype=torch.float64)
+            for e in range(len(examples)):
+                if e % self.world.size == self.world.rank:
+                    full[e] = self.exact_score(None, examples[e], stage)
+            self._validation = {stage: (examples, self.world.sum(full))}
+        examples, full = self._validation[stage]
+        results = torch.zeros(len(examples), 2, dtype=torch.float64)
+        mine = [e for e in range(len(examples)) if e % self.world.size == self.world.rank]
+        for e in tqdm(mine, desc="validating", leave=False, disable=not self.progress):
+            results[e] = self.exact_score(mean, examples[e], stage)
+        summary = self.summarize(torch.stack([full, self.world.sum(results)]), examples, stage)
+        return {"fitness": summary["fitness"][0], "quality": summary["quality"][0], "kept": summary["kept"][0],
+                "per_task": summary["per_task"][0], "prompts": len(examples)}
+
+    def validation_due(self, stage_generation: int, stage: int) -> bool:
+        """Every `validation_every` generations of a stage, and at its last generation."""
+        if not self.config.validation_prompts_per_task:
+            return False
+        last = stage_generation + 1 == self.config.stages[stage].generations
+        return last or (stage_generation + 1) % self.config.validation_every == 0
 
     # --------------------------------------------------------------- main loop
     def calibrate(self) -> tuple[list[float], list[float]]:
@@ -254,6 +326,11 @@ class EvolutionRun:
                     "sigma": state.es.sigma,
                     "seconds": round(time.time() - started, 2),
                 })
+            if self.validation_due(stage_generation, stage):
+                validation = self.validate_mean(members[-1], stage)
+                if self.world.is_main:
+                    state.log[-1]["validation"] = validation
+            if self.world.is_main:
                 state.generation += 1
                 state.stage_generation += 1
                 self.advance_stage(state)
@@ -333,8 +410,8 @@ def load_model(model: str):
 
 
 def plot_log(log: list[dict[str, Any]], path: Path) -> None:
-    """Fitness (best member, population mean, distribution mean), quality and kept fraction per generation,
-    with a dotted line where a stage begins (new tasks or settings; the fitness scale may change there)."""
+    """Fitness (best member, population mean, distribution mean and, where run, its validation score), quality
+    and kept fraction per generation, with a dotted line where a stage begins (new tasks or settings; the fitness scale may change there)."""
     if not log:
         return
     import matplotlib
@@ -347,10 +424,18 @@ def plot_log(log: list[dict[str, Any]], path: Path) -> None:
     top.plot(generations, [row["fitness_best"] for row in log], label="best member")
     top.plot(generations, [row["fitness_mean_population"] for row in log], label="population mean")
     top.plot(generations, [row["fitness_distribution_mean"] for row in log], label="distribution mean", lw=2)
+    validated = [row for row in log if "validation" in row]
+    if validated:
+        prompts = validated[-1]["validation"]["prompts"]
+        top.plot([row["generation"] for row in validated], [row["validation"]["fitness"] for row in validated], "o-",
+                 color="black", lw=2, label=f"distribution mean, validation\n({prompts} fixed prompts, exact)")
     top.set_ylabel("fitness")
     top.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     quality = [row["quality_distribution_mean"] for row in log]
     bottom.plot(generations, quality, color="tab:purple", label="quality, distribution mean")
+    if validated:
+        bottom.plot([row["generation"] for row in validated], [row["validation"]["quality"] for row in validated], "o-",
+                    color="black", label="quality, validation")
     bottom.plot(generations, [row["kept_distribution_mean"] for row in log], color="tab:green", label="KV kept, distribution mean")
     bottom.plot(generations, [row["kept_best"] for row in log], color="tab:olive", ls="--", label="KV kept, best member")
     bottom.set_ylabel("quality / KV kept")

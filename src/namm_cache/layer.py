@@ -84,6 +84,33 @@ class NAMMLayer(CacheLayerMixin):
         self.row_evictions = [0] * batch
         self.is_initialized = True
 
+    def install(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, token_valid: torch.Tensor,
+                tokens_seen: int) -> None:
+        """Replace this layer's contents with given slots, as if `tokens_seen` unpadded tokens had been fed and
+        evicted down to them (evolution's replay fitness builds its answer caches this way).
+
+        Args:
+            keys, values: `(B, H, S, D)`; positions, token_valid: `(B, H, S)`, each (row, head) chronological.
+            tokens_seen: tokens fed so far (every position is below it).
+        Only for a policy that tracks no statistics (e.g. "full"): the statistics of the slots are unknown.
+        """
+        if self.statistics:
+            raise ValueError(f"install() needs a policy without statistics; {self.policy.name!r} tracks {sorted(self.statistics)}.")
+        if keys.shape[:3] != positions.shape or token_valid.shape != positions.shape or values.shape[:3] != positions.shape:
+            raise ValueError(f"keys {tuple(keys.shape)}, values {tuple(values.shape)}, positions {tuple(positions.shape)} "
+                             f"and token_valid {tuple(token_valid.shape)} disagree on (batch, heads, slots).")
+        if positions.numel() and int(positions.max()) >= tokens_seen:
+            raise ValueError(f"A position ({int(positions.max())}) is not below tokens_seen ({tokens_seen}).")
+        self.lazy_initialization(keys[..., :0, :], values[..., :0, :])
+        self.keys, self.values = keys.contiguous(), values.contiguous()
+        self.positions, self.token_valid = positions.contiguous(), token_valid.contiguous()
+        batch = keys.shape[0]
+        self.tokens_seen = tokens_seen
+        self.real_tokens_seen = [tokens_seen] * batch
+        interval = self.config.update_interval
+        self.next_eviction = [(tokens_seen // interval + 1) * interval] * batch
+        self.row_evictions = [tokens_seen // interval] * batch
+
     @property
     def batch_size(self) -> int:
         return self.keys.shape[0] if self.is_initialized else 0

@@ -1,0 +1,147 @@
+"""Replay fitness: the replayed eviction is the cache's own where features do not depend on earlier evictions,
+and the batched answer pass scores each kept set as the cache would."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+import pytest
+import torch
+from conftest import random_ids, tiny_model
+
+from namm_cache import BAMScorer, NAMMCache, NAMMConfig
+from namm_cache.budgets import parse_budget
+from namm_cache.evolution.fitness import answer_logprob
+from namm_cache.evolution.replay import answer_scores, kept_fraction, record_prompt, replay_kept
+
+
+def age_only_scorer(seed: int = 0) -> BAMScorer:
+    """A random BAM scorer blind to the spectrogram: its scores depend on token ages only, which an eviction
+    does not change, so a replay on full-cache features must reproduce the cache's evictions exactly."""
+    scorer = BAMScorer()
+    generator = torch.Generator().manual_seed(seed)
+    scorer.set_flat_params(torch.randn(scorer.num_parameters(), generator=generator) * 0.5)
+    recency = NAMMConfig().recency_dim
+    with torch.no_grad():
+        for linear in (scorer.query, scorer.key, scorer.value, scorer.readout):
+            linear.weight[:, recency:] = 0  # inputs past the age embedding are the spectrogram bins
+        scorer.gates.weight[recency:] = 0  # no gate feeds back into the bins
+        scorer.gates.weight[scorer.input_dim + recency:] = 0
+        scorer.readout.bias -= 5.0  # about the median score: the threshold then evicts
+    return scorer
+
+
+def cache_kept(model, prompt, scorer, config, chunk, budget=None) -> torch.Tensor:
+    """`(L*H, tokens)` bool: what a real NAMMCache holds after `prompt`."""
+    cache = NAMMCache(model=model, scorer=scorer, config=config, budget=budget)
+    for part in prompt.split(chunk, dim=1):
+        model(input_ids=part, cache=cache, use_cache=True)
+    rows = []
+    for layer in cache.namm_layers:
+        held = torch.zeros(layer.keys.shape[1], prompt.shape[1], dtype=torch.bool)
+        for head in range(layer.keys.shape[1]):
+            held[head, layer.positions[0, head][layer.token_valid[0, head]]] = True
+        rows.append(held)
+    return torch.cat(rows)
+
+
+@pytest.mark.parametrize("settings", [
+    {"config": NAMMConfig(update_interval=32, threshold=0.0), "chunk": 32},
+    {"config": NAMMConfig(update_interval=32, max_tokens=40), "chunk": 32},
+    {"config": NAMMConfig(update_interval=32), "chunk": 20, "budget": 0.3},  # rounds fall inside chunks
+])
+def test_replay_evicts_exactly_what_the_cache_evicts_when_scores_do_not_read_attention(settings):
+    model = tiny_model("llama")
+    prompt, answer = random_ids(161), random_ids(3, seed=1)
+    config, chunk = settings["config"], settings["chunk"]
+    budget = parse_budget(settings.get("budget"))
+    scorer = age_only_scorer()
+    recording = record_prompt(model, prompt, answer, config, chunk)
+    recording.prepare(scorer, config)
+    replayed = replay_kept(recording, scorer, config, budget)
+    real = cache_kept(model, prompt[:, :-1], age_only_scorer(), config, chunk, budget=settings.get("budget"))
+    assert replayed.shape == real.shape == (4 * 2, 160)
+    assert 0.1 < replayed.float().mean() < 0.9  # it evicts, and not everything
+    assert torch.equal(replayed, real)
+
+
+def test_replay_follows_the_scorer_and_a_cap_holds():
+    model = tiny_model("llama")
+    config = NAMMConfig(update_interval=32, max_tokens=24)
+    recording = record_prompt(model, random_ids(200), random_ids(2, seed=3), config, 32)
+    first, second = age_only_scorer(0), age_only_scorer(1)
+    recording.prepare(first, config)
+    a, b = replay_kept(recording, first, config), replay_kept(recording, second, config)
+    assert not torch.equal(a, b)
+    last_round = recording.rounds[-1].now
+    assert (a[:, : last_round + 1].sum(-1) <= 24).all()  # the cap, at the last round
+    assert a[:, last_round + 1:].all()  # tokens after the last round are all held
+
+
+def test_answer_pass_scores_each_kept_set_like_the_cache():
+    model = tiny_model("qwen3")
+    config = NAMMConfig(update_interval=32)
+    prompt, answer = random_ids(120), random_ids(4, seed=2)
+    recording = record_prompt(model, prompt, answer, config, 32)
+    rows, tokens = len(recording.cache.namm_layers) * recording.heads, recording.tokens
+    everything = torch.ones(rows, tokens, dtype=torch.bool)
+    generator = torch.Generator().manual_seed(0)
+    sparse = torch.rand(rows, tokens, generator=generator) < 0.3
+    sparse[:, -1] = True
+    batched = answer_scores(model, recording, [everything, sparse, everything], config)
+    alone = answer_scores(model, recording, [sparse], config)
+    full_cache = math.exp(answer_logprob(model, NAMMCache(model=model, config=config, policy="full"), prompt, answer, 32))
+    assert batched[0] == pytest.approx(full_cache, rel=1e-4)
+    assert batched[2] == pytest.approx(batched[0], rel=1e-5)
+    assert batched[1] == pytest.approx(alone[0], rel=1e-4)  # rows of a batch do not see each other
+    assert abs(batched[1] - batched[0]) > 1e-4  # evicting 70% changes the answer's probability
+    assert kept_fraction(sparse, 4) == pytest.approx((int(sparse.sum()) + rows * 4) / (rows * (tokens + 4)))
+
+
+def test_a_hybrid_models_sliding_layers_travel_with_the_answer_cache():
+    model = tiny_model("gemma3")
+    config = NAMMConfig(update_interval=32)
+    prompt, answer = random_ids(100), random_ids(3, seed=2)
+    recording = record_prompt(model, prompt, answer, config, 32)
+    rows = len(recording.cache.namm_layers) * recording.heads
+    (score,) = answer_scores(model, recording, [torch.ones(rows, recording.tokens, dtype=torch.bool)], config)
+    full_cache = math.exp(answer_logprob(model, NAMMCache(model=model, config=config, policy="full"), prompt, answer, 32))
+    assert score == pytest.approx(full_cache, rel=1e-4)
+
+
+def test_record_refuses_what_it_cannot_replay():
+    model = tiny_model("llama")
+    with pytest.raises(ValueError, match="one prompt"):
+        record_prompt(model, random_ids(50, batch=2), random_ids(2), NAMMConfig(), 32)
+
+
+def test_a_replay_run_matches_exact_scores_where_nothing_is_evicted_and_logs_validation(tmp_path, tiny_model_dir):
+    from namm_cache.evolution.config import EvolutionConfig
+    from namm_cache.evolution.run import EvolutionRun
+
+    config = EvolutionConfig.from_dict({
+        "model": str(tiny_model_dir), "scorer": {"kind": "bam", "hidden_dim": 8}, "namm": {"update_interval": 32},
+        "population": 4, "sigma0": 0.3, "seed": 3, "prompts_per_task": 2, "calibration_prompts": 1, "threads": 1,
+        "fitness": "replay", "validation_prompts_per_task": 2, "validation_every": 2,
+        "stages": [{"tasks": [{"name": "passkey", "tokens": 150}], "generations": 3}],
+    })
+    run = EvolutionRun(config, tmp_path / "out", progress=False)
+    examples = run.examples_for(0, 0)
+    zero = np.zeros((1, run.dim))  # the zero scorer keeps every token: the replay is then exact
+    replayed = run.replay_example(zero, examples[0], 0)
+    exact_full = run.exact_score(None, examples[0], 0)
+    exact_zero = run.exact_score(zero[0], examples[0], 0)
+    assert replayed[0].tolist() == pytest.approx(exact_full.tolist(), rel=1e-4)
+    assert replayed[1].tolist() == pytest.approx(exact_zero.tolist(), rel=1e-4)
+    assert replayed[1, 1] == 1.0
+    state = run.run()
+    assert state.generation == 3
+    assert [("validation" in row) for row in state.log] == [False, True, True]  # every 2nd, and the stage's last
+    validation = state.log[1]["validation"]
+    assert validation["prompts"] == 2 and 0 < validation["kept"] <= 1
+    # The validation set is fixed and apart from the training draws.
+    again = run.validation_examples(0)
+    assert [e.prompt for e in again] == [e.prompt for e in run.validation_examples(0)]
+    assert not {e.prompt for e in again} & {e.prompt for g in range(3) for e in run.examples_for(g, 0)}
