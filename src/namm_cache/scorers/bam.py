@@ -34,12 +34,16 @@ class BAMScorer(Scorer):
 
     def score_tokens(self, features: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         x = features.to(self.readout.weight.dtype)
-        queries, keys, values = self.query(x), self.key(x), self.value(x)
-        allowed = (positions.unsqueeze(-1) <= positions.unsqueeze(-2)) & valid.unsqueeze(-2)
-        # A slot with no token still attends to itself, so no row is empty (its score is ignored).
-        allowed |= torch.eye(allowed.shape[-1], dtype=torch.bool, device=allowed.device)
-        attended = F.scaled_dot_product_attention(queries, keys, values, attn_mask=allowed)
-        residual, multiplier = self.gates(attended).chunk(2, dim=-1)
+        # Newest real token first, empty slots last: "attend to itself and newer tokens" becomes a causal mask
+        # in that order, which the fused (flash) attention kernels run without building an S x S mask.
+        # An empty slot then attends to real tokens too; its score is ignored, and no real token sees it.
+        newest_first = torch.where(valid, -positions, torch.full_like(positions, torch.iinfo(positions.dtype).max))
+        order = newest_first.argsort(dim=-1, stable=True)
+        index = order.unsqueeze(-1).expand(-1, -1, x.shape[-1])
+        ordered = x.gather(-2, index).unsqueeze(-3)  # (N, 1, S, F): one attention head
+        attended = F.scaled_dot_product_attention(self.query(ordered), self.key(ordered), self.value(ordered), is_causal=True)
+        attended = torch.empty_like(attended).scatter_(-2, order.unsqueeze(-2).unsqueeze(-1).expand_as(attended), attended)
+        residual, multiplier = self.gates(attended.squeeze(-3)).chunk(2, dim=-1)
         hidden = x * (1 + multiplier) + residual
         return self.readout(hidden).squeeze(-1)
 
