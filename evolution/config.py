@@ -307,7 +307,7 @@ def _check_scorer(spec: Any, namm: NAMMConfig) -> dict[str, Any]:
     accepted = [name for name in inspect.signature(SCORER_KINDS[kind].__init__).parameters
                 if name not in ("self", "input_dim", "n_bins")]
     check_known_keys(f"scorer (kind {kind!r})", arguments, accepted)
-    build_scorer(kind, input_dim=namm.feature_dim, n_bins=namm.n_bins, **arguments)
+    build_scorer(kind, input_dim=SCORER_KINDS[kind].input_dim_for(namm), n_bins=namm.n_bins, **arguments)
     return spec
 
 

@@ -36,7 +36,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from namm_cache import NAMMCache, NAMMConfig
-from namm_cache.features import token_features
+from namm_cache.features import log_norms, standardize_rows, token_features
 from namm_cache.policies import Observation, Policy
 from namm_cache.scorers import Scorer
 
@@ -51,6 +51,7 @@ class Round:
         positions: `(H, S)` absolute positions.
         valid: `(H, S)` bool, False for empty slots.
         target: `(H, S)` attention the answer paid to each slot's token (the importance target).
+        log_norms: `(H, S, 2)` log key and value norms (read by scorers with `extra_inputs`), or None.
     """
 
     spectrogram: torch.Tensor
@@ -58,6 +59,7 @@ class Round:
     positions: torch.Tensor
     valid: torch.Tensor
     target: torch.Tensor
+    log_norms: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -120,8 +122,19 @@ def collect_rounds(model: nn.Module, prompt_ids: torch.Tensor, answer_ids: torch
         positions = observation.positions.cpu()
         target = importance[layer].gather(1, positions.clamp_max(importance[layer].shape[1] - 1))
         rounds.append(Round(spectrogram=observation.spectrogram.cpu(), age=observation.age.cpu(), positions=positions,
-                            valid=observation.valid.cpu(), target=target))
+                            valid=observation.valid.cpu(), target=target,
+                            log_norms=log_norms(observation.keys, observation.values).cpu()))
     return rounds
+
+
+def scorer_inputs(scorer: Scorer, round_: Round, config: NAMMConfig) -> torch.Tensor:
+    """`(H, S, scorer.input_dim)`: what `scorer` reads at this round (the norms too, if it reads them)."""
+    features = token_features(round_.spectrogram, round_.age, scorer.spectrogram_mean, scorer.spectrogram_std, config)
+    if scorer.extra_inputs:
+        if round_.log_norms is None:
+            raise ValueError(f"A {scorer.kind} scorer reads key and value norms, but these rounds were recorded without them.")
+        features = torch.cat([features, standardize_rows(round_.log_norms, round_.valid)], dim=-1)
+    return features
 
 
 def positives(round_: Round, keep_fraction: float) -> torch.Tensor:
@@ -146,8 +159,7 @@ def fit_scorer(scorer: Scorer, rounds: list[Round], config: NAMMConfig, *, keep_
         raise ValueError(f"keep_fraction must be in (0, 1), got {keep_fraction}.")
     spectra = torch.cat([r.spectrogram[r.valid] for r in rounds]).double()
     scorer.set_normalization(spectra.mean(0).float(), spectra.std(0).float().clamp_min(1e-8))
-    mean, std = scorer.spectrogram_mean, scorer.spectrogram_std
-    inputs = [token_features(r.spectrogram, r.age, mean, std, config) for r in rounds]
+    inputs = [scorer_inputs(scorer, r, config) for r in rounds]
     labels = [positives(r, keep_fraction) for r in rounds]
     optimizer = torch.optim.Adam(scorer.parameters(), lr=lr)
     generator = torch.Generator().manual_seed(seed)
@@ -189,9 +201,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep-fraction", type=float, default=0.25)
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--kind", default="bam", choices=["bam", "bam_norms"],
+                        help="scorer kind: the paper's BAM, or BAM that also reads key and value norms")
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args(argv)
-    from namm_cache import BAMScorer
+    from namm_cache.scorers import SCORER_KINDS, build_scorer
     from namm_cache.hub import ScorerMetadata, save_scorer
     from namm_cache.tasks import TRAINING_TEXT, build_task, token_ids
 
@@ -203,7 +217,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
         if Path(args.out).exists() and any(Path(args.out).iterdir()):
             raise FileExistsError(f"--out {args.out} is not empty; choose another folder.")
-        scorer = BAMScorer(input_dim=config.feature_dim, n_bins=config.n_bins)
+        scorer = build_scorer(args.kind, input_dim=SCORER_KINDS[args.kind].input_dim_for(config), n_bins=config.n_bins)
         if not 0 < args.keep_fraction < 1:
             raise ValueError(f"--keep-fraction must be in (0, 1), got {args.keep_fraction}")
     except (ValueError, FileExistsError) as error:

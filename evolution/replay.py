@@ -36,7 +36,7 @@ from torch import nn
 
 from namm_cache import NAMMCache, NAMMConfig
 from namm_cache.budgets import Budget, ThresholdBudget
-from namm_cache.features import token_features
+from namm_cache.features import log_norms, standardize_rows, token_features
 from namm_cache.layer import NAMMLayer
 from namm_cache.scorers import Scorer
 from namm_cache.selection import compaction_indices, select_tokens
@@ -55,6 +55,7 @@ class ReplayRound:
         positions: `(S,)` absolute positions (the recording keeps every token, so slot = position).
         arrived: `(S,)` bool, tokens up to the round's newest position (later ones of a chunk are not scored).
         now: position of the newest token processed at the round.
+        log_norms: `(L*H, S, 2)` log key and value norm of every token (for scorers that read them).
     """
 
     spectrogram: torch.Tensor | None
@@ -62,6 +63,7 @@ class ReplayRound:
     positions: torch.Tensor
     arrived: torch.Tensor
     now: int
+    log_norms: torch.Tensor | None = None
     features: torch.Tensor | None = None
 
 
@@ -128,6 +130,7 @@ def record_prompt(model: nn.Module, prompt_ids: torch.Tensor, answer_ids: torch.
             positions=positions,
             arrived=positions <= now,
             now=now,
+            log_norms=torch.cat([log_norms(o.keys, o.values) for o in observations]).cpu(),
         ))
     queries = torch.cat([prompt_ids[:, -1:], answer_ids[:, :-1]], dim=1)
     return PromptRecording(rounds=rounds, tokens=fed.shape[1], queries=queries, answer=answer_ids, cache=cache, heads=heads)
@@ -157,6 +160,9 @@ def replay_kept(recording: PromptRecording, scorer: Scorer, config: NAMMConfig, 
         positions = round_.positions[order]
         arrived = round_.arrived[order] & slot_valid
         features = round_.features.gather(1, order.unsqueeze(-1).expand(-1, -1, round_.features.shape[-1]))
+        if scorer.extra_inputs:  # key and value norms, standardised over the tokens held now, as the cache does
+            norms = round_.log_norms.gather(1, order.unsqueeze(-1).expand(-1, -1, 2))
+            features = torch.cat([features, standardize_rows(norms, arrived)], dim=-1)
         scores = scorer(features, positions, arrived)
         limit = member_budget_tokens(budget, round_.now + 1)
         if limit is None:

@@ -26,7 +26,7 @@ from namm_cache import CacheSpec, NAMMCache
 from namm_cache.budgets import parse_budget
 from namm_cache.calibration import calibrate_normalization
 from namm_cache.hub import ScorerMetadata, save_scorer
-from namm_cache.scorers import build_scorer
+from namm_cache.scorers import SCORER_KINDS, build_scorer
 from namm_cache.tasks import Example, build_task, token_ids
 
 from .checkpoint import (CHECKPOINT, LEGACY_CHECKPOINT, CheckpointError, RunState, atomic_write_bytes, check_run_folder,
@@ -103,7 +103,7 @@ class EvolutionRun:
                 check_fits_context(build_task(task), window if isinstance(window, int) else None, config.model)
         spec = dict(config.scorer)
         kind = spec.pop("kind", "bam")
-        self.scorer = build_scorer(kind, input_dim=self.namm_config.feature_dim, n_bins=self.namm_config.n_bins, **spec)
+        self.scorer = build_scorer(kind, input_dim=SCORER_KINDS[kind].input_dim_for(self.namm_config), n_bins=self.namm_config.n_bins, **spec)
         self.dim = self.scorer.num_parameters()
         self._validation: dict[int, tuple[list[Example], torch.Tensor]] = {}
 

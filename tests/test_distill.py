@@ -66,3 +66,19 @@ def test_command_line_writes_a_loadable_scorer_and_refuses_bad_input(tmp_path, t
         assert "error:" in capsys.readouterr().err
     assert main(args) == 2  # the folder is not empty: never overwritten
     assert "not empty" in capsys.readouterr().err
+
+
+def test_a_norm_reading_scorer_learns_a_target_only_the_norms_carry():
+    from namm_cache.scorers import BAMNormsScorer
+
+    generator = torch.Generator().manual_seed(0)
+    rounds = []
+    for _ in range(12):
+        positions = torch.arange(40).expand(2, 40)
+        norms = torch.randn(2, 40, 2, generator=generator)
+        # Importance is the key norm: the spectrogram (noise) cannot predict it, the norm input can.
+        rounds.append(Round(torch.rand(2, 40, 17, generator=generator), 39 - positions, positions,
+                            torch.ones(2, 40, dtype=torch.bool), norms[..., 0], log_norms=norms))
+    paper = fit_scorer(BAMScorer(), rounds, NAMMConfig(), keep_fraction=0.25, steps=150, progress=False)
+    norms = fit_scorer(BAMNormsScorer(), rounds, NAMMConfig(), keep_fraction=0.25, steps=150, progress=False)
+    assert norms["precision"] > 0.8 > paper["precision"] + 0.2

@@ -88,3 +88,34 @@ def test_build_scorer_from_config_dict():
     assert isinstance(scorer, BAMScorer) and scorer.hidden_dim == 16
     with pytest.raises(ValueError, match="Unknown scorer kind"):
         build_scorer("transformer")
+
+
+def test_a_norm_reading_scorer_serves_a_cache_and_round_trips_through_save_and_load(tmp_path):
+    from conftest import random_ids, tiny_model
+
+    from namm_cache import NAMMCache, NAMMConfig
+    from namm_cache.features import norm_features
+    from namm_cache.scorers import BAMNormsScorer
+
+    scorer = BAMNormsScorer()
+    assert scorer.input_dim == NAMMConfig().feature_dim + 2 == 27
+    torch.manual_seed(0)
+    scorer.set_flat_params(torch.randn(scorer.num_parameters()) * 0.3)
+    model = tiny_model("llama")
+    cache = NAMMCache(model=model, scorer=scorer, config=NAMMConfig(update_interval=32, max_tokens=24))
+    model(input_ids=random_ids(100), cache=cache, use_cache=True)
+    assert cache.stats()["evicted_tokens"] > 0
+    cache.save_pretrained(tmp_path / "norms")
+    loaded = NAMMCache.from_pretrained(tmp_path / "norms", model=model)
+    assert loaded.scorer.kind == "bam_norms"
+    torch.testing.assert_close(loaded.scorer.get_flat_params(), scorer.get_flat_params())
+    with pytest.raises(ValueError, match="input_dim=27"):
+        NAMMCache(model=model, scorer=BAMNormsScorer(input_dim=25))
+    # The norm features: z-scored within each row over its valid tokens, zero elsewhere.
+    keys, values = torch.randn(2, 6, 8) * 5, torch.randn(2, 6, 8)
+    valid = torch.tensor([[True] * 6, [True] * 4 + [False] * 2])
+    features = norm_features(keys, values, valid)
+    assert features.shape == (2, 6, 2)
+    torch.testing.assert_close(features[valid.unsqueeze(-1).expand_as(features)].view(-1, 2)[:6].mean(0), torch.zeros(2), atol=1e-5, rtol=0)
+    assert (features[1, 4:] == 0).all()
+    torch.testing.assert_close(norm_features(keys * 10, values, valid)[..., 0], features[..., 0])  # scale-free per row

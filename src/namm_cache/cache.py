@@ -94,11 +94,13 @@ class NAMMCache(Cache):
         if scorer is None and policy is None:
             scorer = BAMScorer(input_dim=namm_config.feature_dim, n_bins=namm_config.n_bins)
         if scorer is not None:
-            if scorer.input_dim != namm_config.feature_dim or scorer.n_bins != namm_config.n_bins:
+            wanted = scorer.input_dim_for(namm_config)
+            if scorer.input_dim != wanted or scorer.n_bins != namm_config.n_bins:
+                extra = f" + {len(scorer.extra_inputs)} {'/'.join(scorer.extra_inputs)}" if scorer.extra_inputs else ""
                 raise ValueError(
                     f"The scorer reads {scorer.input_dim} features with {scorer.n_bins} spectrogram bins, but this NAMMConfig "
-                    f"produces {namm_config.feature_dim} features ({namm_config.recency_dim} recency + {namm_config.n_bins} bins). "
-                    f"Build the scorer with input_dim={namm_config.feature_dim}, n_bins={namm_config.n_bins}, or change "
+                    f"gives it {wanted} ({namm_config.recency_dim} recency + {namm_config.n_bins} bins{extra}). "
+                    f"Build the scorer with input_dim={wanted}, n_bins={namm_config.n_bins}, or change "
                     "n_fft / recency_dim to match the scorer."
                 )
         if scorer is not None and model is not None:

@@ -178,6 +178,30 @@ def token_features(
     return torch.cat([recency, normalize_spectrogram(ema.to(torch.float32), mean, std)], dim=-1)
 
 
+def log_norms(keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """`(..., S, 2)`: log L2 norm of each token's key and value (`(..., S, head_dim)` each). RoPE rotates
+    keys, so a cached (post-RoPE) key has its pre-RoPE norm."""
+    norms = torch.stack([keys.float().norm(dim=-1), values.float().norm(dim=-1)], dim=-1)
+    return norms.clamp_min(1e-12).log()
+
+
+def standardize_rows(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """z-score `(N, S, k)` values within each row over its `valid` `(N, S)` tokens (0 for the others).
+
+    Scale-free across layers and heads, whose key norms differ by orders of magnitude; one shared scorer
+    then reads "how unusual is this token's norm among the tokens this head holds"."""
+    weight = valid.unsqueeze(-1).to(values.dtype)
+    count = weight.sum(1, keepdim=True).clamp_min(1.0)
+    mean = (values * weight).sum(1, keepdim=True) / count
+    spread = (((values - mean) ** 2) * weight).sum(1, keepdim=True) / count
+    return ((values - mean) / spread.sqrt().clamp_min(1e-6)) * weight
+
+
+def norm_features(keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """`(N, S, 2)`: each token's log key norm and log value norm, z-scored within its (layer, head) row."""
+    return standardize_rows(log_norms(keys, values), valid)
+
+
 class RunningMoments:
     """Streaming per-feature mean and standard deviation (Chan et al. parallel update), in float64."""
 

@@ -264,10 +264,11 @@ def resolve(name_or_path: str | os.PathLike, *, revision=None, token=None, cache
 
 
 def _check_compatible(scorer: Scorer, config: NAMMConfig, source: str) -> None:
-    if scorer.input_dim != config.feature_dim or scorer.n_bins != config.n_bins:
+    if scorer.input_dim != scorer.input_dim_for(config) or scorer.n_bins != config.n_bins:
         raise ScorerLoadError(
-            f"{source}: the scorer reads {scorer.input_dim} features ({scorer.n_bins} bins) but the feature config produces "
-            f"{config.feature_dim} ({config.recency_dim} recency + {config.n_bins} bins); fix 'scorer' or 'namm_config' in {CONFIG_NAME}."
+            f"{source}: the scorer reads {scorer.input_dim} features ({scorer.n_bins} bins) but the feature config gives it "
+            f"{scorer.input_dim_for(config)} ({config.recency_dim} recency + {config.n_bins} bins"
+            f"{' + ' + '/'.join(scorer.extra_inputs) if scorer.extra_inputs else ''}); fix 'scorer' or 'namm_config' in {CONFIG_NAME}."
         )
 
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..features import token_features
+from ..features import norm_features, token_features
 from ..scorers import Scorer
 from .base import Observation, Policy
 
@@ -50,6 +50,8 @@ class NAMMPolicy(Policy):
             self.scorer.spectrogram_std,
             observation.config,
         )
+        if self.scorer.extra_inputs:  # the key and value norms (the only extra inputs so far)
+            features = torch.cat([features, norm_features(observation.keys, observation.values, observation.valid)], dim=-1)
         parameter = next(self.scorer.parameters(), None)
         if parameter is not None:
             features = features.to(parameter.device)

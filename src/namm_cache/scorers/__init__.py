@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from .bam import BAMScorer
+from .bam import BAMNormsScorer, BAMScorer
 from .base import Scorer
 from .mlp import MLPScorer
 
-SCORER_KINDS: dict[str, type[Scorer]] = {"bam": BAMScorer, "mlp": MLPScorer}
+SCORER_KINDS: dict[str, type[Scorer]] = {"bam": BAMScorer, "bam_norms": BAMNormsScorer, "mlp": MLPScorer}
 
 
 def build_scorer(kind: str, **kwargs) -> Scorer:
@@ -41,4 +41,4 @@ def keep_all_observing_scorer(input_dim: int = 25, n_bins: int = 17) -> BAMScore
     return scorer
 
 
-__all__ = ["keep_all_observing_scorer", "Scorer", "BAMScorer", "MLPScorer", "SCORER_KINDS", "build_scorer", "attention_mass_scorer"]
+__all__ = ["keep_all_observing_scorer", "Scorer", "BAMScorer", "BAMNormsScorer", "MLPScorer", "SCORER_KINDS", "build_scorer", "attention_mass_scorer"]

@@ -49,3 +49,17 @@ class BAMScorer(Scorer):
 
     def config_dict(self) -> dict:
         return {**super().config_dict(), "hidden_dim": self.hidden_dim}
+
+
+class BAMNormsScorer(BAMScorer):
+    """BAM that also reads each token's key and value norms (log L2 norm, z-scored within its layer and head:
+    `namm_cache.features.norm_features`) after the paper's features: 27 inputs at the paper's sizes.
+
+    Attention statistics see only where queries looked so far; on prompts whose question comes last, a norm
+    can flag a token (a needle's digits, an unusual word) before any query has looked at it."""
+
+    kind = "bam_norms"
+    extra_inputs = ("key_norm", "value_norm")
+
+    def __init__(self, input_dim: int = 27, hidden_dim: int = 32, n_bins: int = 17):
+        super().__init__(input_dim=input_dim, hidden_dim=hidden_dim, n_bins=n_bins)

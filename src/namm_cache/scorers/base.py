@@ -43,6 +43,15 @@ class Scorer(nn.Module):
     """
 
     kind: str = "base"
+    # Per-token inputs read after the age embedding and the spectrogram, in this order (e.g. the key and
+    # value norms: `namm_cache.features.norm_features`); a scorer's input_dim is the config's feature_dim
+    # plus their count (`input_dim_for`).
+    extra_inputs: tuple[str, ...] = ()
+
+    @classmethod
+    def input_dim_for(cls, config) -> int:
+        """The `input_dim` this kind of scorer has under a `NAMMConfig`: its features plus the extra inputs."""
+        return config.feature_dim + len(cls.extra_inputs)
 
     def __init__(self, input_dim: int, n_bins: int):
         super().__init__()
