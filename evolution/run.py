@@ -304,7 +304,7 @@ class EvolutionRun:
                 solutions = state.es.ask()
                 members = np.vstack([solutions, state.es.mean[None, :]])
             members = self.world.broadcast_object(members)
-            started = time.time()
+            started, started_cpu = time.time(), time.process_time()
             examples = self.examples_for(generation, stage)
             scores = self.evaluate_generation(members, examples, stage)
             if self.world.is_main:
@@ -325,6 +325,7 @@ class EvolutionRun:
                     "per_task_distribution_mean": scores["per_task"][-1],
                     "sigma": state.es.sigma,
                     "seconds": round(time.time() - started, 2),
+                    "cpu_seconds": round(time.process_time() - started_cpu, 2),  # this process's CPU time
                 })
             if self.validation_due(stage_generation, stage):
                 validation = self.validate_mean(members[-1], stage)
