@@ -9,7 +9,8 @@ training): pass key, one needle, variable tracking (greedy-answer accuracy) and 
 (teacher-forced answer probability, normalised by the full cache). Each (policy, budget) cell is written to
 the JSON as soon as it finishes and skipped on the next run, so an interrupted benchmark resumes. Outputs, under benchmarks/results/:
 `compare_<tag>.json`, `compare_<tag>_quality.png` (score vs kept fraction) and `compare_<tag>_cost.png`
-(time and peak KV per policy).
+(time and peak KV per policy). The `oracle` line is the ceiling: told where each prompt's needle sentences
+are, it keeps them, 4 sinks and the most recent tokens (tasks with a needle only, so its score averages those).
 """
 
 from __future__ import annotations
@@ -41,8 +42,11 @@ BASELINES = list(BASELINE_POLICIES)
 
 
 def run_cell(model, tokenizer, examples, make_cache, chunk: int) -> dict:
+    """Score every example with a fresh `make_cache(example)`: long text by its teacher-forced probability,
+    the others by greedy-answer accuracy."""
     started = time.perf_counter()
-    scores = evaluate_examples(model, tokenizer, examples, make_cache, chunk=chunk)
+    scores = [result for example in examples
+              for result in evaluate_examples(model, tokenizer, [example], lambda: make_cache(example), chunk=chunk)]
     per_task: dict[str, list[float]] = {}
     peak = 0
     kept = []
@@ -51,7 +55,7 @@ def run_cell(model, tokenizer, examples, make_cache, chunk: int) -> dict:
             per_task.setdefault(example.task, []).append(result.score)
             kept.append(result.kept_fraction)
             continue
-        cache = make_cache()
+        cache = make_cache(example)
         per_task.setdefault(example.task, []).append(float(answers_correctly(model, tokenizer, cache, example, chunk)))
         kept.append(result.kept_fraction)
         peak = max(peak, getattr(cache, "peak_kv_bytes", 0))
@@ -92,7 +96,10 @@ def plot(result: dict, stem: Path) -> None:
         budgeted = [c for c in cells.values() if c["policy"] == policy and "score" in c and c["budget"] != "threshold"]
         points = sorted((c["kept_fraction"], c["score"]) for c in budgeted)
         if points:
-            ax.plot(*zip(*points), "o-", label=f"{policy} (budget)" if policy == "namm" else policy)
+            if policy == "oracle":
+                ax.plot(*zip(*points), "s--", color="grey", label="oracle: keeps the needle (ceiling; tasks with a needle)")
+            else:
+                ax.plot(*zip(*points), "o-", label=f"{policy} (budget)" if policy == "namm" else policy)
     for cell in cells.values():
         if cell["budget"] == "threshold" and "score" in cell:
             ax.plot([cell["kept_fraction"]], [cell["score"]], "*", markersize=14, color="black", label="namm (own threshold)")
@@ -128,7 +135,8 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--prompts", type=int, default=4, help="prompts per task")
     parser.add_argument("--budgets", default="0.1,0.25,0.5")
     parser.add_argument("--update-interval", type=int, default=128)
-    parser.add_argument("--policies", default=",".join(["namm", *BASELINES]))
+    parser.add_argument("--policies", default=",".join(["namm", *BASELINES, "oracle"]),
+                        help="'oracle' is the ceiling: it keeps each prompt's needle sentences (tasks with a needle only)")
     parser.add_argument("--out-dir", default=str(RESULTS))
     args = parser.parse_args(argv)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
@@ -163,8 +171,15 @@ def main(argv: list[str] | None = None) -> Path:
         if done is not None and (policy != "namm" or done.get("scorer") == sid):
             continue
         bar.set_postfix_str(name)
-        spec = CacheSpec(policy=policy, scorer=loaded.scorer if policy == "namm" else None, config=config, budget=budget)
-        cell = run_cell(model, tokenizer, examples, lambda spec=spec: spec.build(model), interval)
+        if policy == "oracle":  # told where each prompt's evidence lies: one cache per prompt
+            def make(example, budget=budget):
+                return CacheSpec(policy="oracle", policy_kwargs={"positions": example.evidence_positions(tokenizer)},
+                                 config=config, budget=budget).build(model)
+
+            cell = run_cell(model, tokenizer, [e for e in examples if e.evidence], make, interval)
+        else:
+            spec = CacheSpec(policy=policy, scorer=loaded.scorer if policy == "namm" else None, config=config, budget=budget)
+            cell = run_cell(model, tokenizer, examples, lambda example, spec=spec: spec.build(model), interval)
         cell.update(policy=policy, budget=budget, scorer=sid if policy == "namm" else None)
         result["cells"][name] = cell
         summarize(result)

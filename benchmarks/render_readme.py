@@ -81,9 +81,10 @@ def render_compare(result: dict) -> str:
         "|---|---|---:|---:|" + "---:|" * len(tasks) + "---:|",
     ]
     for name, cell in cells.items():
-        values = " | ".join(f"{cell['per_task'][t]:.2f}" for t in tasks)
+        values = " | ".join(f"{cell['per_task'][t]:.2f}" if t in cell["per_task"] else "-" for t in tasks)
         budget = "-" if cell["budget"] is None else str(cell["budget"])
-        lines.append(f"| {cell['policy']} | {budget} | {cell['kept_fraction']:.0%} | {cell.get('score', float('nan')):.2f} | {values} | {cell['seconds']:.0f} |")
+        policy = "oracle (ceiling; needle tasks)" if cell["policy"] == "oracle" else cell["policy"]
+        lines.append(f"| {policy} | {budget} | {cell['kept_fraction']:.0%} | {cell.get('score', float('nan')):.2f} | {values} | {cell['seconds']:.0f} |")
     return "\n".join(lines)
 
 

@@ -14,13 +14,15 @@ def test_compare_runs_end_to_end_and_skips_finished_cells(tmp_path, tiny_model_d
     import compare
 
     args = ["--model", str(tiny_model_dir), "--tag", "tiny", "--tokens", "150", "--prompts", "1", "--budgets", "0.5",
-            "--update-interval", "32", "--policies", "namm,h2o,streaming_llm", "--scorer", "namm-cache/keep-all",
+            "--update-interval", "32", "--policies", "namm,h2o,streaming_llm,oracle", "--scorer", "namm-cache/keep-all",
             "--out-dir", str(tmp_path)]
     path = compare.main(args)
     result = json.loads(path.read_text())
-    assert set(result["cells"]) == {"full", "namm@0.5", "h2o@0.5", "streaming_llm@0.5"}
+    assert set(result["cells"]) == {"full", "namm@0.5", "h2o@0.5", "streaming_llm@0.5", "oracle@0.5"}
+    # The ceiling runs on the prompts that carry a needle only.
+    assert set(result["cells"]["oracle@0.5"]["per_task"]) == {"passkey", "needle", "variable_tracking"}
     for name, cell in result["cells"].items():
-        assert set(cell["per_task"]) == {"passkey", "needle", "variable_tracking", "long_text"}
+        assert name == "oracle@0.5" or set(cell["per_task"]) == {"passkey", "needle", "variable_tracking", "long_text"}
         assert 0 < cell["kept_fraction"] <= 1 and "score" in cell
     assert result["cells"]["full"]["kept_fraction"] == 1.0
     assert result["cells"]["h2o@0.5"]["kept_fraction"] < 0.9
@@ -38,7 +40,7 @@ def test_compare_runs_end_to_end_and_skips_finished_cells(tmp_path, tiny_model_d
 
     folder = tmp_path / "scorer"
     save_scorer(folder, random_scorer(seed=1), NAMMConfig(update_interval=32))
-    with_folder = [{"namm,h2o,streaming_llm": "namm,h2o", "namm-cache/keep-all": str(folder)}.get(a, a) for a in args]
+    with_folder = [{"namm,h2o,streaming_llm,oracle": "namm,h2o", "namm-cache/keep-all": str(folder)}.get(a, a) for a in args]
     first = json.loads(compare.main(with_folder).read_text())["cells"]
     save_scorer(folder, random_scorer(seed=2), NAMMConfig(update_interval=32))
     second = json.loads(compare.main(with_folder).read_text())["cells"]
