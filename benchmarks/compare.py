@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from namm_cache import CacheSpec
 from namm_cache.policies import BASELINE_POLICIES
-from namm_cache.evolution.fitness import answers_correctly, evaluate_examples
+from namm_cache.evolution.fitness import evaluate_examples, score_and_answer
 from namm_cache.evolution.run import load_model
 from namm_cache.hub import DEFAULT_SCORER, load_scorer
 from namm_cache.tasks import HELDOUT_SEED, heldout_examples
@@ -45,20 +45,20 @@ def run_cell(model, tokenizer, examples, make_cache, chunk: int) -> dict:
     """Score every example with a fresh `make_cache(example)`: long text by its teacher-forced probability,
     the others by greedy-answer accuracy."""
     started = time.perf_counter()
-    scores = [result for example in examples
-              for result in evaluate_examples(model, tokenizer, [example], lambda: make_cache(example), chunk=chunk)]
     per_task: dict[str, list[float]] = {}
     peak = 0
     kept = []
-    for example, result in zip(examples, scores):
-        if example.task == "long_text":
+    for example in examples:
+        cache = make_cache(example)
+        if example.task == "long_text" or example.metric != "logprob":
+            (result,) = evaluate_examples(model, tokenizer, [example], lambda: cache, chunk=chunk)
             per_task.setdefault(example.task, []).append(result.score)
             kept.append(result.kept_fraction)
             continue
-        cache = make_cache(example)
-        per_task.setdefault(example.task, []).append(float(answers_correctly(model, tokenizer, cache, example, chunk)))
-        kept.append(result.kept_fraction)
-        peak = max(peak, getattr(cache, "peak_kv_bytes", 0))
+        both = score_and_answer(model, tokenizer, cache, example, chunk)  # one prefill: score and greedy answer
+        per_task.setdefault(example.task, []).append(float(both.correct))
+        kept.append(both.kept_fraction)
+        peak = max(peak, both.prefill_peak_kv_bytes)
     return {
         "per_task": {task: sum(v) / len(v) for task, v in per_task.items()},
         "kept_fraction": sum(kept) / len(kept),
@@ -118,7 +118,7 @@ def plot(result: dict, stem: Path) -> None:
     left.barh(names, [cells[n]["seconds"] for n in names])
     left.set_xlabel("seconds (all prompts)")
     right.barh(names, [cells[n]["peak_kv_bytes"] / 2**20 for n in names])
-    right.set_xlabel("peak KV (MiB, generation)")
+    right.set_xlabel("peak KV (MiB, prefill)")
     right.set_yticks([])
     fig.suptitle(f"cost at budget {result['cost_budget']}")
     fig.tight_layout()

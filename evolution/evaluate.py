@@ -41,7 +41,7 @@ from namm_cache.hub import load_scorer
 from namm_cache.tasks import HELDOUT_SEED, HELDOUT_TASKS, Example, heldout_examples
 from namm_cache.validation import check_float, check_int
 
-from .fitness import answers_correctly, evaluate_examples, mean_kept_fraction
+from .fitness import ExampleResult, answers_correctly, evaluate_examples, mean_kept_fraction, score_and_answer
 
 BASELINES = list(BASELINE_POLICIES)  # every registered baseline, in registry order
 GATE_PROMPTS_PER_TASK = 30  # the gate's minimum: fewer prompts give intervals too wide to decide anything
@@ -154,10 +154,16 @@ def evaluate_heldout(model, tokenizer, scorer_path: str, *, prompts_per_task: in
     examples = heldout_examples(tokenizer, prompts_per_task)
 
     def run(make_cache, label: str, policy: str, on: list[Example] | None = None) -> dict[str, Any]:
-        """Score `on` (default: every example), a fresh `make_cache(example)` per prompt."""
+        """Score `on` (default: every example), a fresh `make_cache(example)` per prompt: the teacher-forced
+        score, and for all but long text the greedy answer from the same prefill (`score_and_answer`)."""
         on = examples if on is None else on
         results, correct = [], {}
         for example in on:
+            if example.task != "long_text" and example.metric == "logprob":
+                both = score_and_answer(model, tokenizer, make_cache(example), example, chunk)
+                results.append(ExampleResult(both.score, both.kept_fraction))
+                correct.setdefault(example.task, []).append(both.correct)
+                continue
             results += evaluate_examples(model, tokenizer, [example], lambda: make_cache(example), chunk=chunk)
             if example.task != "long_text":
                 correct.setdefault(example.task, []).append(answers_correctly(model, tokenizer, make_cache(example), example, chunk))

@@ -48,6 +48,68 @@ def answers_correctly(model, tokenizer, cache, example: Example, chunk: int, max
     return example.is_correct(completion)
 
 
+@dataclass
+class ScoredAnswer:
+    """One prompt through one cache: the teacher-forced answer score and the greedy completion."""
+
+    score: float  # geometric-mean probability of the reference answer's tokens
+    kept_fraction: float  # as ExampleResult: after the teacher-forced answer
+    completion: str  # the greedy continuation (at most max_new_tokens, cut at the end-of-sequence token)
+    correct: bool  # `example.is_correct(completion)`
+    prefill_peak_kv_bytes: int  # the cache's peak KV after the prompt, before it was split into two rows
+
+
+@torch.no_grad()
+def score_and_answer(model, tokenizer, cache, example: Example, chunk: int, max_new_tokens: int = 8) -> ScoredAnswer:
+    """`evaluate_examples` (teacher-forced score) and `answers_correctly` (greedy answer) of one logprob example
+    with a single prefill: the prompt goes through `cache` once, the cache is then split into two batch rows,
+    and row 0 reads the reference answer while row 1 decodes greedily, step by step in one batch.
+
+    Rows of a `NAMMCache` evict independently, so each row holds what a cache of its own would hold; the two
+    results equal the two separate runs (up to batched-kernel rounding), for half the prefill work."""
+    prompt_ids = token_ids(tokenizer, example.prompt).to(model.device)
+    answer_ids = token_ids(tokenizer, example.answer).to(model.device)
+    eos = tokenizer.eos_token_id
+    logits = None
+    for part in prompt_ids.split(chunk, dim=1):
+        logits = model(input_ids=part, cache=cache, use_cache=True).logits[:, -1]
+    logprobs = torch.log_softmax(logits.float(), dim=-1)[0]
+    total = float(logprobs[answer_ids[0, 0]])
+    generated = [int(logprobs.argmax())]
+    steps = max(answer_ids.shape[1] - 1, max_new_tokens - 1)
+    kept = row_kept_fraction(cache, 0) if answer_ids.shape[1] == 1 else None  # the answer needs no more input
+    peak = getattr(cache, "peak_kv_bytes", 0)
+    cache.batch_repeat_interleave(2)
+    for step in range(steps):
+        reading = step < answer_ids.shape[1] - 1
+        decoding = len(generated) < max_new_tokens and generated[-1] != eos
+        if not (reading or decoding):
+            break
+        tokens = torch.tensor([[int(answer_ids[0, step]) if reading else eos], [generated[-1]]], device=model.device)
+        logprobs = torch.log_softmax(model(input_ids=tokens, cache=cache, use_cache=True).logits[:, -1].float(), dim=-1)
+        if reading:
+            total += float(logprobs[0, answer_ids[0, step + 1]])
+        if decoding:
+            generated.append(int(logprobs[1].argmax()))
+        if step == answer_ids.shape[1] - 2:
+            kept = row_kept_fraction(cache, 0)
+    if eos in generated:
+        generated = generated[: generated.index(eos)]
+    completion = tokenizer.decode(generated, skip_special_tokens=True)
+    return ScoredAnswer(score=math.exp(total / answer_ids.shape[1]), kept_fraction=kept, completion=completion,
+                        correct=example.is_correct(completion), prefill_peak_kv_bytes=peak)
+
+
+def row_kept_fraction(cache: Any, row: int) -> float:
+    """Kept real tokens / real tokens seen in batch `row` over a NAMMCache's layers (1.0 for other caches)."""
+    if not isinstance(cache, NAMMCache):
+        return 1.0
+    layers = [layer for layer in cache.namm_layers if layer.is_initialized]
+    seen = sum(layer.real_tokens_seen[row] * layer.keys.shape[1] for layer in layers)
+    held = sum(int(layer.token_valid[row].sum()) for layer in layers)
+    return held / seen if seen else 1.0
+
+
 def mean_kept_fraction(results: list[ExampleResult]) -> float:
     """Mean over examples of the fraction of real tokens kept."""
     return sum(r.kept_fraction for r in results) / len(results)

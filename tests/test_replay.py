@@ -184,3 +184,31 @@ def test_a_norm_reading_scorer_replays_like_the_cache_and_its_norm_inputs_matter
         for linear in (blind.query, blind.key, blind.value, blind.readout):
             linear.weight[:, -2:] = 0
     assert not torch.equal(replay_kept(recording, blind, config), replayed)
+
+
+@pytest.mark.parametrize("policy", ["full", "namm", "h2o"])
+def test_one_prefill_scores_and_answers_like_two_separate_runs(policy, tiny_model_dir):
+    import random
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from helpers import random_scorer
+    from namm_cache import CacheSpec
+    from namm_cache.evolution.fitness import evaluate_examples, generate_answer, score_and_answer
+    from namm_cache.tasks import build_task, token_ids
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    config = NAMMConfig(update_interval=32)
+    spec = {"full": CacheSpec(policy="full", config=config),
+            "namm": CacheSpec(scorer=random_scorer(seed=4), config=config, budget=0.3),
+            "h2o": CacheSpec(policy="h2o", config=config, budget=0.3)}[policy]
+    examples = [e for name in ("passkey", "needle") for e in build_task({"name": name, "tokens": 150}).sample(tokenizer, random.Random(5), 2)]
+    for example in examples:
+        together = score_and_answer(model, tokenizer, spec.build(model), example, 32, max_new_tokens=6)
+        (alone,) = evaluate_examples(model, tokenizer, [example], lambda: spec.build(model), chunk=32)
+        completion = generate_answer(model, tokenizer, spec.build(model), token_ids(tokenizer, example.prompt), 32, 6)
+        assert together.score == pytest.approx(alone.score, rel=1e-4)
+        assert together.kept_fraction == pytest.approx(alone.kept_fraction)
+        assert together.completion == completion
+        assert together.correct == example.is_correct(completion)
