@@ -108,3 +108,16 @@ def test_profile_splits_the_time_into_phases(tmp_path):
     assert caches["namm_25pct"]["kept_fraction"] < 0.5
     assert "compact" in caches["namm_25pct"]["prefill"]["phases"]
     assert caches["dynamic_cache"]["ratio_to_dynamic_cache"] == 1.0
+
+
+def test_a_decode_step_reads_tensors_back_to_the_host_about_once_not_once_per_layer():
+    """Each read (bool(tensor), .item(), .tolist()) is a device sync on a GPU; per-layer reads made decode
+    steps launch-bound. What is left: the model's stopping check and one position check per step, plus
+    eviction rounds (every update_interval tokens)."""
+    import host_syncs
+
+    result = host_syncs.main(["--model", "random:tiny", "--tokens", "128", "--steps", "32", "--update-interval", "32"])
+    reads = result["reads_per_step"]
+    assert reads["dynamic_cache"]["total"] == 1.0
+    for name in ("namm_25pct", "key_norm_25pct", "h2o_25pct"):
+        assert reads[name]["total"] < 3.0, (name, reads[name])

@@ -122,6 +122,8 @@ class NAMMCache(Cache):
             else:
                 layers.append(DYNAMIC_LAYER_TYPE_MAPPING[layer_type](**kwargs))
         super().__init__(layers=layers)
+        for later in [layer for layer in layers if isinstance(layer, NAMMLayer)][1:]:
+            later.checks_positions = False  # the first NAMM layer checks each forward's position ids
         self.peak_kv_bytes = 0
         self._held_bytes = 0
         self._layer_held = [0] * len(self.layers)

@@ -11,7 +11,7 @@ from transformers.cache_utils import CacheLayerMixin
 from .attention import hand_over
 from .budgets import Budget, ThresholdBudget
 from .config import NAMMConfig
-from .masks import attention_bias, check_chunk_positions, chunk_padding, segment_ends
+from .masks import attention_bias, check_chunk_positions, chunk_padding, heads_hold_the_same_slots, segment_ends
 from .policies import Observation, Policy
 from .profiling import phase
 from .selection import compaction_indices, select_tokens
@@ -66,6 +66,9 @@ class NAMMLayer(CacheLayerMixin):
         self.evictions = 0
         self.awaiting_observation = False
         self.observing = True
+        # Only one layer per cache needs to check the position ids of a forward (every layer gets the same);
+        # NAMMCache clears this on all but its first NAMM layer, saving a host sync per layer and step.
+        self.checks_positions = True
 
     # ------------------------------------------------------------------ storage
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -82,6 +85,11 @@ class NAMMLayer(CacheLayerMixin):
         self.real_tokens_seen = [0] * batch
         self.next_eviction = [self.config.update_interval] * batch
         self.row_evictions = [0] * batch
+        # Read once per sequence (a host sync on GPU): whether the policy's scores can depend on what it
+        # observes. A policy changed in the middle of a sequence takes effect after reset().
+        self.policy_observes = bool(self.policy.needs) and self.policy.constant_score() is None
+        # Every KV head holds the same slots until a per-head eviction; tracked, not re-checked every step.
+        self.heads_uniform = True
         self.is_initialized = True
 
     def install(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, token_valid: torch.Tensor,
@@ -110,6 +118,7 @@ class NAMMLayer(CacheLayerMixin):
         interval = self.config.update_interval
         self.next_eviction = [(tokens_seen // interval + 1) * interval] * batch
         self.row_evictions = [tokens_seen // interval] * batch
+        self.heads_uniform = heads_hold_the_same_slots(self.positions, self.token_valid)
 
     @property
     def batch_size(self) -> int:
@@ -187,7 +196,7 @@ class NAMMLayer(CacheLayerMixin):
         self.token_valid = torch.cat([self.token_valid, torch.ones(batch, heads, q, dtype=torch.bool, device=device)], dim=-1)
         self._map_statistics(lambda state: torch.cat([state, state.new_zeros(batch, heads, q, *state.shape[3:])], dim=2))
         self.tokens_seen += q
-        self.observing = bool(self.policy.needs) and self.policy.constant_score() is None
+        self.observing = self.policy_observes
         self.awaiting_observation = True
         hand_over(self, self.keys)
         return self.keys, self.values
@@ -232,7 +241,8 @@ class NAMMLayer(CacheLayerMixin):
         q_length = query.shape[2]
         with phase("bookkeeping"):
             new_is_padding = chunk_padding(padding, q_length, self.tokens_seen, self.keys.device)
-            check_chunk_positions(kwargs.get("position_ids"), new_is_padding, self.real_tokens_seen, self.tokens_seen)
+            if self.checks_positions:
+                check_chunk_positions(kwargs.get("position_ids"), new_is_padding, self.real_tokens_seen, self.tokens_seen)
             self.mark_padding(new_is_padding)
             ends = segment_ends(new_is_padding, q_length, self.real_tokens_seen, self.next_eviction, self.config.update_interval)
         if not self.observing and len(ends) == 1 and self.holds_every_token():
@@ -248,7 +258,8 @@ class NAMMLayer(CacheLayerMixin):
         for end in ends:
             with phase("mask"):
                 mask = attention_bias(self.positions, self.token_valid, query_positions[start:end],
-                                      query_heads=query.shape[1], dtype=query.dtype, grouped=grouped)
+                                      query_heads=query.shape[1], dtype=query.dtype, grouped=grouped,
+                                      uniform_heads=self.heads_uniform)
             with phase("attention"):
                 output, weights = attend(module, query[:, :, start:end], self.keys, self.values, mask, **kwargs)
             segment_padding = new_is_padding[:, start:end] if new_is_padding is not None else None
@@ -388,6 +399,7 @@ class NAMMLayer(CacheLayerMixin):
 
         self._map_per_token(gather)
         self.token_valid &= slot_valid.view(batch, heads, new_slots)
+        self.heads_uniform = heads_hold_the_same_slots(self.positions, self.token_valid)
 
     # ------------------------------------------------------------------ transformers API
     def get_seq_length(self) -> int:

@@ -78,6 +78,13 @@ def check_chunk_positions(
             )
 
 
+def heads_hold_the_same_slots(positions: torch.Tensor, token_valid: torch.Tensor) -> bool:
+    """Whether every KV head of every row holds the same tokens in the same slots (`(B, H, S)` each)."""
+    if positions.shape[1] == 1:
+        return True
+    return bool((positions == positions[:, :1]).all()) and bool((token_valid == token_valid[:, :1]).all())
+
+
 def attention_bias(
     positions: torch.Tensor,
     token_valid: torch.Tensor,
@@ -85,6 +92,7 @@ def attention_bias(
     query_heads: int,
     dtype: torch.dtype,
     grouped: bool = False,
+    uniform_heads: bool | None = None,
 ) -> torch.Tensor:
     """Mask of queries at `query_positions` over the stored slots.
 
@@ -97,6 +105,8 @@ def attention_bias(
         token_valid: `(B, H, S)` bool, False for empty slots and padding tokens.
         query_positions: `(q,)` absolute positions of the queries.
         query_heads: query heads of the attention call (a multiple of H).
+        uniform_heads: whether every head holds the same slots (`heads_hold_the_same_slots`), if the caller
+            tracks it; None checks here (a host sync on GPU).
 
     Returns:
         `(B, 1 or query_heads, q, S)` additive mask in `dtype` (1 when every head holds the same slots);
@@ -105,7 +115,9 @@ def attention_bias(
     """
     batch, heads, slots = token_valid.shape
     valid = token_valid
-    uniform_heads = heads == 1 or (bool((positions == positions[:, :1]).all()) and bool((valid == valid[:, :1]).all()))
+    if uniform_heads is None:
+        uniform_heads = heads_hold_the_same_slots(positions, valid)
+    uniform_heads = heads == 1 or uniform_heads
     if uniform_heads:
         valid, positions = valid[:, :1], positions[:, :1]
     if grouped:
