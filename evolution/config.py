@@ -70,6 +70,8 @@ class EvolutionConfig:
             trained on, apart from the held-out set) on which the distribution mean is scored exactly every
             `validation_every` generations; 0 turns validation off.
         validation_every: generations between validation scores (the last generation of a stage always has one).
+        validation_baselines: baseline policies scored once per capped stage on the validation set, with the
+            stage's `max_tokens` as their token budget, and drawn beside the curve (e.g. `[h2o, key_norm]`).
     """
 
     model: str = "smollm2-135m-instruct"
@@ -90,6 +92,7 @@ class EvolutionConfig:
     fitness: str = "exact"
     validation_prompts_per_task: int = 0
     validation_every: int = 5
+    validation_baselines: list[str] = field(default_factory=list)
 
     # ------------------------------------------------------------------ building
     @classmethod
@@ -176,6 +179,12 @@ class EvolutionConfig:
         self.fitness = check_choice("fitness", self.fitness, FITNESS_KINDS)
         self.validation_prompts_per_task = check_int("validation_prompts_per_task", self.validation_prompts_per_task, minimum=0)
         self.validation_every = check_int("validation_every", self.validation_every, minimum=1)
+        from namm_cache.policies import BASELINE_POLICIES
+
+        if not isinstance(self.validation_baselines, list):
+            raise ValueError(f"validation_baselines must be a list of baseline policies, got {self.validation_baselines!r}.")
+        self.validation_baselines = [check_choice("validation_baselines", name, sorted(BASELINE_POLICIES))
+                                     for name in self.validation_baselines]
         self.namm = check_mapping("namm", self.namm)
         if not self.stages or not all(isinstance(stage, Stage) for stage in self.stages):
             raise ValueError("Give at least one stage (stages: a list of {tasks: [...], generations: N}).")

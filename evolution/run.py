@@ -105,7 +105,7 @@ class EvolutionRun:
         kind = spec.pop("kind", "bam")
         self.scorer = build_scorer(kind, input_dim=SCORER_KINDS[kind].input_dim_for(self.namm_config), n_bins=self.namm_config.n_bins, **spec)
         self.dim = self.scorer.num_parameters()
-        self._validation: dict[int, tuple[list[Example], torch.Tensor]] = {}
+        self._validation: dict[int, tuple[list[Example], torch.Tensor, dict[str, dict[str, float]]]] = {}
 
     # --------------------------------------------------------------- state
     def checkpoint_path(self) -> Path:
@@ -229,23 +229,43 @@ class EvolutionRun:
         return examples
 
     def validate_mean(self, mean: np.ndarray, stage: int) -> dict[str, Any]:
-        """The distribution mean scored exactly on the stage's validation set (the full cache's scores are
-        computed once per stage), sharded over ranks."""
+        """The distribution mean scored exactly on the stage's validation set, sharded over ranks. The full
+        cache and the `validation_baselines` (at the stage's cap as a token budget) are scored once per stage
+        and reported beside it (`baselines`: `{policy: {fitness, quality, kept}}`)."""
         if stage not in self._validation:
             examples = self.validation_examples(stage)
-            full = torch.zeros(len(examples), 2, dtype=torch.float64)
-            for e in range(len(examples)):
-                if e % self.world.size == self.world.rank:
-                    full[e] = self.exact_score(None, examples[e], stage)
-            self._validation = {stage: (examples, self.world.sum(full))}
-        examples, full = self._validation[stage]
+            full = self.exact_scores(None, examples, stage)
+            baselines = {}
+            cap = self.config.namm_config(stage).max_tokens
+            for policy in self.config.validation_baselines if cap is not None else []:
+                table = torch.stack([full, self.exact_scores(policy, examples, stage)])
+                summary = self.summarize(table, examples, stage)
+                baselines[policy] = {"fitness": summary["fitness"][0], "quality": summary["quality"][0],
+                                     "kept": summary["kept"][0], "budget_tokens": cap}
+            self._validation = {stage: (examples, full, baselines)}
+        examples, full, baselines = self._validation[stage]
+        results = self.exact_scores(mean, examples, stage)
+        summary = self.summarize(torch.stack([full, results]), examples, stage)
+        return {"fitness": summary["fitness"][0], "quality": summary["quality"][0], "kept": summary["kept"][0],
+                "per_task": summary["per_task"][0], "prompts": len(examples), **({"baselines": baselines} if baselines else {})}
+
+    def exact_scores(self, member: np.ndarray | str | None, examples: list[Example], stage: int) -> torch.Tensor:
+        """`(examples, 2)` (score, kept fraction) of a member (a parameter vector), a baseline policy (by name,
+        its budget the stage's cap in tokens) or the full cache (None), each prompt through its own cache;
+        sharded over ranks."""
         results = torch.zeros(len(examples), 2, dtype=torch.float64)
         mine = [e for e in range(len(examples)) if e % self.world.size == self.world.rank]
-        for e in tqdm(mine, desc="validating", leave=False, disable=not self.progress):
-            results[e] = self.exact_score(mean, examples[e], stage)
-        summary = self.summarize(torch.stack([full, self.world.sum(results)]), examples, stage)
-        return {"fitness": summary["fitness"][0], "quality": summary["quality"][0], "kept": summary["kept"][0],
-                "per_task": summary["per_task"][0], "prompts": len(examples)}
+        label = member if isinstance(member, str) else ("full cache" if member is None else "validating")
+        for e in tqdm(mine, desc=label, leave=False, disable=not self.progress):
+            if isinstance(member, str):
+                config = self.config.namm_config(stage)
+                spec = CacheSpec(policy=member, budget=config.max_tokens, config=config.replace(max_tokens=None))
+                (result,) = evaluate_examples(self.model, self.tokenizer, [examples[e]], lambda: spec.build(self.model),
+                                              chunk=self.config.chunk(stage))
+                results[e] = torch.tensor([result.score, result.kept_fraction], dtype=torch.float64)
+            else:
+                results[e] = self.exact_score(member, examples[e], stage)
+        return self.world.sum(results)
 
     def validation_due(self, stage_generation: int, stage: int) -> bool:
         """Every `validation_every` generations of a stage, and at its last generation."""
@@ -430,6 +450,9 @@ def plot_log(log: list[dict[str, Any]], path: Path) -> None:
         prompts = validated[-1]["validation"]["prompts"]
         top.plot([row["generation"] for row in validated], [row["validation"]["fitness"] for row in validated], "o-",
                  color="black", lw=2, label=f"distribution mean, validation\n({prompts} fixed prompts, exact)")
+        for (policy, baseline), style in zip(validated[-1]["validation"].get("baselines", {}).items(), ["--", "-.", ":", (0, (5, 1))]):
+            top.axhline(baseline["fitness"], color="grey", ls=style, lw=1,
+                        label=f"{policy}, validation (cap {baseline['budget_tokens']} tokens)")
     top.set_ylabel("fitness")
     top.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     quality = [row["quality_distribution_mean"] for row in log]

@@ -212,3 +212,27 @@ def test_one_prefill_scores_and_answers_like_two_separate_runs(policy, tiny_mode
         assert together.kept_fraction == pytest.approx(alone.kept_fraction)
         assert together.completion == completion
         assert together.correct == example.is_correct(completion)
+
+
+def test_validation_reports_baselines_at_the_stage_cap_once_per_stage(tmp_path, tiny_model_dir):
+    from namm_cache.evolution.config import EvolutionConfig
+    from namm_cache.evolution.run import EvolutionRun
+
+    config = EvolutionConfig.from_dict({
+        "model": str(tiny_model_dir), "scorer": {"kind": "bam", "hidden_dim": 8}, "namm": {"update_interval": 32, "max_tokens": 40},
+        "population": 4, "seed": 3, "prompts_per_task": 1, "calibration_prompts": 1, "threads": 1, "fitness": "replay",
+        "validation_prompts_per_task": 2, "validation_every": 1, "validation_baselines": ["h2o", "streaming_llm"],
+        "stages": [{"tasks": [{"name": "passkey", "tokens": 150}], "generations": 2}],
+    })
+    run = EvolutionRun(config, tmp_path / "out", progress=False)
+    state = run.run()
+    first, second = (row["validation"] for row in state.log)
+    assert set(first["baselines"]) == {"h2o", "streaming_llm"}
+    assert first["baselines"] == second["baselines"]  # scored once for the stage
+    for baseline in first["baselines"].values():
+        assert baseline["budget_tokens"] == 40 and 0 < baseline["kept"] < 1
+    assert first["baselines"]["h2o"]["quality"] != first["baselines"]["streaming_llm"]["quality"]
+    assert (tmp_path / "out" / "fitness.png").stat().st_size > 1000
+    with pytest.raises(ValueError, match="validation_baselines"):
+        EvolutionConfig.from_dict({**config.to_dict(), "stages": [{"tasks": [{"name": "passkey", "tokens": 150}], "generations": 1}],
+                                   "validation_baselines": ["h20"]})
