@@ -7,7 +7,7 @@ feeds every prompt through its own cache, plus the full-cache reference) and `fi
 observing full-cache pass per prompt, every member's evictions replayed on it: `evolution/replay.py`).
 Members are a population drawn around a scorer (default: the committed distilled warm start) as CMA-ES
 draws them, so they evict like a real run's. Besides the speed ratio it reports how faithfully the replay
-ranks the members (Spearman correlation of the two fitness vectors, and of every member-prompt score).
+ranks the members (Spearman correlation of the two fitness vectors, and of the two quality vectors).
 """
 
 from __future__ import annotations

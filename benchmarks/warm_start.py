@@ -63,7 +63,8 @@ def main(argv: list[str] | None = None) -> dict:
         summary[name] = {
             "start": configs[name].get("initial_scorer") or "zero",
             "generations": len(log),
-            "median_seconds_per_generation": statistics.median(row["seconds"] for row in log) if log else None,
+            # CPU seconds where the log has them (wall seconds also count a paused run's pause)
+            "median_seconds_per_generation": statistics.median(row.get("cpu_seconds", row["seconds"]) for row in log) if log else None,
             "validation": [{"generation": row["generation"], **row["validation"]} for row in rows],
             "at_common_generation": within[-1]["validation"] | {"generation": within[-1]["generation"]} if within else None,
         }
@@ -80,7 +81,8 @@ def main(argv: list[str] | None = None) -> dict:
         common = entry["at_common_generation"]
         shown = (f"validation fitness {common['fitness']:.3f} (quality {common['quality']:.3f}, kept {common['kept']:.1%}) "
                  f"at generation {common['generation']}") if common else "no validation yet"
-        print(f"{name}: {entry['generations']} generations, median {entry['median_seconds_per_generation']:.0f} s each; {shown}")
+        median = entry["median_seconds_per_generation"]
+        print(f"{name}: {entry['generations']} generations, median {median or 0:.0f} s each; {shown}")
     return result
 
 

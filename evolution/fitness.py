@@ -82,10 +82,11 @@ def score_and_answer(model, tokenizer, cache, example: Example, chunk: int, max_
     cache.batch_repeat_interleave(2)
     for step in range(steps):
         reading = step < answer_ids.shape[1] - 1
-        decoding = len(generated) < max_new_tokens and generated[-1] != eos
+        decoding = len(generated) < max_new_tokens and (eos is None or generated[-1] != eos)
         if not (reading or decoding):
             break
-        tokens = torch.tensor([[int(answer_ids[0, step]) if reading else eos], [generated[-1]]], device=model.device)
+        filler = int(answer_ids[0, -1])  # row 0 after the answer: any token (its outputs are not used)
+        tokens = torch.tensor([[int(answer_ids[0, step]) if reading else filler], [generated[-1]]], device=model.device)
         logprobs = torch.log_softmax(model(input_ids=tokens, cache=cache, use_cache=True).logits[:, -1].float(), dim=-1)
         if reading:
             total += float(logprobs[0, answer_ids[0, step + 1]])
@@ -93,7 +94,7 @@ def score_and_answer(model, tokenizer, cache, example: Example, chunk: int, max_
             generated.append(int(logprobs[1].argmax()))
         if step == answer_ids.shape[1] - 2:
             kept = row_kept_fraction(cache, 0)
-    if eos in generated:
+    if eos is not None and eos in generated:
         generated = generated[: generated.index(eos)]
     completion = tokenizer.decode(generated, skip_special_tokens=True)
     return ScoredAnswer(score=math.exp(total / answer_ids.shape[1]), kept_fraction=kept, completion=completion,

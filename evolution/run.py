@@ -193,8 +193,8 @@ class EvolutionRun:
         for vector in members:
             self.scorer.set_flat_params(torch.as_tensor(vector, dtype=torch.float32))
             kept.append(replay_kept(recording, self.scorer, config, self.budget))
-        everything = torch.ones_like(kept[0])
-        scores = answer_scores(self.model, recording, [everything, *kept], config)
+        # The reference row holds every token: batched with the members it would pad each of them to the whole prompt.
+        scores = answer_scores(self.model, recording, [torch.ones_like(kept[0])], config) + answer_scores(self.model, recording, kept, config)
         answer_fed = recording.queries.shape[1]
         fractions = [1.0] + [replay_fraction(k, answer_fed) for k in kept]
         return torch.tensor([scores, fractions], dtype=torch.float64).T
@@ -450,9 +450,15 @@ def plot_log(log: list[dict[str, Any]], path: Path) -> None:
         prompts = validated[-1]["validation"]["prompts"]
         top.plot([row["generation"] for row in validated], [row["validation"]["fitness"] for row in validated], "o-",
                  color="black", lw=2, label=f"distribution mean, validation\n({prompts} fixed prompts, exact)")
-        for (policy, baseline), style in zip(validated[-1]["validation"].get("baselines", {}).items(), ["--", "-.", ":", (0, (5, 1))]):
-            top.axhline(baseline["fitness"], color="grey", ls=style, lw=1,
-                        label=f"{policy}, validation (cap {baseline['budget_tokens']} tokens)")
+        styles = ["--", "-.", ":", (0, (5, 1))]
+        labelled = set()
+        for stage in dict.fromkeys(row["stage"] for row in validated):  # each stage's baselines over its own generations
+            rows = [row for row in log if row["stage"] == stage]
+            last = [row for row in validated if row["stage"] == stage][-1]
+            for (policy, baseline), style in zip(last["validation"].get("baselines", {}).items(), styles):
+                top.hlines(baseline["fitness"], rows[0]["generation"] - 0.5, rows[-1]["generation"] + 0.5, color="grey",
+                           ls=style, lw=1, label=None if policy in labelled else f"{policy}, validation (at the cap)")
+                labelled.add(policy)
     top.set_ylabel("fitness")
     top.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     quality = [row["quality_distribution_mean"] for row in log]

@@ -225,10 +225,14 @@ def test_validation_reports_baselines_at_the_stage_cap_once_per_stage(tmp_path, 
         "stages": [{"tasks": [{"name": "passkey", "tokens": 150}], "generations": 2}],
     })
     run = EvolutionRun(config, tmp_path / "out", progress=False)
+    calls = []
+    exact_scores = run.exact_scores
+    run.exact_scores = lambda member, *rest: calls.append(member if isinstance(member, str) else "full" if member is None else "member") or exact_scores(member, *rest)
     state = run.run()
     first, second = (row["validation"] for row in state.log)
     assert set(first["baselines"]) == {"h2o", "streaming_llm"}
-    assert first["baselines"] == second["baselines"]  # scored once for the stage
+    assert first["baselines"] == second["baselines"]
+    assert sorted(calls) == ["full", "h2o", "member", "member", "streaming_llm"]  # full and baselines once per stage
     for baseline in first["baselines"].values():
         assert baseline["budget_tokens"] == 40 and 0 < baseline["kept"] < 1
     assert first["baselines"]["h2o"]["quality"] != first["baselines"]["streaming_llm"]["quality"]

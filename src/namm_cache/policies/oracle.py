@@ -8,7 +8,9 @@ from dataclasses import dataclass
 import torch
 
 from ..validation import check_int
-from .base import PROTECTED, Observation, Policy, rank_by_position
+from .base import Observation, Policy, rank_by_position
+
+TIER = 1.0e6  # above any recency (-tokens) of a context below a million tokens
 
 
 @dataclass(frozen=True)
@@ -46,9 +48,10 @@ class OraclePolicy(Policy):
         return {"positions": f"{len(self.positions)} tokens in [{self.positions[0]}, {self.positions[-1]}]", "sinks": self.sinks}
 
     def score(self, observation: Observation) -> torch.Tensor:
-        """`(N, S)`: evidence 2 x PROTECTED, sinks PROTECTED, others their recency (newest 0, older < 0)."""
+        """`(N, S)`: evidence 2e6 + recency, sinks 1e6 + recency, others their recency (newest 0, older < 0).
+        Tiers far below PROTECTED keep recency exact in float32 inside a tier (up to a million tokens)."""
         positions = observation.positions
         evidence = torch.isin(positions, torch.tensor(self.positions, dtype=positions.dtype, device=positions.device))
         oldest_rank = rank_by_position(positions, observation.valid, newest_first=False)
         recency = positions.to(torch.float32) - positions.max()
-        return recency + (oldest_rank < self.sinks) * PROTECTED + evidence * (2 * PROTECTED)
+        return recency + (oldest_rank < self.sinks) * TIER + evidence * (2 * TIER)

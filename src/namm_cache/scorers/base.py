@@ -94,6 +94,8 @@ class Scorer(nn.Module):
                 f"{type(self).__name__} reads {self.input_dim} features per token but got {features.shape[-1]}; "
                 "build the scorer with input_dim=config.feature_dim of the NAMMConfig you use."
             )
+        if positions.is_floating_point() or positions.is_complex() or positions.dtype == torch.bool:
+            raise ValueError(f"positions must be an integer tensor (token positions), got {positions.dtype}.")
         return self.score_tokens(features, positions, valid)
 
     def constant_score(self) -> float | None:
