@@ -147,12 +147,26 @@ def positives(round_: Round, keep_fraction: float) -> torch.Tensor:
     return (rank < keep) & round_.valid
 
 
+def add_recency_prior(scorer: Scorer, weight: float, config: NAMMConfig) -> int:
+    """Lower every score by `weight` x sin(f_min x age), the age embedding's lowest-frequency sine: a
+    recency prior on top of whatever the scorer learned (older tokens score lower). The sine rises with
+    age up to pi / (2 f_min) tokens (about 5,300 at the default 8 dims and max frequency 50,000); past that
+    the prior weakens again. Returns the feature index it weights."""
+    if config.recency_dim < 2:
+        raise ValueError("A recency prior needs an age embedding (recency_dim >= 2).")
+    index = config.recency_dim // 2 - 1  # sines come first, highest frequency first
+    with torch.no_grad():
+        scorer.readout.weight[0, index] -= weight
+    return index
+
+
 def fit_scorer(scorer: Scorer, rounds: list[Round], config: NAMMConfig, *, keep_fraction: float = 0.25,
                steps: int = 300, lr: float = 1e-2, batch_rounds: int = 8, seed: int = 0,
-               progress: bool = True) -> dict[str, float]:
+               progress: bool = True, recency_weight: float = 0.0) -> dict[str, float]:
     """Calibrate `scorer`'s normalisation on `rounds`, fit it to their positives, and set its read-out bias
     so that `score >= 0` keeps `keep_fraction` of the training tokens. Returns the final loss, the kept
-    fraction and the agreement (share of kept tokens that are positives) on the training rounds."""
+    fraction and the agreement (share of kept tokens that are positives) on the training rounds.
+    `recency_weight` > 0 adds `add_recency_prior` after the fit, before the bias is set."""
     if not rounds:
         raise ValueError("No eviction rounds to learn from: give prompts longer than update_interval tokens.")
     if not 0 < keep_fraction < 1:
@@ -177,6 +191,8 @@ def fit_scorer(scorer: Scorer, rounds: list[Round], config: NAMMConfig, *, keep_
         loss.backward()
         optimizer.step()
         loss_value = float(loss.detach())
+    if recency_weight:
+        add_recency_prior(scorer, recency_weight, config)
     with torch.no_grad():
         scores = torch.cat([scorer(x, r.positions, r.valid)[r.valid] for x, r in zip(inputs, rounds)])
         shift = torch.quantile(scores, 1 - keep_fraction)  # scores above it: the top keep_fraction
@@ -203,6 +219,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--kind", default="bam", choices=["bam", "bam_norms"],
                         help="scorer kind: the paper's BAM, or BAM that also reads key and value norms")
+    parser.add_argument("--recency-weight", type=float, default=0.0,
+                        help="add a recency prior of this weight after the fit (see add_recency_prior); 0: none")
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args(argv)
     from namm_cache.scorers import SCORER_KINDS, build_scorer
@@ -212,6 +230,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = NAMMConfig(update_interval=args.update_interval)
         tasks = [build_task({"name": name, "tokens": args.tokens, "haystack": TRAINING_TEXT}) for name in args.tasks.split(",")]
+        if not (args.recency_weight >= 0 and args.recency_weight < float("inf")):
+            raise ValueError(f"--recency-weight must be a finite number >= 0, got {args.recency_weight}")
         for name in ("prompts_per_task", "steps"):
             if getattr(args, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
@@ -233,14 +253,17 @@ def main(argv: list[str] | None = None) -> int:
     rounds = []
     for example in tqdm(examples, desc="full-cache runs"):
         rounds += collect_rounds(model, token_ids(tokenizer, example.prompt), token_ids(tokenizer, example.answer), config)
-    report = fit_scorer(scorer, rounds, config, keep_fraction=args.keep_fraction, steps=args.steps, seed=args.seed)
+    report = fit_scorer(scorer, rounds, config, keep_fraction=args.keep_fraction, steps=args.steps, seed=args.seed,
+                        recency_weight=args.recency_weight)
     metadata = ScorerMetadata(
         base_models=[args.model], training_tasks=[task.name for task in tasks],
         description=(f"Distilled warm start (namm_cache.evolution.distill): fitted to the answer's attention on "
-                     f"{len(examples)} training prompts ({TRAINING_TEXT} haystacks), keep fraction {args.keep_fraction}; "
+                     f"{len(examples)} training prompts ({TRAINING_TEXT} haystacks), keep fraction {args.keep_fraction}"
+                     f"{f', recency prior weight {args.recency_weight:g}' if args.recency_weight else ''}; "
                      f"training precision {report['precision']:.3f} at {report['kept_fraction']:.1%} kept. "
                      "A starting point for evolution, not an evaluated scorer."),
-        extra={"distill": {**report, "rounds": len(rounds), "steps": args.steps, "seed": args.seed}},
+        extra={"distill": {**report, "rounds": len(rounds), "steps": args.steps, "seed": args.seed,
+                           "recency_weight": args.recency_weight}},
     )
     save_scorer(args.out, scorer, config, metadata)
     print(f"distilled scorer in {args.out}: {report}")

@@ -82,3 +82,21 @@ def test_a_norm_reading_scorer_learns_a_target_only_the_norms_carry():
     paper = fit_scorer(BAMScorer(), rounds, NAMMConfig(), keep_fraction=0.25, steps=150, progress=False)
     norms = fit_scorer(BAMNormsScorer(), rounds, NAMMConfig(), keep_fraction=0.25, steps=150, progress=False)
     assert norms["precision"] > 0.8 > paper["precision"] + 0.2
+
+
+def test_a_recency_prior_ranks_newer_tokens_higher_and_keeps_the_asked_fraction():
+    from namm_cache.evolution.distill import add_recency_prior
+    from namm_cache.features import token_features
+
+    config = NAMMConfig()
+    scorer = BAMScorer()
+    assert add_recency_prior(scorer, 1.0, config) == 3
+    age = torch.arange(2000).flip(0).view(1, -1)
+    features = token_features(torch.zeros(1, 2000, 17), age, scorer.spectrogram_mean, scorer.spectrogram_std, config)
+    scores = scorer(features, torch.arange(2000).view(1, -1), torch.ones(1, 2000, dtype=torch.bool))[0]
+    assert (scores[1:] > scores[:-1]).all()  # newer (higher position) scores higher throughout 2k tokens
+    generator = torch.Generator().manual_seed(0)
+    rounds = [Round(torch.rand(2, 40, 17, generator=generator), 39 - torch.arange(40).expand(2, 40), torch.arange(40).expand(2, 40),
+                    torch.ones(2, 40, dtype=torch.bool), torch.rand(2, 40, generator=generator)) for _ in range(6)]
+    report = fit_scorer(BAMScorer(), rounds, config, keep_fraction=0.25, steps=20, progress=False, recency_weight=30.0)
+    assert abs(report["kept_fraction"] - 0.25) < 0.02
