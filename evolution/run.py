@@ -145,10 +145,14 @@ class EvolutionRun:
             examples += build_task(spec).sample(self.tokenizer, rng, self.config.prompts_per_task)
         return examples
 
-    def make_cache(self, vector: np.ndarray | None, stage: int) -> Callable[[], NAMMCache]:
+    def make_cache(self, vector: np.ndarray | str | None, stage: int) -> Callable[[], NAMMCache]:
+        """A cache factory for a member (parameter vector), a baseline policy (by name, the stage's cap as its
+        token budget) or the full cache (None), under `stage`'s settings."""
         config = self.config.namm_config(stage)
         if vector is None:
             spec = CacheSpec(policy="full", config=config)
+        elif isinstance(vector, str):
+            spec = CacheSpec(policy=vector, budget=config.max_tokens, config=config.replace(max_tokens=None))
         else:
             self.scorer.set_flat_params(torch.as_tensor(vector, dtype=torch.float32))
             spec = CacheSpec(scorer=self.scorer, config=config, budget=self.budget)
@@ -174,8 +178,9 @@ class EvolutionRun:
         table = self.world.sum(results)
         return self.summarize(table, examples, stage)
 
-    def exact_score(self, vector: np.ndarray | None, example: Example, stage: int) -> torch.Tensor:
-        """`(score, kept fraction)` of one member (None: the full cache) on one example, through its own cache."""
+    def exact_score(self, vector: np.ndarray | str | None, example: Example, stage: int) -> torch.Tensor:
+        """`(score, kept fraction)` of one member (a baseline by name; None: the full cache) on one example,
+        through its own cache."""
         make = self.make_cache(vector, stage)
         (result,) = evaluate_examples(self.model, self.tokenizer, [example], make, chunk=self.config.chunk(stage))
         return torch.tensor([result.score, result.kept_fraction], dtype=torch.float64)
@@ -257,14 +262,7 @@ class EvolutionRun:
         mine = [e for e in range(len(examples)) if e % self.world.size == self.world.rank]
         label = member if isinstance(member, str) else ("full cache" if member is None else "validating")
         for e in tqdm(mine, desc=label, leave=False, disable=not self.progress):
-            if isinstance(member, str):
-                config = self.config.namm_config(stage)
-                spec = CacheSpec(policy=member, budget=config.max_tokens, config=config.replace(max_tokens=None))
-                (result,) = evaluate_examples(self.model, self.tokenizer, [examples[e]], lambda: spec.build(self.model),
-                                              chunk=self.config.chunk(stage))
-                results[e] = torch.tensor([result.score, result.kept_fraction], dtype=torch.float64)
-            else:
-                results[e] = self.exact_score(member, examples[e], stage)
+            results[e] = self.exact_score(member, examples[e], stage)
         return self.world.sum(results)
 
     def validation_due(self, stage_generation: int, stage: int) -> bool:
