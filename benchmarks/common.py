@@ -5,7 +5,9 @@ from __future__ import annotations
 import hashlib
 import os
 import platform
+import statistics
 import sys
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -31,6 +33,18 @@ def scorer_id(name_or_path: str) -> str:
     for file in ("config.json", "model.safetensors"):
         digest.update((folder / file).read_bytes())
     return f"{name_or_path}@{digest.hexdigest()[:12]}"
+
+
+def median_seconds(function, repeats: int, *, warmup: int = 0) -> float:
+    """Median wall seconds of `repeats` calls of `function`, after `warmup` untimed calls."""
+    for _ in range(warmup):
+        function()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        function()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -32,7 +32,7 @@ from namm_cache.policies import BASELINE_POLICIES
 from namm_cache.offline import load_offline_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import provenance  # noqa: E402
+from common import median_seconds, provenance  # noqa: E402
 from namm_cache.selection import select_tokens
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -42,15 +42,6 @@ POLICIES = ["namm", *BASELINE_POLICIES]
 def make_cache(model, policy: str, budget, interval: int) -> NAMMCache:
     scorer = attention_mass_scorer(bias=10.0) if policy == "namm" else None
     return CacheSpec(policy=policy, scorer=scorer, budget=budget, overrides={"update_interval": interval}).build(model)
-
-
-def median_time(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 @torch.no_grad()
@@ -68,7 +59,7 @@ def scoring_round_seconds(model, ids, policy: str, repeats: int) -> float:
             select_tokens(scores, observation.valid, observation.positions, threshold=None, max_tokens=observation.budget)
 
     one_round()
-    return median_time(one_round, repeats)
+    return median_seconds(one_round, repeats)
 
 
 @torch.no_grad()
@@ -84,7 +75,7 @@ def decode_step_seconds(model, ids, repeats: int) -> float:
             layer.keys, layer.values = layer.keys[:, :, :-1], layer.values[:, :, :-1]
 
     step()
-    return median_time(step, repeats)
+    return median_seconds(step, repeats)
 
 
 def generate_seconds(model, ids, cache, new_tokens: int) -> float:

@@ -10,16 +10,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import provenance  # noqa: E402
+from common import median_seconds, provenance  # noqa: E402
 
 
 def masked_bam(scorer, features: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -30,16 +28,6 @@ def masked_bam(scorer, features: torch.Tensor, positions: torch.Tensor, valid: t
     attended = F.scaled_dot_product_attention(scorer.query(x), scorer.key(x), scorer.value(x), attn_mask=allowed)
     residual, multiplier = scorer.gates(attended).chunk(2, dim=-1)
     return scorer.readout(x * (1 + multiplier) + residual).squeeze(-1)
-
-
-def median_seconds(function, repeats: int) -> float:
-    function()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        function()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -63,8 +51,8 @@ def main(argv: list[str] | None = None) -> dict:
         valid = torch.ones(args.rows, tokens, dtype=torch.bool)
         with torch.no_grad():
             difference = float((scorer(features, positions, valid) - masked_bam(scorer, features, positions, valid)).abs().max())
-            shipped = median_seconds(lambda: scorer(features, positions, valid), args.repeats)
-            masked = median_seconds(lambda: masked_bam(scorer, features, positions, valid), args.repeats)
+            shipped = median_seconds(lambda: scorer(features, positions, valid), args.repeats, warmup=1)
+            masked = median_seconds(lambda: masked_bam(scorer, features, positions, valid), args.repeats, warmup=1)
         rows.append({"tokens": tokens, "shipped_s": shipped, "masked_s": masked, "speedup": masked / shipped,
                      "max_abs_difference": difference})
         print(f"{tokens:>6} tokens: shipped {shipped:.3f} s, masked {masked:.3f} s ({masked / shipped:.1f}x), "
