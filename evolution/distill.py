@@ -36,7 +36,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from namm_cache import NAMMCache, NAMMConfig
-from namm_cache.features import log_norms, standardize_rows, token_features
+from namm_cache.features import log_norms, token_features, with_extra_inputs
 from namm_cache.policies import Observation, Policy
 from namm_cache.scorers import Scorer
 
@@ -130,11 +130,7 @@ def collect_rounds(model: nn.Module, prompt_ids: torch.Tensor, answer_ids: torch
 def scorer_inputs(scorer: Scorer, round_: Round, config: NAMMConfig) -> torch.Tensor:
     """`(H, S, scorer.input_dim)`: what `scorer` reads at this round (the norms too, if it reads them)."""
     features = token_features(round_.spectrogram, round_.age, scorer.spectrogram_mean, scorer.spectrogram_std, config)
-    if scorer.extra_inputs:
-        if round_.log_norms is None:
-            raise ValueError(f"A {scorer.kind} scorer reads key and value norms, but these rounds were recorded without them.")
-        features = torch.cat([features, standardize_rows(round_.log_norms, round_.valid)], dim=-1)
-    return features
+    return with_extra_inputs(scorer.extra_inputs, features, round_.log_norms, round_.valid)
 
 
 def positives(round_: Round, keep_fraction: float) -> torch.Tensor:

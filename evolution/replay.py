@@ -36,7 +36,7 @@ from torch import nn
 
 from namm_cache import NAMMCache, NAMMConfig
 from namm_cache.budgets import Budget, ThresholdBudget
-from namm_cache.features import log_norms, standardize_rows, token_features
+from namm_cache.features import log_norms, token_features, with_extra_inputs
 from namm_cache.layer import NAMMLayer
 from namm_cache.scorers import Scorer
 from namm_cache.selection import compaction_indices, select_tokens
@@ -136,11 +136,6 @@ def record_prompt(model: nn.Module, prompt_ids: torch.Tensor, answer_ids: torch.
     return PromptRecording(rounds=rounds, tokens=fed.shape[1], queries=queries, answer=answer_ids, cache=cache, heads=heads)
 
 
-def member_budget_tokens(budget: Budget, tokens_seen: int) -> int | None:
-    """Tokens a row may keep at a round under `budget` (None: the threshold decides), as `NAMMLayer` asks."""
-    return budget.tokens_for(tokens_seen)
-
-
 @torch.no_grad()
 def replay_kept(recording: PromptRecording, scorer: Scorer, config: NAMMConfig, budget: Budget | None = None) -> torch.Tensor:
     """`(L*H, tokens)` bool: the tokens `scorer`'s cache would hold at the end of the recorded prompt.
@@ -160,11 +155,10 @@ def replay_kept(recording: PromptRecording, scorer: Scorer, config: NAMMConfig, 
         positions = round_.positions[order]
         arrived = round_.arrived[order] & slot_valid
         features = round_.features.gather(1, order.unsqueeze(-1).expand(-1, -1, round_.features.shape[-1]))
-        if scorer.extra_inputs:  # key and value norms, standardised over the tokens held now, as the cache does
-            norms = round_.log_norms.gather(1, order.unsqueeze(-1).expand(-1, -1, 2))
-            features = torch.cat([features, standardize_rows(norms, arrived)], dim=-1)
+        norms = round_.log_norms.gather(1, order.unsqueeze(-1).expand(-1, -1, 2)) if scorer.extra_inputs else None
+        features = with_extra_inputs(scorer.extra_inputs, features, norms, arrived)  # over the tokens held now
         scores = scorer(features, positions, arrived)
-        limit = member_budget_tokens(budget, round_.now + 1)
+        limit = budget.tokens_for(round_.now + 1)  # tokens a row may keep, as NAMMLayer asks (None: threshold)
         if limit is None:
             keep = select_tokens(scores, arrived, positions, threshold=config.threshold, max_tokens=config.max_tokens)
         else:

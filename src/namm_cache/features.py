@@ -202,6 +202,20 @@ def norm_features(keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor)
     return standardize_rows(log_norms(keys, values), valid)
 
 
+def with_extra_inputs(extra_inputs: tuple[str, ...], features: torch.Tensor, token_log_norms: torch.Tensor | None,
+                      valid: torch.Tensor) -> torch.Tensor:
+    """`features` `(N, S, F)` followed by what a scorer's `extra_inputs` name (so far only the key and value
+    norms: `token_log_norms` `(N, S, 2)` from `log_norms`, standardised over the row's `valid` tokens).
+    The one place the cache's policy, the replay fitness and distillation append them."""
+    if not extra_inputs:
+        return features
+    if tuple(extra_inputs) != ("key_norm", "value_norm"):
+        raise ValueError(f"Unknown scorer inputs {extra_inputs}; known: ('key_norm', 'value_norm').")
+    if token_log_norms is None:
+        raise ValueError("This scorer reads key and value norms, but none were recorded.")
+    return torch.cat([features, standardize_rows(token_log_norms, valid)], dim=-1)
+
+
 class RunningMoments:
     """Streaming per-feature mean and standard deviation (Chan et al. parallel update), in float64."""
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..features import norm_features, token_features
+from ..features import log_norms, token_features, with_extra_inputs
 from ..scorers import Scorer
 from .base import Observation, Policy
 
@@ -50,8 +50,8 @@ class NAMMPolicy(Policy):
             self.scorer.spectrogram_std,
             observation.config,
         )
-        if self.scorer.extra_inputs:  # the key and value norms (the only extra inputs so far)
-            features = torch.cat([features, norm_features(observation.keys, observation.values, observation.valid)], dim=-1)
+        norms = log_norms(observation.keys, observation.values) if self.scorer.extra_inputs else None
+        features = with_extra_inputs(self.scorer.extra_inputs, features, norms, observation.valid)
         parameter = next(self.scorer.parameters(), None)
         if parameter is not None:
             features = features.to(parameter.device)
