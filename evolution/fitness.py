@@ -77,7 +77,7 @@ def score_and_answer(model, tokenizer, cache, example: Example, chunk: int, max_
     total = float(logprobs[answer_ids[0, 0]])
     generated = [int(logprobs.argmax())]
     steps = max(answer_ids.shape[1] - 1, max_new_tokens - 1)
-    kept = row_kept_fraction(cache, 0) if answer_ids.shape[1] == 1 else None  # the answer needs no more input
+    kept = kept_fraction(cache, 0) if answer_ids.shape[1] == 1 else None  # the answer needs no more input
     peak = getattr(cache, "peak_kv_bytes", 0)
     cache.batch_repeat_interleave(2)
     for step in range(steps):
@@ -93,7 +93,7 @@ def score_and_answer(model, tokenizer, cache, example: Example, chunk: int, max_
         if decoding:
             generated.append(int(logprobs[1].argmax()))
         if step == answer_ids.shape[1] - 2:
-            kept = row_kept_fraction(cache, 0)
+            kept = kept_fraction(cache, 0)
     if eos is not None and eos in generated:
         generated = generated[: generated.index(eos)]
     completion = tokenizer.decode(generated, skip_special_tokens=True)
@@ -101,24 +101,14 @@ def score_and_answer(model, tokenizer, cache, example: Example, chunk: int, max_
                         correct=example.is_correct(completion), prefill_peak_kv_bytes=peak)
 
 
-def row_kept_fraction(cache: Any, row: int) -> float:
-    """Kept real tokens / real tokens seen in batch `row` over a NAMMCache's layers (1.0 for other caches)."""
-    if not isinstance(cache, NAMMCache):
-        return 1.0
-    layers = [layer for layer in cache.namm_layers if layer.is_initialized]
-    seen = sum(layer.real_tokens_seen[row] * layer.keys.shape[1] for layer in layers)
-    held = sum(int(layer.token_valid[row].sum()) for layer in layers)
-    return held / seen if seen else 1.0
-
-
 def mean_kept_fraction(results: list[ExampleResult]) -> float:
     """Mean over examples of the fraction of real tokens kept."""
     return sum(r.kept_fraction for r in results) / len(results)
 
 
-def kept_fraction(cache: Any) -> float:
-    stats = cache.stats() if isinstance(cache, NAMMCache) else None
-    value = stats["mean_kept_fraction"] if stats else None
+def kept_fraction(cache: Any, row: int | None = None) -> float:
+    """Kept real tokens / real tokens seen in a NAMMCache (batch `row`, or all rows); 1.0 for other caches."""
+    value = cache.kept_fraction(row) if isinstance(cache, NAMMCache) else None
     return 1.0 if value is None else float(value)
 
 

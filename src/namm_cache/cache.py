@@ -226,6 +226,17 @@ class NAMMCache(Cache):
     def crop(self, tokens_to_remove: int) -> None:
         self.namm_layers[0].crop(tokens_to_remove)
 
+    def kept_fraction(self, row: int | None = None) -> float | None:
+        """Kept real tokens / real tokens seen over the NAMM layers and their heads, for batch `row` or the
+        whole batch (None); None before any NAMM layer has seen a token."""
+        namm = [layer for layer in self.namm_layers if layer.is_initialized]
+        if not namm:
+            return None
+        rows = slice(None) if row is None else slice(row, row + 1)
+        real_seen = sum(sum(layer.real_tokens_seen[rows]) * layer.keys.shape[1] for layer in namm)
+        kept = sum(int(layer.token_valid[rows].sum()) for layer in namm)
+        return kept / real_seen if real_seen else 1.0
+
     def stats(self) -> dict[str, Any]:
         """Tokens seen and kept, per layer and head, and the memory held versus a full cache.
 
@@ -244,11 +255,7 @@ class NAMMCache(Cache):
                     full_bytes += 2 * b * h * layer.tokens_seen * d * layer.keys.element_size()
             else:
                 full_bytes += _layer_bytes(layer)
-        kept_fraction = None
-        if namm:
-            real_seen = sum(sum(layer.real_tokens_seen) * layer.keys.shape[1] for layer in namm)
-            kept = sum(int(layer.token_valid.sum()) for layer in namm)
-            kept_fraction = kept / real_seen if real_seen else 1.0
+        kept_fraction = self.kept_fraction()
         return {
             "policy": self.policy.name,
             "policy_settings": self.policy.settings(),
