@@ -213,8 +213,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep-fraction", type=float, default=0.25)
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--kind", default="bam", choices=["bam", "bam_norms"],
-                        help="scorer kind: the paper's BAM, or BAM that also reads key and value norms")
+    parser.add_argument("--kind", default="bam", choices=["bam", "bam_norms", "linear"],
+                        help="scorer kind: the paper's BAM, BAM that also reads key and value norms, or a linear score")
     parser.add_argument("--recency-weight", type=float, default=0.0,
                         help="add a recency prior of this weight after the fit (see add_recency_prior); 0: none")
     parser.add_argument("--threads", type=int, default=None)

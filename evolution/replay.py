@@ -160,10 +160,12 @@ def replay_kept(recording: PromptRecording, scorer: Scorer, config: NAMMConfig, 
         scores = scorer(features, positions, arrived)
         limit = budget.tokens_for(round_.now + 1)  # tokens a row may keep, as NAMMLayer asks (None: threshold)
         if limit is None:
-            keep = select_tokens(scores, arrived, positions, threshold=config.threshold, max_tokens=config.max_tokens)
+            keep = select_tokens(scores, arrived, positions, threshold=config.threshold, max_tokens=config.max_tokens,
+                                 sinks=config.sinks, recent_window=config.recent_window)
         else:
             cap = limit if config.max_tokens is None else min(limit, config.max_tokens)
-            keep = select_tokens(scores, arrived, positions, threshold=None, max_tokens=cap)
+            keep = select_tokens(scores, arrived, positions, threshold=None, max_tokens=cap,
+                                 sinks=config.sinks, recent_window=config.recent_window)
         keep |= slot_valid & ~arrived  # tokens of the chunk past the round's point stay, as in the cache
         kept = torch.zeros(rows, slots, dtype=torch.bool).scatter_(1, order, keep & slot_valid)
     final = torch.ones(rows, recording.tokens, dtype=torch.bool)

@@ -119,3 +119,41 @@ def test_a_norm_reading_scorer_serves_a_cache_and_round_trips_through_save_and_l
     torch.testing.assert_close(features[valid.unsqueeze(-1).expand_as(features)].view(-1, 2)[:6].mean(0), torch.zeros(2), atol=1e-5, rtol=0)
     assert (features[1, 4:] == 0).all()
     torch.testing.assert_close(norm_features(keys * 10, values, valid)[..., 0], features[..., 0])  # scale-free per row
+
+
+def test_the_linear_scorer_is_a_weighted_sum_and_keeps_what_its_weights_ask_for(tmp_path):
+    from conftest import random_ids, tiny_model
+
+    from namm_cache import NAMMCache, NAMMConfig
+    from namm_cache.scorers import LinearScorer
+
+    scorer = LinearScorer()
+    assert scorer.num_parameters() == 28 and scorer.input_dim == NAMMConfig().feature_dim + 2
+    torch.manual_seed(0)
+    scorer.set_flat_params(torch.randn(28))
+    features, positions = torch.randn(2, 9, 27), torch.arange(9).expand(2, 9)
+    weight, bias = scorer.readout.weight[0], scorer.readout.bias[0]
+    torch.testing.assert_close(scorer(features, positions, torch.ones(2, 9, dtype=torch.bool)), features @ weight + bias)
+    # Only the key-norm input weighted (negatively): under a cap each head keeps its lowest-norm keys.
+    scorer.set_flat_params(torch.zeros(28))
+    with torch.no_grad():
+        scorer.readout.weight[0, 25] = -1.0
+        scorer.readout.bias.fill_(100.0)
+    model = tiny_model("llama")
+    cache = NAMMCache(model=model, scorer=scorer, config=NAMMConfig(update_interval=32, max_tokens=20))
+    model(input_ids=random_ids(64), cache=cache, use_cache=True)
+    # The last layer (the first one's keys tie for repeated token ids). The last round ran at 32 tokens seen:
+    # 20 kept of the first 32, then the 32 tokens since.
+    layer = cache.namm_layers[-1]
+    full = NAMMCache(model=model, policy="full")
+    model(input_ids=random_ids(64), cache=full, use_cache=True)
+    norms = full.layers[layer.layer_idx].keys[0, :, :32].float().norm(dim=-1)  # (heads, 32)
+    for head in range(norms.shape[0]):
+        held = layer.positions[0, head][layer.token_valid[0, head]]
+        older = held[held < 32]
+        expected = set(norms[head, :31].argsort()[:19].tolist()) | {31}  # the newest is always kept
+        assert set(older.tolist()) == expected
+    cache.save_pretrained(tmp_path / "linear")
+    loaded = NAMMCache.from_pretrained(tmp_path / "linear", model=model)
+    assert loaded.scorer.kind == "linear"
+    torch.testing.assert_close(loaded.scorer.get_flat_params(), scorer.get_flat_params())

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from namm_cache.selection import compaction_indices, select_tokens
+from namm_cache import BAMScorer, NAMMCache, NAMMConfig
+from namm_cache.selection import compaction_indices, protected_tokens, select_tokens
 
 
 def test_threshold_keeps_scores_at_or_above_zero_and_the_newest():
@@ -29,6 +30,53 @@ def test_cap_keeps_the_top_scores_with_the_newest_first():
     valid = torch.ones(1, 5, dtype=torch.bool)
     keep = select_tokens(scores, valid, torch.arange(5)[None], threshold=None, max_tokens=2)
     assert keep.tolist() == [[True, False, False, False, True]]
+
+
+def test_sinks_and_recent_window_are_kept_whatever_their_score():
+    scores = torch.tensor([[-9.0, -9.0, 1.0, -9.0, 2.0, -9.0, -9.0, -9.0]])
+    valid = torch.tensor([[False, True, True, True, True, True, True, True]])  # slot 0 is padding: not a sink
+    positions = torch.arange(8)[None]
+    keep = select_tokens(scores, valid, positions, sinks=2, recent_window=3)
+    assert keep.tolist() == [[False, True, True, False, True, True, True, True]]
+    assert select_tokens(scores, valid, positions).tolist() == [[False, False, True, False, True, False, False, True]]
+
+
+def test_a_cap_counts_protected_tokens_first_then_the_best_scores():
+    scores = torch.tensor([[-9.0, 5.0, 4.0, -9.0, -8.0, 3.0]])
+    valid = torch.ones(1, 6, dtype=torch.bool)
+    positions = torch.arange(6)[None]
+    keep = select_tokens(scores, valid, positions, threshold=None, max_tokens=4, sinks=1, recent_window=2)
+    assert keep.tolist() == [[True, True, False, False, True, True]]  # sink, recent pair, then the best score
+    # A cap below the protected count keeps the newest, then the best-scoring protected tokens.
+    keep = select_tokens(scores, valid, positions, threshold=None, max_tokens=2, sinks=1, recent_window=2)
+    assert keep.tolist() == [[False, False, False, False, True, True]]
+
+
+def test_protected_tokens_follow_positions_not_slots():
+    valid = torch.tensor([[True, True, True, False], [True, True, True, True]])
+    positions = torch.tensor([[7, 2, 5, 0], [10, 11, 3, 4]])
+    protected = protected_tokens(valid, positions, sinks=1, recent_window=2)
+    assert protected.tolist() == [[True, True, False, False], [True, True, True, False]]
+    assert protected_tokens(valid, positions) is None
+
+
+def test_a_cache_that_evicts_everything_else_keeps_sinks_and_the_recent_window():
+    from conftest import random_ids, tiny_model
+
+    model = tiny_model("llama")
+    scorer = BAMScorer()
+    with torch.no_grad():
+        scorer.readout.bias.fill_(-1.0)  # every token scores below the threshold
+    config = NAMMConfig(update_interval=32, sinks=4, recent_window=16)
+    cache = NAMMCache(model=model, scorer=scorer, config=config)
+    model(input_ids=random_ids(96), cache=cache, use_cache=True)
+    # The last round ran at 64 tokens seen: 4 sinks + positions 48-63, then the 32 tokens since.
+    expected = torch.tensor(list(range(4)) + list(range(48, 96)))
+    for layer in cache.namm_layers:
+        held = layer.positions[layer.token_valid].view(-1, len(expected))
+        assert (held == expected).all()
+    with pytest.raises(ValueError, match="recent_window"):
+        NAMMConfig(recent_window=-1)
 
 
 def test_nan_scores_are_refused():

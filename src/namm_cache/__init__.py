@@ -3,7 +3,7 @@
 from .attention import install_attention, register_attention_functions
 from .cache import NAMMCache, NAMMLayer
 from .config import NAMMConfig
-from .scorers import BAMScorer, MLPScorer, Scorer, attention_mass_scorer
+from .scorers import BAMScorer, LinearScorer, MLPScorer, Scorer, attention_mass_scorer
 from .spec import CacheSpec
 
 __version__ = "0.1.0"
@@ -15,6 +15,7 @@ __all__ = [
     "NAMMConfig",
     "BAMScorer",
     "MLPScorer",
+    "LinearScorer",
     "Scorer",
     "attention_mass_scorer",
     "install_attention",

@@ -35,6 +35,11 @@ class NAMMConfig:
         threshold: tokens whose score is below this are evicted (paper: 0).
         max_tokens: optional hard cap on the tokens each (batch row, KV head) keeps per layer; when more
             tokens pass the threshold, the highest-scoring ones are kept.
+        sinks: the first this many tokens of each (batch row, KV head) are kept whatever the policy scores
+            (attention sinks; default 0: the policy alone decides).
+        recent_window: the newest this many positions are kept whatever the policy scores (default 0).
+            Protected tokens count toward `max_tokens` and any budget. With both 0 (the paper's setting) the
+            scorer decides alone; with them, it decides only what to keep beyond sinks and local context.
     """
 
     n_fft: int = 32
@@ -45,6 +50,8 @@ class NAMMConfig:
     update_interval: int = 512
     threshold: float = 0.0
     max_tokens: int | None = None
+    sinks: int = 0
+    recent_window: int = 0
 
     def __post_init__(self) -> None:
         self.validate()
@@ -79,6 +86,8 @@ class NAMMConfig:
         # keeps everything: neither is a threshold. None means no threshold (only max_tokens applies).
         self.threshold = check_float("threshold", self.threshold, optional=True)
         self.max_tokens = check_int("max_tokens", self.max_tokens, minimum=1, maximum=MAX_TOKEN_COUNT, optional=True)
+        self.sinks = check_int("sinks", self.sinks, minimum=0, maximum=MAX_TOKEN_COUNT)
+        self.recent_window = check_int("recent_window", self.recent_window, minimum=0, maximum=MAX_TOKEN_COUNT)
         if self.n_fft != 2 * self.hop_length:
             raise ValueError(
                 f"n_fft ({self.n_fft}) must be twice hop_length ({self.hop_length}): each token carries a tail of "

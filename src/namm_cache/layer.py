@@ -363,11 +363,13 @@ class NAMMLayer(CacheLayerMixin):
             raise ValueError(f"Policy {type(self.policy).__name__} returned scores of shape {tuple(scores.shape)}, expected {tuple(valid.shape)}.")
         with phase("select"):
             if budget is None:
-                kept = select_tokens(scores, valid, positions, threshold=self.config.threshold, max_tokens=self.config.max_tokens)
+                kept = select_tokens(scores, valid, positions, threshold=self.config.threshold, max_tokens=self.config.max_tokens,
+                                     sinks=self.config.sinks, recent_window=self.config.recent_window)
             else:
                 if self.config.max_tokens is not None:
                     budget = budget.clamp_max(self.config.max_tokens)
-                kept = select_tokens(scores, valid, positions, threshold=None, max_tokens=budget)
+                kept = select_tokens(scores, valid, positions, threshold=None, max_tokens=budget,
+                                     sinks=self.config.sinks, recent_window=self.config.recent_window)
         kept |= present & ~arrived
         keep[index] = kept.view(len(due_rows), heads, slots)
         for statistic in self.statistics.values():

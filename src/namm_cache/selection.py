@@ -12,6 +12,8 @@ def select_tokens(
     *,
     threshold: float | None = 0.0,
     max_tokens: int | torch.Tensor | None = None,
+    sinks: int = 0,
+    recent_window: int = 0,
 ) -> torch.Tensor:
     """Decide which tokens to keep.
 
@@ -22,6 +24,10 @@ def select_tokens(
         threshold: keep tokens with `score >= threshold` (None: no threshold, only the cap applies).
         max_tokens: keep at most this many per row, the highest-scoring ones (the newest counts first); an
             int for every row or a `(N,)` tensor of per-row counts.
+        sinks: the oldest this many valid tokens of each row are kept whatever their score.
+        recent_window: tokens younger than this (newest position minus position < `recent_window`) are kept
+            whatever their score. Protected tokens count toward `max_tokens` and rank above every other
+            token; if a cap is smaller than a row's protected tokens, the highest-scoring of them are kept.
 
     Returns:
         `(N, S)` bool keep mask (a subset of `valid`).
@@ -39,16 +45,37 @@ def select_tokens(
     newest = torch.where(valid, positions, torch.full_like(positions, -1)).argmax(-1)
     rows = torch.arange(valid.shape[0], device=valid.device)
     keep[rows[has_token], newest[has_token]] = True
+    protected = protected_tokens(valid, positions, sinks=sinks, recent_window=recent_window)
+    if protected is not None:
+        keep |= protected
     if max_tokens is not None:
         limit = torch.as_tensor(max_tokens, device=keep.device).expand(keep.shape[0])
         if bool((limit < keep.sum(-1)).any()):
             ranked = torch.where(keep, scores.to(torch.float32), torch.full(scores.shape, float("-inf"), device=keep.device))
             ranked[rows[has_token], newest[has_token]] = float("inf")
             order = ranked.argsort(dim=-1, descending=True, stable=True)
+            if protected is not None:  # protected tokens first, each group still by score
+                order = order.gather(-1, protected.gather(-1, order).to(torch.int8).argsort(dim=-1, descending=True, stable=True))
             rank = torch.empty_like(order)
             rank.scatter_(-1, order, torch.arange(order.shape[-1], device=keep.device).expand_as(order))
             keep &= rank < limit.unsqueeze(-1)
     return keep
+
+
+def protected_tokens(valid: torch.Tensor, positions: torch.Tensor, *, sinks: int = 0, recent_window: int = 0) -> torch.Tensor | None:
+    """`(N, S)` bool: the valid tokens `select_tokens` keeps whatever their score (the `sinks` oldest of each row
+    and those younger than `recent_window`), or None when neither is asked for."""
+    if not sinks and not recent_window:
+        return None
+    protected = torch.zeros_like(valid)
+    if recent_window:
+        newest = torch.where(valid, positions, torch.full_like(positions, -1)).amax(-1, keepdim=True)
+        protected |= newest - positions < recent_window
+    if sinks:
+        big = torch.iinfo(positions.dtype).max
+        oldest = torch.where(valid, positions, torch.full_like(positions, big)).topk(min(sinks, positions.shape[-1]), dim=-1, largest=False).values[..., -1:]
+        protected |= positions <= oldest
+    return protected & valid
 
 
 def compaction_indices(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
