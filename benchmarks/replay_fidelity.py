@@ -7,7 +7,8 @@ members keep mostly recent tokens. Evolution wanders further. The replay reads k
 recorded with the whole prompt in the cache; a scorer that drops a token's local context changes every
 later token's keys and hidden states in a real run, which the replay cannot see. This benchmark scores
 scorers that differ in how much local context they keep, each exactly and by replay on the same prompts,
-with and without the cache's protected tokens (`NAMMConfig.sinks` / `recent_window`).
+with and without the cache's protected tokens (`NAMMConfig.sinks` / `recent_window`), and with the
+prompt's end recorded (`replay_refeed: 0`) or fed again through each member's kept tokens (128).
 
 Each candidate is a `bam_norms` scorer whose only non-zero parameters are its read-out (a linear score
 of its inputs) plus a large bias, so that every token passes the threshold and the cap ranks them.
@@ -45,6 +46,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--config", default="evolution/configs/smollm2-replay.yaml")
     parser.add_argument("--normalization", default="runs/distill-smollm2-norms", help="scorer folder whose spectrogram statistics the candidates use")
     parser.add_argument("--prompts-per-task", type=int, default=4)
+    parser.add_argument("--refeeds", default="0,128", help="replay_refeed values to compare (comma-separated)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", default="replay-fidelity", help="prompt generator seed (apart from training and validation draws)")
     parser.add_argument("--out", default=None)
@@ -77,19 +79,26 @@ def main(argv: list[str] | None = None) -> dict:
                     run.scorer.readout.weight[0, index] = weight
                 run.scorer.readout.bias[0] = 50.0
             members.append(run.scorer.get_flat_params().double().numpy())
-        replayed, exact = [], []
+        refeeds = [int(value) for value in args.refeeds.split(",")]
+        tables = {("replay", refeed): [] for refeed in refeeds}
+        tables["exact"] = []
         for example in tqdm(examples, desc=setting):
-            replayed.append(run.replay_example(members, example, 0))
-            exact.append(torch.stack([run.exact_score(None, example, 0)] + [run.exact_score(m, example, 0) for m in members]))
-        summaries = {name: run.summarize(torch.stack(table, dim=1), examples, 0) for name, table in (("replay", replayed), ("exact", exact))}
+            for refeed in refeeds:
+                run.config.replay_refeed = refeed
+                tables[("replay", refeed)].append(run.replay_example(members, example, 0))
+            tables["exact"].append(torch.stack([run.exact_score(None, example, 0)] + [run.exact_score(m, example, 0) for m in members]))
+        summaries = {name: run.summarize(torch.stack(table, dim=1), examples, 0) for name, table in tables.items()}
         for i, candidate in enumerate(CANDIDATES):
-            row = {"setting": setting, "candidate": candidate,
-                   **{f"{kind}_fitness": summaries[kind]["fitness"][i] for kind in summaries},
-                   **{f"{kind}_kept": summaries[kind]["kept"][i] for kind in summaries}}
-            row["gap"] = row["replay_fitness"] - row["exact_fitness"]
-            rows.append(row)
-            print(f"{setting:>28} | {candidate:>42} | replay {row['replay_fitness']:.3f} exact {row['exact_fitness']:.3f} "
-                  f"gap {row['gap']:+.3f} | kept {row['exact_kept']:.3f}", flush=True)
+            exact_fitness = summaries["exact"]["fitness"][i]
+            for refeed in refeeds:
+                replay = summaries[("replay", refeed)]
+                row = {"setting": setting, "candidate": candidate, "replay_refeed": refeed,
+                       "replay_fitness": replay["fitness"][i], "exact_fitness": exact_fitness,
+                       "replay_kept": replay["kept"][i], "exact_kept": summaries["exact"]["kept"][i]}
+                row["gap"] = row["replay_fitness"] - exact_fitness
+                rows.append(row)
+                print(f"{setting:>28} | {candidate:>42} | refeed {refeed:>3} | replay {row['replay_fitness']:.3f} "
+                      f"exact {exact_fitness:.3f} gap {row['gap']:+.3f} | kept {row['exact_kept']:.3f}", flush=True)
     result = {**provenance(__file__, argv), "config": args.config, "prompts": len(examples), "rows": rows}
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2))

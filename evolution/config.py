@@ -66,6 +66,9 @@ class EvolutionConfig:
             calibration; None starts from the zero scorer (keeps everything), as the paper does.
         fitness: "exact" (every member feeds every prompt through its own cache) or "replay" (one observing
             full-cache pass per prompt, each member's evictions replayed on it: `evolution/replay.py`).
+        replay_refeed: with `fitness: replay`, the prompt's last this many tokens (before the last one) are fed
+            again through each member's kept tokens before the answer instead of being recorded, so the
+            question reads only what the member kept (`record_prompt`). 0: the whole prompt is recorded.
         validation_prompts_per_task: size per task of a fixed validation set (drawn once per stage, never
             trained on, apart from the held-out set) on which the distribution mean is scored exactly every
             `validation_every` generations; 0 turns validation off.
@@ -90,6 +93,7 @@ class EvolutionConfig:
     stages: list[Stage] = field(default_factory=lambda: [Stage(tasks=[{"name": "passkey", "tokens": 1000}], generations=10)])
     initial_scorer: str | None = None
     fitness: str = "exact"
+    replay_refeed: int = 0
     validation_prompts_per_task: int = 0
     validation_every: int = 5
     validation_baselines: list[str] = field(default_factory=list)
@@ -177,6 +181,7 @@ class EvolutionConfig:
         self.memory_weight = check_float("memory_weight", self.memory_weight, minimum=0.0)
         self.threads = check_int("threads", self.threads, minimum=1)
         self.fitness = check_choice("fitness", self.fitness, FITNESS_KINDS)
+        self.replay_refeed = check_int("replay_refeed", self.replay_refeed, minimum=0, maximum=2**40)
         self.validation_prompts_per_task = check_int("validation_prompts_per_task", self.validation_prompts_per_task, minimum=0)
         self.validation_every = check_int("validation_every", self.validation_every, minimum=1)
         from namm_cache.policies import BASELINE_POLICIES

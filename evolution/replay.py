@@ -14,13 +14,17 @@ The replay fitness pays for one pass per prompt instead and shares it across the
    Only the scorer runs: no model pass.
 3. **Answer** (all members at once). The recorded keys and values, compacted to each member's final
    kept tokens, become the rows of one batched cache; the last prompt token and the answer run through
-   it teacher-forced, one forward for the whole population plus the full-cache reference row.
+   it teacher-forced, one forward for the whole population plus the full-cache reference row. With
+   `refeed` (config `replay_refeed`), the prompt's last tokens run through it too instead of being recorded.
 
 What it approximates: in a real run the tokens after an eviction attend over the kept tokens only, so
-their keys, values and attention statistics differ slightly from the full-cache pass the replay reads.
+their keys, values and attention statistics differ from the full-cache pass the replay reads. The answer
+gains most from that: the question's tokens, recorded with the whole prompt in view, may already hold what
+an evicted needle said. `benchmarks/replay_fidelity.py` measures the optimism that follows, and how much
+of it refeeding the prompt's end removes.
 The final kept set and the answer's view of it are what the fitness measures; the benchmark
 `benchmarks/evolution_throughput.py` reports how the replayed fitness ranks members against the
-exact one. Eviction rounds that would fall inside the answer are not replayed (the answer is short).
+exact one. Eviction rounds that would fall inside the answer (or the refed tokens) are not replayed.
 Only teacher-forced (`logprob`) examples replay; the run evaluates generation-metric examples exactly.
 """
 
@@ -73,8 +77,9 @@ class PromptRecording:
 
     Attributes:
         rounds: the eviction rounds, in order.
-        tokens: prompt tokens fed during recording (all but the last).
-        queries: `(1, A)` the last prompt token and every answer token but the last (the answer's queries).
+        tokens: prompt tokens fed during recording (all but the last and the `refeed` before it).
+        queries: `(1, R + A)` the refed prompt tokens, the last prompt token and every answer token but the
+            last; the last `A` of them are the answer's queries.
         answer: `(1, A)` the answer tokens.
         cache: the keep-all recording cache (keys and values of the `tokens` fed).
         heads: KV heads per NAMM layer.
@@ -98,17 +103,34 @@ class PromptRecording:
 
 @torch.no_grad()
 def record_prompt(model: nn.Module, prompt_ids: torch.Tensor, answer_ids: torch.Tensor, config: NAMMConfig,
-                  chunk: int) -> PromptRecording:
-    """Feed `prompt_ids[:, :-1]` through a keep-all observing cache in chunks of `chunk` tokens and record
-    every eviction round (see the module docstring). `prompt_ids`, `answer_ids`: `(1, tokens)`."""
+                  chunk: int, refeed: int = 0) -> PromptRecording:
+    """Feed `prompt_ids[:, :-1 - refeed]` through a keep-all observing cache in chunks of `chunk` tokens and
+    record every eviction round (see the module docstring). `prompt_ids`, `answer_ids`: `(1, tokens)`.
+
+    `refeed`: at least that many prompt tokens before the last are not recorded but fed again, through each
+    member's kept tokens, before the answer (`answer_scores`); the recording stops at the eviction point
+    (a multiple of `config.update_interval`) at or before them and runs that point's round, so that no
+    recorded token came after the last round. Recorded keys and values were computed with the whole prompt
+    in view: a kept token that came after an evicted one still carries what it read there, which the
+    member's own cache could not have given it. Refeeding the prompt's end (where the question sits) makes
+    those tokens read only what the member kept; eviction rounds inside it are not replayed."""
     if prompt_ids.shape[0] != 1 or answer_ids.shape[0] != 1 or answer_ids.shape[1] < 1 or prompt_ids.shape[1] < 2:
         raise ValueError(f"record_prompt takes one prompt (1, >=2 tokens) and one answer (1, >=1 tokens), got "
                          f"{tuple(prompt_ids.shape)} and {tuple(answer_ids.shape)}.")
+    if not 0 <= refeed <= prompt_ids.shape[1] - 2:
+        raise ValueError(f"refeed must be in [0, {prompt_ids.shape[1] - 2}] for a prompt of {prompt_ids.shape[1]} tokens "
+                         f"(at least one token is recorded), got {refeed}.")
     policy = RecordingPolicy()
     cache = NAMMCache(model=model, config=config.replace(max_tokens=None, threshold=0.0), policy=policy)
-    fed = prompt_ids[:, :-1]
+    length = prompt_ids.shape[1] - 1 - refeed
+    if refeed and length >= config.update_interval:
+        length -= length % config.update_interval
+    fed = prompt_ids[:, :length]
     for part in fed.split(chunk, dim=1):
         model(input_ids=part.to(model.device), cache=cache, use_cache=True)
+    if refeed:  # the round due at the recording's end runs now, as the cache would run it before the next token
+        for layer in cache.namm_layers:
+            layer.evict_due_rows(now=layer.tokens_seen - 1)
     by_layer: dict[int, list[Any]] = {}
     for layer, observation in policy.records:
         by_layer.setdefault(layer, []).append(observation)
@@ -132,7 +154,7 @@ def record_prompt(model: nn.Module, prompt_ids: torch.Tensor, answer_ids: torch.
             now=now,
             log_norms=torch.cat([log_norms(o.keys, o.values) for o in observations]).cpu(),
         ))
-    queries = torch.cat([prompt_ids[:, -1:], answer_ids[:, :-1]], dim=1)
+    queries = torch.cat([prompt_ids[:, fed.shape[1]:], answer_ids[:, :-1]], dim=1)
     return PromptRecording(rounds=rounds, tokens=fed.shape[1], queries=queries, answer=answer_ids, cache=cache, heads=heads)
 
 
@@ -176,7 +198,8 @@ def replay_kept(recording: PromptRecording, scorer: Scorer, config: NAMMConfig, 
 @torch.no_grad()
 def answer_scores(model: nn.Module, recording: PromptRecording, kept: list[torch.Tensor], config: NAMMConfig) -> list[float]:
     """Geometric-mean answer-token probability for each kept set in `kept` (each `(L*H, tokens)` bool), all
-    rows of one batched forward of the answer over the recorded keys and values compacted to them."""
+    rows of one batched forward of the refed prompt tokens and the answer over the recorded keys and values
+    compacted to them."""
     members = len(kept)
     cache = NAMMCache(model=model, config=config.replace(max_tokens=None), policy="full")
     heads = recording.heads
@@ -201,7 +224,7 @@ def answer_scores(model: nn.Module, recording: PromptRecording, kept: list[torch
             duplicate.batch_repeat_interleave(members)
             cache.layers[index] = duplicate
     queries = recording.queries.expand(members, -1).to(model.device)
-    logits = model(input_ids=queries, cache=cache, use_cache=True).logits.float()
+    logits = model(input_ids=queries, cache=cache, use_cache=True).logits[:, -recording.answer.shape[1]:].float()
     logprobs = torch.log_softmax(logits, dim=-1)
     answer = recording.answer.to(logprobs.device).expand(members, -1)
     mean = logprobs.gather(-1, answer.unsqueeze(-1)).squeeze(-1).mean(-1)

@@ -192,7 +192,8 @@ class EvolutionRun:
             return torch.stack(rows)
         config = self.config.namm_config(stage)
         prompt, answer = token_ids(self.tokenizer, example.prompt), token_ids(self.tokenizer, example.answer)
-        recording = record_prompt(self.model, prompt, answer, config, self.config.chunk(stage))
+        recording = record_prompt(self.model, prompt, answer, config, self.config.chunk(stage),
+                                  refeed=min(self.config.replay_refeed, prompt.shape[1] - 2))
         recording.prepare(self.scorer, config)
         kept = []
         for vector in members:

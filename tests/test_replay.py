@@ -241,3 +241,30 @@ def test_validation_reports_baselines_at_the_stage_cap_once_per_stage(tmp_path, 
     with pytest.raises(ValueError, match="validation_baselines"):
         EvolutionConfig.from_dict({**config.to_dict(), "stages": [{"tasks": [{"name": "passkey", "tokens": 150}], "generations": 1}],
                                    "validation_baselines": ["h20"]})
+
+
+def test_refeeding_the_prompts_end_scores_what_the_real_cache_scores():
+    """One eviction round (at 128 tokens seen), replayed; the prompt's tokens from 128 on (at least 10, from an
+    eviction point) then run through the kept tokens as in the real cache, so the replayed answer equals the
+    real one. Recorded instead (refeed 0), those tokens read the evicted ones."""
+    model = tiny_model("llama")
+    config = NAMMConfig(update_interval=128, threshold=0.0)
+    prompt, answer = random_ids(140, seed=4), random_ids(4, seed=5)
+    scorer = age_only_scorer()
+    real = math.exp(answer_logprob(model, NAMMCache(model=model, scorer=age_only_scorer(), config=config), prompt, answer, 32))
+    full = math.exp(answer_logprob(model, NAMMCache(model=model, config=config, policy="full"), prompt, answer, 32))
+    scores = {}
+    for refeed in (0, 10):
+        recording = record_prompt(model, prompt, answer, config, 32, refeed=refeed)
+        assert recording.tokens == (139 if refeed == 0 else 128)
+        assert [r.now for r in recording.rounds] == [127]
+        recording.prepare(scorer, config)
+        kept = replay_kept(recording, scorer, config)
+        assert 0.2 < kept[:, :128].float().mean() < 0.9
+        scores[refeed] = answer_scores(model, recording, [kept, torch.ones_like(kept)], config)
+    assert scores[10][0] == pytest.approx(real, rel=2e-5)
+    assert scores[10][1] == pytest.approx(full, rel=2e-5)
+    # Recorded with every token in view, the end reads evicted ones (a random model: a small but real shift).
+    assert abs(scores[0][0] - real) > 2e-4 * real
+    with pytest.raises(ValueError, match="refeed must be in"):
+        record_prompt(model, prompt, answer, config, 32, refeed=139)
