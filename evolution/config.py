@@ -67,8 +67,8 @@ class EvolutionConfig:
         fitness: "exact" (every member feeds every prompt through its own cache) or "replay" (one observing
             full-cache pass per prompt, each member's evictions replayed on it: `evolution/replay.py`).
         replay_refeed: with `fitness: replay`, the prompt's last this many tokens (before the last one) are fed
-            again through each member's kept tokens before the answer instead of being recorded, so the
-            question reads only what the member kept (`record_prompt`). 0: the whole prompt is recorded.
+            again through each member's kept tokens before the answer, with the member's eviction rounds
+            among them, so the question reads only what the member kept (`record_prompt`). 0: none.
         validation_prompts_per_task: size per task of a fixed validation set (drawn once per stage, never
             trained on, apart from the held-out set) on which the distribution mean is scored exactly every
             `validation_every` generations; 0 turns validation off.
@@ -182,6 +182,8 @@ class EvolutionConfig:
         self.threads = check_int("threads", self.threads, minimum=1)
         self.fitness = check_choice("fitness", self.fitness, FITNESS_KINDS)
         self.replay_refeed = check_int("replay_refeed", self.replay_refeed, minimum=0, maximum=2**40)
+        if self.replay_refeed and self.fitness != "replay":
+            raise ValueError(f"replay_refeed ({self.replay_refeed}) applies to fitness: replay only; the config sets fitness: {self.fitness}.")
         self.validation_prompts_per_task = check_int("validation_prompts_per_task", self.validation_prompts_per_task, minimum=0)
         self.validation_every = check_int("validation_every", self.validation_every, minimum=1)
         from namm_cache.policies import BASELINE_POLICIES

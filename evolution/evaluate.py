@@ -193,7 +193,7 @@ def evaluate_heldout(model, tokenizer, scorer_path: str, *, prompts_per_task: in
     namm = run(maker(CacheSpec(scorer=loaded.scorer, budget=budget, config=config)), f"NAMM ({mode})", "namm")
     bar.update(1)
     rows = [full, namm]
-    baseline_config = config.replace(max_tokens=None)
+    baseline_config = config.replace(max_tokens=None, sinks=0, recent_window=0)  # baselines run their own rules
     # A fraction budget applies at eviction rounds; the tokens appended since the last round are all held, so a
     # baseline given the scorer's measured kept fraction would end up holding more than the scorer did. Probe
     # the budget -> kept map once (teacher-forced, cheapest policy) and solve for the budget that matches.

@@ -77,12 +77,15 @@ class PromptRecording:
 
     Attributes:
         rounds: the eviction rounds, in order.
-        tokens: prompt tokens fed during recording (all but the last and the `refeed` before it).
-        queries: `(1, R + A)` the refed prompt tokens, the last prompt token and every answer token but the
-            last; the last `A` of them are the answer's queries.
+        tokens: prompt tokens fed during recording (all but the last).
+        queries: `(1, A)` the last prompt token and every answer token but the last (the answer's queries).
         answer: `(1, A)` the answer tokens.
         cache: the keep-all recording cache (keys and values of the `tokens` fed).
         heads: KV heads per NAMM layer.
+        fed: `(1, tokens)` the recorded prompt tokens.
+        refeed_start: the answer pass feeds the recorded tokens from this position on again, through each
+            member's kept tokens (`tokens`: none are).
+        layers_at_refeed: the recording's other (non-NAMM) cache layers, as they were at `refeed_start`.
     """
 
     rounds: list[ReplayRound]
@@ -91,6 +94,9 @@ class PromptRecording:
     answer: torch.Tensor
     cache: NAMMCache
     heads: int
+    fed: torch.Tensor | None = None
+    refeed_start: int | None = None
+    layers_at_refeed: dict[int, Any] | None = None
 
     def prepare(self, scorer: Scorer, config: NAMMConfig) -> None:
         """Turn every round's raw spectrograms into scorer features with `scorer`'s normalisation (once)."""
@@ -104,16 +110,14 @@ class PromptRecording:
 @torch.no_grad()
 def record_prompt(model: nn.Module, prompt_ids: torch.Tensor, answer_ids: torch.Tensor, config: NAMMConfig,
                   chunk: int, refeed: int = 0) -> PromptRecording:
-    """Feed `prompt_ids[:, :-1 - refeed]` through a keep-all observing cache in chunks of `chunk` tokens and
-    record every eviction round (see the module docstring). `prompt_ids`, `answer_ids`: `(1, tokens)`.
+    """Feed `prompt_ids[:, :-1]` through a keep-all observing cache in chunks of `chunk` tokens and record
+    every eviction round (see the module docstring). `prompt_ids`, `answer_ids`: `(1, tokens)`.
 
-    `refeed`: at least that many prompt tokens before the last are not recorded but fed again, through each
-    member's kept tokens, before the answer (`answer_scores`); the recording stops at the eviction point
-    (a multiple of `config.update_interval`) at or before them and runs that point's round, so that no
-    recorded token came after the last round. Recorded keys and values were computed with the whole prompt
-    in view: a kept token that came after an evicted one still carries what it read there, which the
-    member's own cache could not have given it. Refeeding the prompt's end (where the question sits) makes
-    those tokens read only what the member kept; eviction rounds inside it are not replayed."""
+    `refeed`: the answer pass (`answer_scores`) feeds the last `refeed` recorded tokens again, through each
+    member's kept tokens, and runs the member's eviction rounds that fall among them, before the answer.
+    Recorded keys and values were computed with the whole prompt in view: a kept token that came after an
+    evicted one still carries what it read there, which the member's own cache could not have given it.
+    Refeeding the prompt's end (where the question sits) makes those tokens read only what the member kept."""
     if prompt_ids.shape[0] != 1 or answer_ids.shape[0] != 1 or answer_ids.shape[1] < 1 or prompt_ids.shape[1] < 2:
         raise ValueError(f"record_prompt takes one prompt (1, >=2 tokens) and one answer (1, >=1 tokens), got "
                          f"{tuple(prompt_ids.shape)} and {tuple(answer_ids.shape)}.")
@@ -122,15 +126,14 @@ def record_prompt(model: nn.Module, prompt_ids: torch.Tensor, answer_ids: torch.
                          f"(at least one token is recorded), got {refeed}.")
     policy = RecordingPolicy()
     cache = NAMMCache(model=model, config=config.replace(max_tokens=None, threshold=0.0), policy=policy)
-    length = prompt_ids.shape[1] - 1 - refeed
-    if refeed and length >= config.update_interval:
-        length -= length % config.update_interval
-    fed = prompt_ids[:, :length]
-    for part in fed.split(chunk, dim=1):
-        model(input_ids=part.to(model.device), cache=cache, use_cache=True)
-    if refeed:  # the round due at the recording's end runs now, as the cache would run it before the next token
-        for layer in cache.namm_layers:
-            layer.evict_due_rows(now=layer.tokens_seen - 1)
+    fed = prompt_ids[:, :-1]
+    start = fed.shape[1] - refeed
+    layers_at_refeed = None
+    bounds = sorted({*range(0, fed.shape[1], chunk), fed.shape[1], *([start] if refeed else [])})
+    for part_start, part_end in zip(bounds, bounds[1:]):  # chunks, split where the refeed starts
+        model(input_ids=fed[:, part_start:part_end].to(model.device), cache=cache, use_cache=True)
+        if refeed and part_end == start:
+            layers_at_refeed = {i: copy.deepcopy(layer) for i, layer in enumerate(cache.layers) if not isinstance(layer, NAMMLayer)}
     by_layer: dict[int, list[Any]] = {}
     for layer, observation in policy.records:
         by_layer.setdefault(layer, []).append(observation)
@@ -154,19 +157,24 @@ def record_prompt(model: nn.Module, prompt_ids: torch.Tensor, answer_ids: torch.
             now=now,
             log_norms=torch.cat([log_norms(o.keys, o.values) for o in observations]).cpu(),
         ))
-    queries = torch.cat([prompt_ids[:, fed.shape[1]:], answer_ids[:, :-1]], dim=1)
-    return PromptRecording(rounds=rounds, tokens=fed.shape[1], queries=queries, answer=answer_ids, cache=cache, heads=heads)
+    queries = torch.cat([prompt_ids[:, -1:], answer_ids[:, :-1]], dim=1)
+    return PromptRecording(rounds=rounds, tokens=fed.shape[1], queries=queries, answer=answer_ids, cache=cache, heads=heads,
+                           fed=fed, refeed_start=start, layers_at_refeed=layers_at_refeed)
 
 
 @torch.no_grad()
-def replay_kept(recording: PromptRecording, scorer: Scorer, config: NAMMConfig, budget: Budget | None = None) -> torch.Tensor:
-    """`(L*H, tokens)` bool: the tokens `scorer`'s cache would hold at the end of the recorded prompt.
+def replay_kept(recording: PromptRecording, scorer: Scorer, config: NAMMConfig, budget: Budget | None = None, *,
+                steps: bool = False) -> torch.Tensor:
+    """`(L*H, tokens)` bool: the tokens `scorer`'s cache would hold at the end of the recorded prompt; with
+    `steps`, `(rounds + 1, L*H, tokens)`: what it holds before the first round and after each round (tokens
+    not yet fed count as held), which `answer_scores` needs to replay rounds among refed tokens.
 
     Each round scores, per (layer, head) row, the tokens kept so far plus those that arrived since, and
     keeps what `select_tokens` keeps under `config.threshold` / `config.max_tokens` or `budget`."""
     budget = budget if budget is not None else ThresholdBudget()
     rows = recording.rounds[0].age.shape[0] if recording.rounds else len(recording.cache.namm_layers) * recording.heads
     kept = torch.zeros(rows, 0, dtype=torch.bool)
+    history = [torch.ones(rows, recording.tokens, dtype=torch.bool)]
     for round_ in recording.rounds:
         if round_.features is None:
             raise RuntimeError("Call recording.prepare(scorer, config) before replaying.")
@@ -190,41 +198,72 @@ def replay_kept(recording: PromptRecording, scorer: Scorer, config: NAMMConfig, 
                                  sinks=config.sinks, recent_window=config.recent_window)
         keep |= slot_valid & ~arrived  # tokens of the chunk past the round's point stay, as in the cache
         kept = torch.zeros(rows, slots, dtype=torch.bool).scatter_(1, order, keep & slot_valid)
-    final = torch.ones(rows, recording.tokens, dtype=torch.bool)
-    final[:, : kept.shape[1]] = kept
-    return final
+        held = torch.ones(rows, recording.tokens, dtype=torch.bool)
+        held[:, : kept.shape[1]] = kept
+        history.append(held)
+    return torch.stack(history) if steps else history[-1]
 
 
 @torch.no_grad()
 def answer_scores(model: nn.Module, recording: PromptRecording, kept: list[torch.Tensor], config: NAMMConfig) -> list[float]:
-    """Geometric-mean answer-token probability for each kept set in `kept` (each `(L*H, tokens)` bool), all
-    rows of one batched forward of the refed prompt tokens and the answer over the recorded keys and values
-    compacted to them."""
+    """Geometric-mean answer-token probability for each member in `kept`, all members rows of one batched cache.
+
+    `kept[m]`: `(L*H, tokens)` bool, what member m holds at the end of the prompt, or `replay_kept(...,
+    steps=True)`'s `(rounds + 1, L*H, tokens)`, needed when the recording refeeds tokens among which rounds fall.
+    Each row's cache holds the recorded keys and values the member kept before `recording.refeed_start`; the
+    refed tokens run through it, each of the member's rounds among them applied where it falls, then the last
+    prompt token and the answer, teacher-forced."""
     members = len(kept)
-    cache = NAMMCache(model=model, config=config.replace(max_tokens=None), policy="full")
+    start = recording.tokens if recording.refeed_start is None else recording.refeed_start
+    nows = [round_.now for round_ in recording.rounds]
+    inside = [i + 1 for i, now in enumerate(nows) if now >= start]  # history index after each round among refed tokens
+    before = sum(now < start for now in nows)  # history index of what is held when the refeed starts
+    steps = []
+    for member in kept:
+        if member.dim() == 2:
+            if inside:
+                raise ValueError("Rounds fall among the refed tokens: pass replay_kept(..., steps=True) for each member.")
+            member = member.unsqueeze(0).expand(len(nows) + 1, *member.shape)
+        steps.append(member)
+    stacked = torch.stack(steps)  # (M, rounds + 1, L*H, T)
+    # A keep-all answer cache: its own rounds (every update_interval) keep every token.
+    cache = NAMMCache(model=model, config=config.replace(max_tokens=None, threshold=None, sinks=0, recent_window=0), policy="full")
     heads = recording.heads
     namm_layers = recording.cache.namm_layers
-    stacked = torch.stack(kept)  # (M, L*H, T)
     for i, source in enumerate(namm_layers):
-        mask = stacked[:, i * heads:(i + 1) * heads].to(source.keys.device)  # (M, H, T)
+        mask = stacked[:, before, i * heads:(i + 1) * heads, :start].to(source.keys.device)  # (M, H, start)
         order, slot_valid = compaction_indices(mask.reshape(members * heads, -1))
         order = order.view(members, heads, -1)
 
         def gather(tensor: torch.Tensor) -> torch.Tensor:
-            expanded = tensor.expand(members, *tensor.shape[1:])
+            expanded = tensor[:, :, :start].expand(members, *tensor.shape[1:2], start, *tensor.shape[3:])
             index = order if tensor.dim() == 3 else order.unsqueeze(-1).expand(-1, -1, -1, tensor.shape[-1])
             return expanded.gather(2, index)
 
         target: NAMMLayer = cache.layers[source.layer_idx]
         target.install(gather(source.keys), gather(source.values), gather(source.positions),
-                       gather(source.token_valid) & slot_valid.view(members, heads, -1), tokens_seen=source.tokens_seen)
+                       gather(source.token_valid) & slot_valid.view(members, heads, -1), tokens_seen=start)
+    others = recording.layers_at_refeed if start < recording.tokens else None
     for index, layer in enumerate(recording.cache.layers):
         if not isinstance(layer, NAMMLayer):
-            duplicate = copy.deepcopy(layer)
+            duplicate = copy.deepcopy(others[index] if others is not None else layer)
             duplicate.batch_repeat_interleave(members)
             cache.layers[index] = duplicate
-    queries = recording.queries.expand(members, -1).to(model.device)
-    logits = model(input_ids=queries, cache=cache, use_cache=True).logits[:, -recording.answer.shape[1]:].float()
+    # The refed tokens, split where the member's rounds fall (a round at `now` runs before token now + 1).
+    position = start
+    for step in inside:
+        now = nows[step - 1]
+        if now + 1 > position:
+            model(input_ids=recording.fed[:, position:now + 1].expand(members, -1).to(model.device), cache=cache, use_cache=True)
+            position = now + 1
+        for i, layer in enumerate(cache.namm_layers):
+            held = stacked[:, step, i * heads:(i + 1) * heads].to(layer.positions.device)  # (M, H, T)
+            slots = layer.positions.clamp(max=held.shape[-1] - 1)
+            layer.keep_slots(layer.token_valid & held.gather(2, slots))
+    tail = torch.cat([recording.fed[:, position:], recording.queries], dim=1) if position < recording.tokens else recording.queries
+    answer_length = recording.answer.shape[1]
+    logits = model(input_ids=tail.expand(members, -1).to(model.device), cache=cache, use_cache=True,
+                   logits_to_keep=answer_length).logits.float()
     logprobs = torch.log_softmax(logits, dim=-1)
     answer = recording.answer.to(logprobs.device).expand(members, -1)
     mean = logprobs.gather(-1, answer.unsqueeze(-1)).squeeze(-1).mean(-1)

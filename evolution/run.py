@@ -152,7 +152,8 @@ class EvolutionRun:
         if vector is None:
             spec = CacheSpec(policy="full", config=config)
         elif isinstance(vector, str):
-            spec = CacheSpec(policy=vector, budget=config.max_tokens, config=config.replace(max_tokens=None))
+            # A baseline runs its own rule: the scorer's protected tokens are not part of it.
+            spec = CacheSpec(policy=vector, budget=config.max_tokens, config=config.replace(max_tokens=None, sinks=0, recent_window=0))
         else:
             self.scorer.set_flat_params(torch.as_tensor(vector, dtype=torch.float32))
             spec = CacheSpec(scorer=self.scorer, config=config, budget=self.budget)
@@ -198,11 +199,11 @@ class EvolutionRun:
         kept = []
         for vector in members:
             self.scorer.set_flat_params(torch.as_tensor(vector, dtype=torch.float32))
-            kept.append(replay_kept(recording, self.scorer, config, self.budget))
+            kept.append(replay_kept(recording, self.scorer, config, self.budget, steps=True))
         # The reference row holds every token: batched with the members it would pad each of them to the whole prompt.
         scores = answer_scores(self.model, recording, [torch.ones_like(kept[0])], config) + answer_scores(self.model, recording, kept, config)
         answer_fed = recording.queries.shape[1]
-        fractions = [1.0] + [replay_fraction(k, answer_fed) for k in kept]
+        fractions = [1.0] + [replay_fraction(k[-1], answer_fed) for k in kept]
         return torch.tensor([scores, fractions], dtype=torch.float64).T
 
     def summarize(self, table: torch.Tensor, examples: list[Example], stage: int) -> dict[str, Any]:

@@ -110,6 +110,12 @@ def test_a_hybrid_models_sliding_layers_travel_with_the_answer_cache():
     (score,) = answer_scores(model, recording, [torch.ones(rows, recording.tokens, dtype=torch.bool)], config)
     full_cache = math.exp(answer_logprob(model, NAMMCache(model=model, config=config, policy="full"), prompt, answer, 32))
     assert score == pytest.approx(full_cache, rel=1e-4)
+    # Refeeding the last 70 tokens: the sliding layers restart from their state at the refeed's start.
+    recording = record_prompt(model, prompt, answer, config, 32, refeed=70)
+    assert recording.layers_at_refeed and all(layer.get_seq_length() <= 29 for layer in recording.layers_at_refeed.values())
+    steps = torch.ones(len(recording.rounds) + 1, rows, recording.tokens, dtype=torch.bool)
+    (score,) = answer_scores(model, recording, [steps], config)
+    assert score == pytest.approx(full_cache, rel=1e-4)
 
 
 def test_record_refuses_what_it_cannot_replay():
@@ -241,30 +247,42 @@ def test_validation_reports_baselines_at_the_stage_cap_once_per_stage(tmp_path, 
     with pytest.raises(ValueError, match="validation_baselines"):
         EvolutionConfig.from_dict({**config.to_dict(), "stages": [{"tasks": [{"name": "passkey", "tokens": 150}], "generations": 1}],
                                    "validation_baselines": ["h20"]})
+    # A scorer's protected tokens are not the baselines': they run their own rule at the cap.
+    run.config.namm.update(sinks=4, recent_window=16)
+    baseline, member = run.make_cache("streaming_llm", 0)(), run.make_cache(np.zeros(run.dim), 0)()
+    assert (baseline.namm_config.sinks, baseline.namm_config.recent_window) == (0, 0)
+    assert (member.namm_config.sinks, member.namm_config.recent_window) == (4, 16)
+    with pytest.raises(ValueError, match="fitness: replay only"):
+        EvolutionConfig.from_dict({**config.to_dict(), "fitness": "exact", "replay_refeed": 64})
 
 
-def test_refeeding_the_prompts_end_scores_what_the_real_cache_scores():
-    """One eviction round (at 128 tokens seen), replayed; the prompt's tokens from 128 on (at least 10, from an
-    eviction point) then run through the kept tokens as in the real cache, so the replayed answer equals the
-    real one. Recorded instead (refeed 0), those tokens read the evicted ones."""
+@pytest.mark.parametrize("interval, refeed", [(128, 20), (32, 110)])
+def test_refeeding_the_prompts_end_scores_what_the_real_cache_scores(interval, refeed):
+    """Every round falls among the refed tokens (one at 128 tokens seen; four, every 32): the refeed runs
+    them in the member's answer cache where they fall, as the real cache does, so the replayed answer equals
+    the real one. Recorded instead (refeed 0), the prompt's end reads evicted tokens."""
     model = tiny_model("llama")
-    config = NAMMConfig(update_interval=128, threshold=0.0)
+    config = NAMMConfig(update_interval=interval, threshold=0.0)
     prompt, answer = random_ids(140, seed=4), random_ids(4, seed=5)
     scorer = age_only_scorer()
     real = math.exp(answer_logprob(model, NAMMCache(model=model, scorer=age_only_scorer(), config=config), prompt, answer, 32))
     full = math.exp(answer_logprob(model, NAMMCache(model=model, config=config, policy="full"), prompt, answer, 32))
     scores = {}
-    for refeed in (0, 10):
-        recording = record_prompt(model, prompt, answer, config, 32, refeed=refeed)
-        assert recording.tokens == (139 if refeed == 0 else 128)
-        assert [r.now for r in recording.rounds] == [127]
+    for fed_again in (0, refeed):
+        recording = record_prompt(model, prompt, answer, config, 32, refeed=fed_again)
+        assert recording.tokens == 139 and recording.refeed_start == 139 - fed_again
+        assert [r.now for r in recording.rounds] == list(range(interval - 1, 128, interval))
         recording.prepare(scorer, config)
-        kept = replay_kept(recording, scorer, config)
-        assert 0.2 < kept[:, :128].float().mean() < 0.9
-        scores[refeed] = answer_scores(model, recording, [kept, torch.ones_like(kept)], config)
-    assert scores[10][0] == pytest.approx(real, rel=2e-5)
-    assert scores[10][1] == pytest.approx(full, rel=2e-5)
+        steps = replay_kept(recording, scorer, config, steps=True)
+        assert steps.shape == (len(recording.rounds) + 1, 8, 139) and steps[0].all()
+        assert torch.equal(steps[-1], replay_kept(recording, scorer, config))
+        assert 0.2 < steps[-1][:, :128].float().mean() < 0.9
+        scores[fed_again] = answer_scores(model, recording, [steps, torch.ones_like(steps)], config)
+    assert scores[refeed][0] == pytest.approx(real, rel=2e-5)
+    assert scores[refeed][1] == pytest.approx(full, rel=2e-5)
     # Recorded with every token in view, the end reads evicted ones (a random model: a small but real shift).
     assert abs(scores[0][0] - real) > 2e-4 * real
     with pytest.raises(ValueError, match="refeed must be in"):
         record_prompt(model, prompt, answer, config, 32, refeed=139)
+    with pytest.raises(ValueError, match="steps=True"):
+        answer_scores(model, recording, [steps[-1]], config)

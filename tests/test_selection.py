@@ -50,6 +50,8 @@ def test_a_cap_counts_protected_tokens_first_then_the_best_scores():
     # A cap below the protected count keeps the newest, then the best-scoring protected tokens.
     keep = select_tokens(scores, valid, positions, threshold=None, max_tokens=2, sinks=1, recent_window=2)
     assert keep.tolist() == [[False, False, False, False, True, True]]
+    keep = select_tokens(scores, valid, positions, threshold=None, max_tokens=2, sinks=4)  # the newest is not a sink
+    assert keep.tolist() == [[False, True, False, False, False, True]]
 
 
 def test_protected_tokens_follow_positions_not_slots():
@@ -77,6 +79,8 @@ def test_a_cache_that_evicts_everything_else_keeps_sinks_and_the_recent_window()
         assert (held == expected).all()
     with pytest.raises(ValueError, match="recent_window"):
         NAMMConfig(recent_window=-1)
+    # Saved only when set: a scorer saved without them stays readable by versions that do not know them.
+    assert "sinks" not in NAMMConfig().to_dict() and NAMMConfig.from_dict(config.to_dict()) == config
 
 
 def test_nan_scores_are_refused():

@@ -38,7 +38,8 @@ class NAMMConfig:
         sinks: the first this many tokens of each (batch row, KV head) are kept whatever the policy scores
             (attention sinks; default 0: the policy alone decides).
         recent_window: the newest this many positions are kept whatever the policy scores (default 0).
-            Protected tokens count toward `max_tokens` and any budget. With both 0 (the paper's setting) the
+            Protected tokens count toward `max_tokens` and any budget (a cap below their number keeps the
+            newest token, then the best-scoring protected ones). With both 0 (the paper's setting) the
             scorer decides alone; with them, it decides only what to keep beyond sinks and local context.
     """
 
@@ -107,7 +108,11 @@ class NAMMConfig:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        data = dataclasses.asdict(self)
+        for name in ("sinks", "recent_window"):  # written only when set, so files stay readable by versions without them
+            if not data[name]:
+                del data[name]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str = "NAMMConfig") -> "NAMMConfig":

@@ -384,6 +384,17 @@ class NAMMLayer(CacheLayerMixin):
             with phase("compact"):
                 self._compact(keep)
 
+    def keep_slots(self, keep: torch.Tensor) -> None:
+        """Keep only the slots where `keep` `(B, H, S)` is True, as an eviction round would (no policy is asked).
+        Evolution's replay fitness applies a member's replayed rounds to its answer cache this way."""
+        if keep.shape != self.token_valid.shape or keep.dtype != torch.bool:
+            raise ValueError(f"keep must be a bool tensor of shape {tuple(self.token_valid.shape)}, got {keep.dtype} {tuple(keep.shape)}.")
+        if self.statistics:
+            raise ValueError(f"keep_slots() needs a policy without statistics; {self.policy.name!r} tracks {sorted(self.statistics)}.")
+        keep = keep & self.token_valid
+        self.tokens_evicted += int(self.token_valid.sum() - keep.sum())
+        self._compact(keep)
+
     def holds_every_token(self) -> bool:
         """True while nothing was evicted or masked: slots are exactly the tokens seen, all real."""
         return self.keys.shape[-2] == self.tokens_seen and bool(self.token_valid.all())

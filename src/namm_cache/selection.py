@@ -27,7 +27,8 @@ def select_tokens(
         sinks: the oldest this many valid tokens of each row are kept whatever their score.
         recent_window: tokens younger than this (newest position minus position < `recent_window`) are kept
             whatever their score. Protected tokens count toward `max_tokens` and rank above every other
-            token; if a cap is smaller than a row's protected tokens, the highest-scoring of them are kept.
+            token but the newest; if a cap is smaller than a row's protected tokens, the newest and then the
+            highest-scoring protected tokens are kept.
 
     Returns:
         `(N, S)` bool keep mask (a subset of `valid`).
@@ -54,8 +55,10 @@ def select_tokens(
             ranked = torch.where(keep, scores.to(torch.float32), torch.full(scores.shape, float("-inf"), device=keep.device))
             ranked[rows[has_token], newest[has_token]] = float("inf")
             order = ranked.argsort(dim=-1, descending=True, stable=True)
-            if protected is not None:  # protected tokens first, each group still by score
-                order = order.gather(-1, protected.gather(-1, order).to(torch.int8).argsort(dim=-1, descending=True, stable=True))
+            if protected is not None:  # the newest, then protected tokens, then the rest; each group by score
+                priority = protected.to(torch.int8)
+                priority[rows[has_token], newest[has_token]] = 2
+                order = order.gather(-1, priority.gather(-1, order).argsort(dim=-1, descending=True, stable=True))
             rank = torch.empty_like(order)
             rank.scatter_(-1, order, torch.arange(order.shape[-1], device=keep.device).expand_as(order))
             keep &= rank < limit.unsqueeze(-1)
