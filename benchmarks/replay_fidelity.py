@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--config", default="evolution/configs/smollm2-replay.yaml")
     parser.add_argument("--normalization", default="runs/distill-smollm2-norms", help="scorer folder whose spectrogram statistics the candidates use")
     parser.add_argument("--prompts-per-task", type=int, default=4)
-    parser.add_argument("--refeeds", default="0,128", help="replay_refeed values to compare (comma-separated)")
+    parser.add_argument("--refeeds", default="0,128,512", help="replay_refeed values to compare (comma-separated)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", default="replay-fidelity", help="prompt generator seed (apart from training and validation draws)")
     parser.add_argument("--out", default=None)

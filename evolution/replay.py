@@ -15,7 +15,8 @@ The replay fitness pays for one pass per prompt instead and shares it across the
 3. **Answer** (all members at once). The recorded keys and values, compacted to each member's final
    kept tokens, become the rows of one batched cache; the last prompt token and the answer run through
    it teacher-forced, one forward for the whole population plus the full-cache reference row. With
-   `refeed` (config `replay_refeed`), the prompt's last tokens run through it too instead of being recorded.
+   `refeed` (config `replay_refeed`), the prompt's last tokens run through it first, the member's rounds
+   among them applied where they fall; their recorded keys and values are not used.
 
 What it approximates: in a real run the tokens after an eviction attend over the kept tokens only, so
 their keys, values and attention statistics differ from the full-cache pass the replay reads. The answer
