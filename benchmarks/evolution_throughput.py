@@ -51,6 +51,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--sigma", type=float, default=0.065)
     parser.add_argument("--update-interval", type=int, default=128)
     parser.add_argument("--max-tokens", type=int, default=256, help="cap per (layer, head): 25%% of a 1k prompt")
+    parser.add_argument("--refeed", type=int, default=0, help="replay_refeed of the replay pass (prompt tokens fed again per member)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None)
@@ -63,7 +64,7 @@ def main(argv: list[str] | None = None) -> dict:
         "model": args.model, "scorer": {"kind": "bam", "hidden_dim": 32},
         "namm": {"update_interval": args.update_interval, "max_tokens": args.max_tokens},
         "population": args.population, "seed": args.seed, "prompts_per_task": args.prompts_per_task,
-        "threads": args.threads, "initial_scorer": args.scorer,
+        "threads": args.threads, "initial_scorer": args.scorer, "fitness": "replay", "replay_refeed": args.refeed,
         "stages": [{"tasks": [{"name": name, "tokens": args.tokens, "haystack": TRAINING_TEXT} for name in args.tasks.split(",")],
                     "generations": 1}],
     }
@@ -84,7 +85,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = {
         **provenance(__file__, argv),
         "settings": {key: getattr(args, key) for key in ("model", "scorer", "tokens", "tasks", "prompts_per_task", "population",
-                                                         "sigma", "update_interval", "max_tokens", "threads", "seed")},
+                                                         "sigma", "update_interval", "max_tokens", "refeed", "threads", "seed")},
         "member_prompt_evaluations": evaluations,
         "exact": {"wall_s": exact_wall, "cpu_s": exact_cpu, "per_cpu_minute": evaluations / (exact_cpu / 60)},
         "replay": {"wall_s": replay_wall, "cpu_s": replay_cpu, "per_cpu_minute": evaluations / (replay_cpu / 60)},

@@ -131,3 +131,14 @@ def test_longbench_pack_task_reads_local_jsonl_and_scores_with_the_official_metr
     assert namm_pack.longbench_score(dataset[0], ["London"])["score"] == 0.0
     with pytest.raises(ValueError, match="needs the data file"):
         namm_pack.longbench()
+
+
+def test_protected_tokens_come_through_model_args():
+    from namm_cache.lm_eval_model import check_namm_args
+
+    args = check_namm_args({"scorer": "namm-cache/keep-all", "sinks": 4, "recent_window": 64})
+    assert (args.spec.config.sinks, args.spec.config.recent_window) == (4, 64)
+    with pytest.raises(ValueError, match="recent_window"):
+        check_namm_args({"scorer": "namm-cache/keep-all", "recent_window": -1})
+    with pytest.raises(ValueError, match="Did you mean 'sinks'"):
+        check_namm_args({}, other_keys={"sink": 4})
