@@ -26,7 +26,7 @@ from __future__ import annotations
 import argparse
 import random
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import ClassVar
 
@@ -39,6 +39,7 @@ from namm_cache import NAMMCache, NAMMConfig
 from namm_cache.features import log_norms, token_features, with_extra_inputs
 from namm_cache.policies import Observation, Policy
 from namm_cache.scorers import Scorer
+from namm_cache.selection import protected_tokens
 
 
 @dataclass
@@ -143,6 +144,12 @@ def positives(round_: Round, keep_fraction: float) -> torch.Tensor:
     return (rank < keep) & round_.valid
 
 
+def protected(round_: Round, config: NAMMConfig) -> torch.Tensor:
+    """`(H, S)` bool: the round's tokens that `config`'s sinks and recent window keep whatever their score."""
+    mask = protected_tokens(round_.valid, round_.positions, sinks=config.sinks, recent_window=config.recent_window)
+    return torch.zeros_like(round_.valid) if mask is None else mask
+
+
 def add_recency_prior(scorer: Scorer, weight: float, config: NAMMConfig) -> int:
     """Lower every score by `weight` x sin(f_min x age), the age embedding's lowest-frequency sine: a
     recency prior on top of whatever the scorer learned (older tokens score lower). The sine rises with
@@ -162,7 +169,9 @@ def fit_scorer(scorer: Scorer, rounds: list[Round], config: NAMMConfig, *, keep_
     """Calibrate `scorer`'s normalisation on `rounds`, fit it to their positives, and set its read-out bias
     so that `score >= 0` keeps `keep_fraction` of the training tokens. Returns the final loss, the kept
     fraction and the agreement (share of kept tokens that are positives) on the training rounds.
-    `recency_weight` > 0 adds `add_recency_prior` after the fit, before the bias is set."""
+    `recency_weight` > 0 adds `add_recency_prior` after the fit, before the bias is set. Tokens the cache
+    keeps whatever their score (`config.sinks` / `recent_window`) are left out of the labels, the loss,
+    the bias and the reported figures: the scorer decides only the others."""
     if not rounds:
         raise ValueError("No eviction rounds to learn from: give prompts longer than update_interval tokens.")
     if not 0 < keep_fraction < 1:
@@ -170,6 +179,11 @@ def fit_scorer(scorer: Scorer, rounds: list[Round], config: NAMMConfig, *, keep_
     spectra = torch.cat([r.spectrogram[r.valid] for r in rounds]).double()
     scorer.set_normalization(spectra.mean(0).float(), spectra.std(0).float().clamp_min(1e-8))
     inputs = [scorer_inputs(scorer, r, config) for r in rounds]
+    decided = [r.valid & ~protected(r, config) for r in rounds]  # the tokens the scorer decides
+    inputs = [x for x, d in zip(inputs, decided) if d.any()]
+    rounds = [replace(r, valid=d) for r, d in zip(rounds, decided) if d.any()]
+    if not rounds:
+        raise ValueError("Every token is protected (sinks / recent_window): nothing is left for the scorer to decide.")
     labels = [positives(r, keep_fraction) for r in rounds]
     optimizer = torch.optim.Adam(scorer.parameters(), lr=lr)
     generator = torch.Generator().manual_seed(seed)
@@ -215,6 +229,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--kind", default="bam", choices=["bam", "bam_norms", "linear"],
                         help="scorer kind: the paper's BAM, BAM that also reads key and value norms, or a linear score")
+    parser.add_argument("--sinks", type=int, default=0, help="NAMMConfig.sinks of the scorer (protected tokens are not fitted)")
+    parser.add_argument("--recent-window", type=int, default=0, help="NAMMConfig.recent_window of the scorer")
     parser.add_argument("--recency-weight", type=float, default=0.0,
                         help="add a recency prior of this weight after the fit (see add_recency_prior); 0: none")
     parser.add_argument("--threads", type=int, default=None)
@@ -224,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     from namm_cache.tasks import TRAINING_TEXT, build_task, token_ids
 
     try:
-        config = NAMMConfig(update_interval=args.update_interval)
+        config = NAMMConfig(update_interval=args.update_interval, sinks=args.sinks, recent_window=args.recent_window)
         tasks = [build_task({"name": name, "tokens": args.tokens, "haystack": TRAINING_TEXT}) for name in args.tasks.split(",")]
         if not (args.recency_weight >= 0 and args.recency_weight < float("inf")):
             raise ValueError(f"--recency-weight must be a finite number >= 0, got {args.recency_weight}")

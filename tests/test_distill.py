@@ -100,3 +100,31 @@ def test_a_recency_prior_ranks_newer_tokens_higher_and_keeps_the_asked_fraction(
                     torch.ones(2, 40, dtype=torch.bool), torch.rand(2, 40, generator=generator)) for _ in range(6)]
     report = fit_scorer(BAMScorer(), rounds, config, keep_fraction=0.25, steps=20, progress=False, recency_weight=30.0)
     assert abs(report["kept_fraction"] - 0.25) < 0.02
+
+
+def test_protected_tokens_are_left_out_of_the_fit():
+    """With sinks and a recent window the scorer decides only the other tokens: the asked fraction is of those,
+    and a target that marks only protected tokens leaves nothing to learn beyond chance."""
+    generator = torch.Generator().manual_seed(0)
+    config = NAMMConfig(sinks=4, recent_window=10)
+    rounds = []
+    for _ in range(12):
+        spectrogram = torch.rand(2, 40, 17, generator=generator)
+        positions = torch.arange(40).expand(2, 40)
+        target = spectrogram[..., 0].clone()
+        target[:, :4] += 10.0  # the sinks and recent tokens matter most, but the cache keeps them anyway
+        target[:, 30:] += 10.0
+        rounds.append(Round(spectrogram, 39 - positions, positions, torch.ones(2, 40, dtype=torch.bool), target))
+    scorer = BAMScorer()
+    report = fit_scorer(scorer, rounds, config, keep_fraction=0.25, steps=150, progress=False)
+    assert abs(report["kept_fraction"] - 0.25) < 0.03  # of the 26 decided tokens per row, not of all 40
+    from namm_cache.evolution.distill import scorer_inputs
+
+    with torch.no_grad():
+        kept = torch.cat([(scorer(scorer_inputs(scorer, r, config), r.positions, r.valid) >= 0)[:, 4:30] for r in rounds])
+    assert abs(kept.float().mean().item() - 0.25) < 0.03  # measured on the decided tokens themselves
+    assert report["precision"] > 0.8  # the first bin ranks the decided tokens
+    everything = [Round(r.spectrogram[:, :12], r.age[:, :12] - 28, r.positions[:, :12], r.valid[:, :12], r.target[:, :12]) for r in rounds]
+    import pytest
+    with pytest.raises(ValueError, match="nothing is left"):
+        fit_scorer(BAMScorer(), everything, NAMMConfig(sinks=4, recent_window=12), steps=1, progress=False)
