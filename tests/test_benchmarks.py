@@ -121,3 +121,29 @@ def test_a_decode_step_reads_tensors_back_to_the_host_about_once_not_once_per_la
     assert reads["dynamic_cache"]["total"] == 1.0
     for name in ("namm_25pct", "key_norm_25pct", "h2o_25pct"):
         assert reads[name]["total"] < 3.0, (name, reads[name])
+
+
+def test_run_check_scores_a_runs_mean_beside_its_baselines_with_an_interval(tmp_path, tiny_model_dir):
+    import run_check
+    import yaml
+
+    from namm_cache.evolution.config import EvolutionConfig
+    from namm_cache.evolution.run import EvolutionRun
+
+    settings = {"model": str(tiny_model_dir), "scorer": {"kind": "linear"},
+                "namm": {"update_interval": 32, "max_tokens": 40, "sinks": 2, "recent_window": 16},
+                "population": 4, "seed": 3, "prompts_per_task": 1, "calibration_prompts": 1, "threads": 1,
+                "fitness": "replay", "replay_refeed": 32, "validation_baselines": ["streaming_llm", "h2o"],
+                "stages": [{"tasks": [{"name": "passkey", "tokens": 150}], "generations": 1}]}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(settings))
+    EvolutionRun(EvolutionConfig.from_dict(settings), tmp_path / "run", progress=False).run()
+    result = run_check.main(["--config", str(tmp_path / "config.yaml"), "--run", str(tmp_path / "run"),
+                             "--prompts-per-task", "3", "--resamples", "200", "--out", str(tmp_path / "check.json")])
+    assert result["prompts"] == 3 and result["generation"] == 1
+    assert set(result["rows"]) == {"mean", "streaming_llm", "h2o"}
+    for name, row in result["rows"].items():
+        assert len(row["scores"]["passkey"]) == 3 and 0 < row["kept"] < 1
+    streaming = result["intervals"]["streaming_llm"]
+    expected = result["rows"]["mean"]["normalized"] - result["rows"]["streaming_llm"]["normalized"]
+    assert abs(streaming["difference"] - expected) < 1e-9 and streaming["low"] <= streaming["difference"] <= streaming["high"]
+    assert json.loads((tmp_path / "check.json").read_text())["intervals"].keys() == {"streaming_llm", "h2o"}
