@@ -1,7 +1,7 @@
 """A run's distribution mean against its validation baselines on fresh prompts, with a paired bootstrap interval.
 
-    python benchmarks/run_check.py --config evolution/configs/smollm2-linear.yaml --run runs/smollm2-linear \
-        --prompts-per-task 24 --out benchmarks/results/run_check_linear.json
+    python benchmarks/run_check.py --run runs/smollm2-linear --prompts-per-task 16 \
+        --baselines streaming_llm,h2o --out benchmarks/results/run_check_linear.json
 
 Between the run's small validation curve (a fixed set, scored every few generations) and the held-out gate
 (`evolution/evaluate.py`: other text, 30 prompts per task, every baseline, hours of CPU), this scores the
@@ -31,7 +31,7 @@ from common import provenance  # noqa: E402
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True)
+    parser.add_argument("--config", default=None, help="the run's config (default: the run folder's own config.json)")
     parser.add_argument("--run", required=True, help="the run folder (its checkpoint's distribution mean is scored)")
     parser.add_argument("--prompts-per-task", type=int, default=24)
     parser.add_argument("--seed", default="run-check")
@@ -47,11 +47,17 @@ def main(argv: list[str] | None = None) -> dict:
     from namm_cache.tasks import build_task
 
     torch.set_num_threads(args.threads)
-    config = EvolutionConfig.load(args.config, [f"threads={args.threads}"])
+    config_path = args.config or str(Path(args.run) / "config.json")
+    config = EvolutionConfig.load(config_path, [f"threads={args.threads}"])
     state = read_checkpoint(Path(args.run) / "checkpoint.safetensors")
     run = EvolutionRun(config, "/nonexistent-unused", progress=True)
     run.scorer.set_normalization(torch.tensor(state.normalization[0]), torch.tensor(state.normalization[1]))
     stage = state.stage
+    if state.stage_generation == 0 and stage > 0:  # the stage just began: its mean was evolved on the previous one
+        stage -= 1
+    if config.namm_config(stage).max_tokens is None:
+        raise SystemExit(f"Stage {stage} has no cap (max_tokens): the baselines would have no budget to match. "
+                         "Check a capped stage's checkpoint.")
     baselines = args.baselines.split(",") if args.baselines else list(config.validation_baselines)
     rng = random.Random(args.seed)
     examples = [e for spec in config.all_tasks(stage) for e in build_task(spec).sample(run.tokenizer, rng, args.prompts_per_task)]
@@ -79,7 +85,7 @@ def main(argv: list[str] | None = None) -> dict:
         b = intervals[baseline]
         print(f"mean - {baseline}: {b['difference']:+.3f} [{b['low']:+.3f}, {b['high']:+.3f}]; "
               f"ratio {b['ratio']:.2f} [{b['ratio_low']:.2f}, {b['ratio_high']:.2f}]", flush=True)
-    result = {**provenance(__file__, argv), "config": args.config, "run": args.run, "generation": state.generation,
+    result = {**provenance(__file__, argv), "config": config_path, "run": args.run, "generation": state.generation,
               "stage": stage, "prompts": len(examples), "full_scores": full_scores, "rows": rows, "intervals": intervals}
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2))

@@ -179,12 +179,14 @@ def fit_scorer(scorer: Scorer, rounds: list[Round], config: NAMMConfig, *, keep_
     spectra = torch.cat([r.spectrogram[r.valid] for r in rounds]).double()
     scorer.set_normalization(spectra.mean(0).float(), spectra.std(0).float().clamp_min(1e-8))
     inputs = [scorer_inputs(scorer, r, config) for r in rounds]
-    decided = [r.valid & ~protected(r, config) for r in rounds]  # the tokens the scorer decides
-    inputs = [x for x, d in zip(inputs, decided) if d.any()]
-    rounds = [replace(r, valid=d) for r, d in zip(rounds, decided) if d.any()]
-    if not rounds:
+    # The scorer reads every held token (BAM attends over them, protected ones included), as in the cache; the
+    # labels, the loss, the bias and the figures cover only the tokens it decides.
+    decided = [r.valid & ~protected(r, config) for r in rounds]
+    keep = [i for i, d in enumerate(decided) if d.any()]
+    if not keep:
         raise ValueError("Every token is protected (sinks / recent_window): nothing is left for the scorer to decide.")
-    labels = [positives(r, keep_fraction) for r in rounds]
+    inputs, rounds, decided = [inputs[i] for i in keep], [rounds[i] for i in keep], [decided[i] for i in keep]
+    labels = [positives(replace(r, valid=d), keep_fraction) for r, d in zip(rounds, decided)]
     optimizer = torch.optim.Adam(scorer.parameters(), lr=lr)
     generator = torch.Generator().manual_seed(seed)
     loss_value = float("nan")
@@ -192,8 +194,8 @@ def fit_scorer(scorer: Scorer, rounds: list[Round], config: NAMMConfig, *, keep_
         picked = torch.randperm(len(rounds), generator=generator)[:batch_rounds].tolist()
         loss = 0.0
         for i in picked:
-            scores = scorer(inputs[i], rounds[i].positions, rounds[i].valid)[rounds[i].valid]
-            label = labels[i][rounds[i].valid].float()
+            scores = scorer(inputs[i], rounds[i].positions, rounds[i].valid)[decided[i]]
+            label = labels[i][decided[i]].float()
             weight = torch.where(label > 0, (1 - keep_fraction) / keep_fraction, 1.0)  # balance the classes
             loss = loss + F.binary_cross_entropy_with_logits(scores, label, weight=weight)
         loss = loss / len(picked)
@@ -204,13 +206,13 @@ def fit_scorer(scorer: Scorer, rounds: list[Round], config: NAMMConfig, *, keep_
     if recency_weight:
         add_recency_prior(scorer, recency_weight, config)
     with torch.no_grad():
-        scores = torch.cat([scorer(x, r.positions, r.valid)[r.valid] for x, r in zip(inputs, rounds)])
+        scores = torch.cat([scorer(x, r.positions, r.valid)[d] for x, r, d in zip(inputs, rounds, decided)])
         shift = torch.quantile(scores, 1 - keep_fraction)  # scores above it: the top keep_fraction
         scorer.readout.bias -= shift
-        kept = [scorer(x, r.positions, r.valid) >= 0 for x, r in zip(inputs, rounds)]
-        kept_total = sum(int((k & r.valid).sum()) for k, r in zip(kept, rounds))
+        kept = [(scorer(x, r.positions, r.valid) >= 0) & d for x, r, d in zip(inputs, rounds, decided)]
+        kept_total = sum(int(k.sum()) for k in kept)
         agree = sum(int((k & lab).sum()) for k, lab in zip(kept, labels))
-        valid_total = sum(int(r.valid.sum()) for r in rounds)
+        valid_total = sum(int(d.sum()) for d in decided)
     return {"loss": loss_value, "kept_fraction": kept_total / valid_total, "precision": agree / max(kept_total, 1)}
 
 
@@ -271,7 +273,8 @@ def main(argv: list[str] | None = None) -> int:
         base_models=[args.model], training_tasks=[task.name for task in tasks],
         description=(f"Distilled warm start (namm_cache.evolution.distill): fitted to the answer's attention on "
                      f"{len(examples)} training prompts ({TRAINING_TEXT} haystacks), keep fraction {args.keep_fraction}"
-                     f"{f', recency prior weight {args.recency_weight:g}' if args.recency_weight else ''}; "
+                     f"{f', recency prior weight {args.recency_weight:g}' if args.recency_weight else ''}"
+                     f"{f', {args.sinks} sinks and {args.recent_window} recent tokens protected (not fitted)' if args.sinks or args.recent_window else ''}; "
                      f"training precision {report['precision']:.3f} at {report['kept_fraction']:.1%} kept. "
                      "A starting point for evolution, not an evaluated scorer."),
         extra={"distill": {**report, "rounds": len(rounds), "steps": args.steps, "seed": args.seed,

@@ -125,7 +125,6 @@ def test_a_decode_step_reads_tensors_back_to_the_host_about_once_not_once_per_la
 
 def test_run_check_scores_a_runs_mean_beside_its_baselines_with_an_interval(tmp_path, tiny_model_dir):
     import run_check
-    import yaml
 
     from namm_cache.evolution.config import EvolutionConfig
     from namm_cache.evolution.run import EvolutionRun
@@ -135,9 +134,8 @@ def test_run_check_scores_a_runs_mean_beside_its_baselines_with_an_interval(tmp_
                 "population": 4, "seed": 3, "prompts_per_task": 1, "calibration_prompts": 1, "threads": 1,
                 "fitness": "replay", "replay_refeed": 32, "validation_baselines": ["streaming_llm", "h2o"],
                 "stages": [{"tasks": [{"name": "passkey", "tokens": 150}], "generations": 1}]}
-    (tmp_path / "config.yaml").write_text(yaml.safe_dump(settings))
     EvolutionRun(EvolutionConfig.from_dict(settings), tmp_path / "run", progress=False).run()
-    result = run_check.main(["--config", str(tmp_path / "config.yaml"), "--run", str(tmp_path / "run"),
+    result = run_check.main(["--run", str(tmp_path / "run"),
                              "--prompts-per-task", "3", "--resamples", "200", "--out", str(tmp_path / "check.json")])
     assert result["prompts"] == 3 and result["generation"] == 1
     assert set(result["rows"]) == {"mean", "streaming_llm", "h2o"}

@@ -66,6 +66,13 @@ def test_command_line_writes_a_loadable_scorer_and_refuses_bad_input(tmp_path, t
         assert "error:" in capsys.readouterr().err
     assert main(args) == 2  # the folder is not empty: never overwritten
     assert "not empty" in capsys.readouterr().err
+    protected = tmp_path / "protected"
+    assert main([*args[2:], "--out", str(protected), "--kind", "linear", "--sinks", "4", "--recent-window", "32"]) == 0
+    loaded = load_scorer(str(protected))
+    assert (loaded.config.sinks, loaded.config.recent_window, loaded.scorer.kind) == (4, 32, "linear")
+    assert "4 sinks and 32 recent tokens protected" in loaded.metadata.description
+    assert main([*args[2:], "--out", str(tmp_path / "bad"), "--sinks", "-1"]) == 2
+    assert "sinks" in capsys.readouterr().err
 
 
 def test_a_norm_reading_scorer_learns_a_target_only_the_norms_carry():
