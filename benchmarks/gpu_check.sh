@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU readiness in one go (under 8 minutes on one H100): the CUDA tests, then the scaling benchmark and the
+# GPU readiness in one go (at most 9 minutes on one H100: the step limits add up to 550 s): the CUDA tests, then the scaling benchmark and the
 # phase profile on random-weight models of real shapes (weights do not change time or memory).
 #
 #   bash benchmarks/gpu_check.sh            # results in benchmarks/results/*_gpu*.json (copied to $OUT if set), logs in ./gpu_check_logs
@@ -19,7 +19,7 @@ fi
 export PYTHONPATH=src:benchmarks${PYTHONPATH:+:$PYTHONPATH}
 failed=0
 save() {  # copy finished results to $OUT at once, so a run cut short still returns them ($OUT takes 8 files)
-    if [ -n "${OUT:-}" ]; then cp benchmarks/results/*gpu*.json "$OUT"/ 2>/dev/null; fi
+    if [ -n "${OUT:-}" ]; then cp benchmarks/results/*gpu*.json benchmarks/results/*gpu*.png "$OUT"/ 2>/dev/null; fi
 }
 step() {  # step NAME TIMEOUT COMMAND...: run with a time limit, log to $LOGS/NAME.log, count failures
     local name=$1 limit=$2; shift 2
@@ -31,15 +31,15 @@ step() {  # step NAME TIMEOUT COMMAND...: run with a time limit, log to $LOGS/NA
 }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 "$PYTHON" -c "import torch, transformers; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'transformers', transformers.__version__)"
-step cuda_tests 240 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_devices.py tests/test_cache_equivalence.py
+step cuda_tests 100 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_devices.py
 save
 step long_context_llama1b 200 "$PYTHON" benchmarks/long_context.py --model random:llama-3.2-1b --device cuda --dtype bfloat16 \
     --lengths 2048,4096,8192,16384 --new-tokens 32 --tag gpu_llama1b
 save
-step long_context_llama8b 200 "$PYTHON" benchmarks/long_context.py --model random:llama-3.1-8b --device cuda --dtype bfloat16 \
+step long_context_llama8b 170 "$PYTHON" benchmarks/long_context.py --model random:llama-3.1-8b --device cuda --dtype bfloat16 \
     --lengths 4096,16384 --new-tokens 32 --tag gpu_llama8b
 save
-step profile_llama1b 90 "$PYTHON" benchmarks/profile_observation.py --model random:llama-3.2-1b --device cuda --dtype bfloat16 \
+step profile_llama1b 80 "$PYTHON" benchmarks/profile_observation.py --model random:llama-3.2-1b --device cuda --dtype bfloat16 \
     --repeats 3 --tag gpu_llama1b
 save
 echo "== done, $failed failed step(s)"

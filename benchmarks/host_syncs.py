@@ -8,6 +8,10 @@ small models a decode step is then bound by these stalls, not by compute. This c
 by wrapping those tensor methods while `generate` decodes, for a random-weight model of a real shape
 (weights do not change the control flow). Counts are per decode step, averaged over the steps between
 two eviction rounds and across one (rounds read sizes back by design, once per `update_interval` tokens).
+
+It also counts operator calls per decode step (`torch.profiler`, the outermost `aten::` calls): all of them,
+and those that are not views (`view`, `slice`, `transpose`, ...: these move no data), which is a CPU-side
+proxy for kernel launches on a GPU, where a step of a small model is bound by launches.
 """
 
 from __future__ import annotations
@@ -25,6 +29,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import load_benchmark_model, provenance  # noqa: E402
 
 READS = ("__bool__", "item", "tolist", "__int__", "__float__")
+VIEW_OPS = {"aten::view", "aten::slice", "aten::transpose", "aten::unsqueeze", "aten::squeeze", "aten::expand",
+            "aten::alias", "aten::reshape", "aten::select", "aten::as_strided", "aten::t", "aten::permute",
+            "aten::detach", "aten::_unsafe_view", "aten::split", "aten::unbind", "aten::narrow", "aten::expand_as",
+            "aten::view_as", "aten::flatten", "aten::unflatten", "aten::chunk", "aten::lift_fresh", "aten::contiguous"}
 
 
 @contextmanager
@@ -62,6 +70,22 @@ def reads_per_step(model, make_cache, prompt: torch.Tensor, steps: int, chunk: i
     return per_step
 
 
+def operators_per_step(model, make_cache, prompt: torch.Tensor, steps: int, chunk: int) -> dict[str, float]:
+    """Outermost `aten::` calls per decode step, all and non-view, by the same difference of two runs."""
+    from torch.profiler import ProfilerActivity, profile
+
+    def count(new_tokens: int) -> tuple[int, int]:
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            model.generate(prompt, attention_mask=torch.ones_like(prompt), cache=make_cache(), max_new_tokens=new_tokens,
+                           min_new_tokens=new_tokens, do_sample=False, prefill_chunk_size=chunk, pad_token_id=0)
+        names = [event.name for event in prof.events() if event.name.startswith("aten::")
+                 and (event.cpu_parent is None or not event.cpu_parent.name.startswith("aten::"))]
+        return len(names), sum(name not in VIEW_OPS for name in names)
+
+    (short_all, short_compute), (long_all, long_compute) = count(16), count(16 + steps)
+    return {"all": (long_all - short_all) / steps, "non_view": (long_compute - short_compute) / steps}
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="random:smollm2-135m")
@@ -88,11 +112,13 @@ def main(argv: list[str] | None = None) -> dict:
     }
     layers = model.config.get_text_config(decoder=True).num_hidden_layers
     rows = {name: reads_per_step(model, make, prompt, args.steps, args.update_interval) for name, make in caches.items()}
+    operators = {name: operators_per_step(model, make, prompt, args.steps, args.update_interval) for name, make in caches.items()}
     for name, row in rows.items():
         print(f"{name:>16}: {row['total']:6.2f} host reads per decode step ({layers} layers): "
-              + ", ".join(f"{key} {row[key]:.2f}" for key in READS if row[key]))
+              + ", ".join(f"{key} {row[key]:.2f}" for key in READS if row[key])
+              + f"; {operators[name]['all']:.0f} operator calls, {operators[name]['non_view']:.0f} not views")
     result = {**provenance(__file__, argv), "model": args.model, "layers": layers, "tokens": args.tokens, "steps": args.steps,
-              "update_interval": args.update_interval, "reads_per_step": rows}
+              "update_interval": args.update_interval, "reads_per_step": rows, "operators_per_step": operators}
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2))
     return result

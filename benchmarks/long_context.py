@@ -166,6 +166,9 @@ def main(argv: list[str] | None = None) -> Path:
     ids_all = torch.randint(100, model.config.vocab_size - 100, (1, max(lengths)), generator=generator).to(device)
     measure(model, ids_all[:, : args.chunk], DynamicCache(config=model.config), args.chunk, 2)  # warm-up
     specs = {name: cache_spec(name, args.scorer, args.update_interval).load() for name in caches if name != "dynamic_cache"}
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    suffix = f"_{args.tag}" if args.tag else ""
+    path = args.out_dir / f"long_context{suffix}.json"
     rows: dict[str, dict] = {}
     for length in tqdm(lengths, desc="lengths"):
         ids = ids_all[:, :length]
@@ -184,16 +187,14 @@ def main(argv: list[str] | None = None) -> Path:
                 entry["end_to_end_ratio"] = entry["end_to_end_seconds"] / base["end_to_end_seconds"]
                 entry["decode_ratio"] = entry["decode_ms_per_token"] / base["decode_ms_per_token"]
                 entry["peak_kv_ratio"] = entry["peak_kv_bytes"] / base["peak_kv_bytes"]
-    result = {
-        **run_settings(__file__, argv, args, device, ("attn", "chunk", "update_interval", "new_tokens", "warm_runs", "scorer")),
-        "lengths": lengths,
-        "caches": caches,
-        "rows": rows,
-    }
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    suffix = f"_{args.tag}" if args.tag else ""
-    path = args.out_dir / f"long_context{suffix}.json"
-    path.write_text(json.dumps(result, indent=2))
+        # Written after every length, so a run cut short (a device lease's time limit) keeps what it measured.
+        result = {
+            **run_settings(__file__, argv, args, device, ("attn", "chunk", "update_interval", "new_tokens", "warm_runs", "scorer")),
+            "lengths": [n for n in lengths if str(n) in rows],
+            "caches": caches,
+            "rows": rows,
+        }
+        path.write_text(json.dumps(result, indent=2))
     plot(result, args.out_dir / f"long_context{suffix}.png")
     print(render_table(result))
     return path
