@@ -46,6 +46,8 @@ from .fitness import ExampleResult, answers_correctly, evaluate_examples, mean_k
 BASELINES = list(BASELINE_POLICIES)  # every registered baseline, in registry order
 GATE_PROMPTS_PER_TASK = 30  # the gate's minimum: fewer prompts give intervals too wide to decide anything
 RESAMPLES = 10_000
+DEPTH_TASKS = ("passkey", "needle")  # one needle each: its depth says what a cache must have kept
+DEPTH_BINS = 5
 
 
 def matched_budget(target: float, probe_budget: float, probe_kept: float) -> float:
@@ -176,7 +178,7 @@ def evaluate_heldout(model, tokenizer, scorer_path: str, *, prompts_per_task: in
             if task in correct:
                 per_task[task]["accuracy"] = sum(correct[task]) / len(correct[task])
         return {"label": label, "policy": policy, "kept_fraction": mean_kept_fraction(results), "per_task": per_task,
-                "scores": scores}
+                "scores": scores, "correct": correct}
 
     def maker(spec: CacheSpec):
         return lambda example: spec.build(model)
@@ -221,7 +223,8 @@ def evaluate_heldout(model, tokenizer, scorer_path: str, *, prompts_per_task: in
                                                          {t: full_scores[t] for t in row["scores"]}))
     result = {"scorer": str(scorer_path), "no_cap": no_cap, "budget": budget, "tasks": HELDOUT_TASKS,
               "prompts_per_task": prompts_per_task, "seed": HELDOUT_SEED,
-              "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "rows": rows}
+              "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "rows": rows,
+              "depths": evidence_depths(examples, tokenizer)}
     candidates = [row for row in rows if row["policy"] in baselines]
     if candidates:
         best = max(candidates, key=lambda row: row["normalized_mean"])
@@ -230,6 +233,45 @@ def evaluate_heldout(model, tokenizer, scorer_path: str, *, prompts_per_task: in
                                 resamples=resamples, seed=seed)
         result["gate"] = {"baseline": best["policy"], "baseline_label": best["label"], **gate}
     return result
+
+
+def evidence_depths(examples: list[Example], tokenizer: Any) -> dict[str, list[float]]:
+    """`{task: [depth per prompt]}` for the single-needle tasks (pass key, needle): where the needle's first token
+    lies in the prompt, as a fraction of the prompt's tokens (0 = first token), prompts in suite order."""
+    from namm_cache.tasks.base import token_ids
+
+    depths: dict[str, list[float]] = {}
+    for example in examples:
+        if example.task in DEPTH_TASKS and example.evidence:
+            first = min(example.evidence_positions(tokenizer))
+            depths.setdefault(example.task, []).append(first / token_ids(tokenizer, example.prompt).shape[-1])
+    return depths
+
+
+def depth_table(result: dict[str, Any], bins: int = DEPTH_BINS) -> str | None:
+    """Greedy accuracy by needle depth (`bins` equal slices of the prompt), one row per cache, as Markdown:
+    `correct/prompts` per slice and task. None for results that carry no depths or per-prompt answers."""
+    depths = {task: values for task, values in result.get("depths", {}).items() if values}
+    rows = [row for row in result["rows"] if row.get("correct")]
+    if not depths or not rows:
+        return None
+    edges = [i / bins for i in range(bins + 1)]
+    slices = [f"{edges[i]:.0%}-{edges[i + 1]:.0%}" for i in range(bins)]
+    header = [f"{task} {label}" for task in depths for label in slices]
+    lines = ["| cache | " + " | ".join(header) + " |", "|---|" + "---:|" * len(header)]
+    for row in rows:
+        cells = []
+        for task, values in depths.items():
+            answers = row["correct"].get(task)
+            if answers is None or len(answers) != len(values):
+                cells += ["\u2013"] * bins
+                continue
+            for i in range(bins):
+                inside = [ok for depth, ok in zip(values, answers)
+                          if edges[i] <= depth < edges[i + 1] or (i == bins - 1 and depth == 1.0)]
+                cells.append(f"{sum(inside)}/{len(inside)}" if inside else "\u2013")
+        lines.append(f"| {row['label']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def gate_line(result: dict[str, Any]) -> str | None:
@@ -265,6 +307,9 @@ def table(result: dict[str, Any]) -> str:
     line = gate_line(result)
     if line:
         lines += ["", line]
+    depth = depth_table(result)
+    if depth:
+        lines += ["", "Greedy answers correct by needle depth (where the needle's first token lies in the prompt):", "", depth]
     return "\n".join(lines)
 
 

@@ -8,7 +8,7 @@ import torch
 from conftest import random_ids, tiny_model
 
 from namm_cache import CacheSpec, NAMMConfig
-from namm_cache.evolution.evaluate import main, paired_bootstrap, table
+from namm_cache.evolution.evaluate import depth_table, main, paired_bootstrap, table
 from namm_cache.policies import BASELINE_POLICIES, POLICIES, OraclePolicy, build_policy
 
 TASKS = ("passkey", "needle", "long_text")
@@ -221,6 +221,25 @@ def test_heldout_evaluation_keeps_per_prompt_scores_and_gates_against_the_best_b
     text = table(result)
     assert f"NAMM \u2212 best baseline ({best['policy']}): {gate['difference']:+.3f}" in text
     assert "over 2 prompts/task" in text and "\u2013" in text  # the oracle's long_text cell is empty
+    assert set(result["depths"]) == {"passkey", "needle"}
+    for task, depths in result["depths"].items():
+        assert len(depths) == 2 and all(0.0 < depth < 1.0 for depth in depths)
+    for row in result["rows"]:
+        assert {task: len(answers) for task, answers in row["correct"].items()} == (
+            {"passkey": 2, "needle": 2, "variable_tracking": 2})
+        assert all(isinstance(answer, bool) for answers in row["correct"].values() for answer in answers)
+    assert "Greedy answers correct by needle depth" in text
+
+
+def test_the_depth_table_counts_each_prompt_in_its_slice():
+    result = {"depths": {"passkey": [0.05, 0.5, 0.55, 0.99], "needle": [0.3]},
+              "rows": [{"label": "NAMM", "correct": {"passkey": [False, True, False, True], "needle": [True]}},
+                       {"label": "old row"}]}  # rows written before per-prompt answers are left out
+    lines = depth_table(result).splitlines()
+    assert lines[0].startswith("| cache | passkey 0%-20% | passkey 20%-40% | passkey 40%-60% |")
+    assert len(lines) == 3
+    assert lines[2] == "| NAMM | 0/1 | \u2013 | 1/2 | \u2013 | 1/1 | \u2013 | 1/1 | \u2013 | \u2013 | \u2013 |"
+    assert depth_table({"rows": result["rows"]}) is None
 
 
 def test_the_table_reads_results_written_before_the_gate():
