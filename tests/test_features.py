@@ -83,7 +83,7 @@ def test_layer_observations_match_reference():
     total = 128
     attention = rng.random((heads, total, total))  # (kv head, query, token); the query axis is time
     attention = np.tril(attention)  # a token receives attention only once it exists
-    for start, size in [(0, 40), (40, 24), (64, 1), (65, 63)]:
+    for start, size in [(0, 40), (40, 24), (64, 1), (65, 1), (66, 1), (67, 61)]:  # decode-like single steps too
         keys = torch.zeros(1, heads, size, head_dim)
         layer.update(keys, keys)
         slots = layer.keys.shape[-2]

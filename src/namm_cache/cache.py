@@ -19,6 +19,8 @@ __all__ = ["NAMMCache", "NAMMLayer"]
 
 
 def _layer_bytes(layer: Any) -> int:
+    if isinstance(layer, NAMMLayer):
+        return layer.kv_bytes()
     keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
     return sum(t.nbytes for t in (keys, values) if isinstance(t, torch.Tensor))
 
@@ -242,7 +244,8 @@ class NAMMCache(Cache):
 
         Returns a dict with `policy` (its name), `policy_settings` (its constructor settings), `budget`,
         `tokens_seen`, `kept_per_layer` (`{layer: (B, H) list}`, NAMM layers), `mean_kept_fraction` (kept
-        real tokens / real tokens seen, NAMM layers), `kv_bytes` (held now, all layers),
+        real tokens / real tokens seen, NAMM layers), `kv_bytes` (allocated now, all layers),
+        `reserved_kv_bytes` (of which free slots reserved for the tokens until each layer's next eviction round),
         `full_cache_kv_bytes` (a DynamicCache at the same point), `peak_kv_bytes`, `state_bytes` (NAMM
         per-token positions, flags and statistics), `evicted_tokens` and `evictions`.
         """
@@ -264,6 +267,7 @@ class NAMMCache(Cache):
             "kept_per_layer": {layer.layer_idx: layer.kept_per_head().tolist() for layer in namm},
             "mean_kept_fraction": kept_fraction,
             "kv_bytes": self.kv_bytes(),
+            "reserved_kv_bytes": sum(layer.reserved_kv_bytes() for layer in namm),
             "full_cache_kv_bytes": full_bytes,
             "peak_kv_bytes": self.peak_kv_bytes,
             "state_bytes": sum(layer.state_bytes() for layer in namm),

@@ -66,6 +66,7 @@ class NAMMLayer(CacheLayerMixin):
         self.evictions = 0
         self.awaiting_observation = False
         self.observing = True
+        self._room, self._room_views = None, None
         # Only one layer per cache needs to check the position ids of a forward (every layer gets the same);
         # NAMMCache clears this on all but its first NAMM layer, saving a host sync per layer and step.
         self.checks_positions = True
@@ -79,6 +80,7 @@ class NAMMLayer(CacheLayerMixin):
         self.values = value_states.new_zeros(batch, heads, 0, value_states.shape[-1])
         self.positions = torch.zeros(batch, heads, 0, dtype=torch.long, device=device)
         self.token_valid = torch.zeros(batch, heads, 0, dtype=torch.bool, device=device)
+        self._room, self._room_views = None, None  # preallocated storage (`_reserve`)
         # Statistics are allocated when the policy first needs observations (_ensure_statistics).
         for statistic in self.statistics.values():
             statistic.clear()
@@ -142,10 +144,14 @@ class NAMMLayer(CacheLayerMixin):
             statistic.tensors = {name: function(tensor) for name, tensor in statistic.tensors.items()}
 
     def _map_per_token(self, function: Callable[[torch.Tensor], torch.Tensor]) -> None:
-        """Replace every per-token tensor (storage and statistics) with `function(tensor)`."""
+        """Replace every per-token tensor (storage and statistics) with `function(tensor)`; reserved rooms are
+        dropped (their memory freed), the next append reserves anew."""
         for name in STORAGE:
             setattr(self, name, function(getattr(self, name)))
+        self._room, self._room_views = None, None
         self._map_statistics(function)
+        for statistic in self.statistics.values():
+            statistic.drop_rooms()
 
     def _ensure_statistics(self) -> None:
         """Allocate zero state for every slot for each statistic not allocated yet (tokens observed from now on)."""
@@ -188,18 +194,49 @@ class NAMMLayer(CacheLayerMixin):
 
     def _append(self, key_states: torch.Tensor, value_states: torch.Tensor):
         batch, heads, q, _ = key_states.shape
-        device = self.keys.device
-        new_positions = torch.arange(self.tokens_seen, self.tokens_seen + q, device=device).expand(batch, heads, q)
-        self.keys = torch.cat([self.keys, key_states], dim=-2)
-        self.values = torch.cat([self.values, value_states], dim=-2)
-        self.positions = torch.cat([self.positions, new_positions], dim=-1)
-        self.token_valid = torch.cat([self.token_valid, torch.ones(batch, heads, q, dtype=torch.bool, device=device)], dim=-1)
-        self._map_statistics(lambda state: torch.cat([state, state.new_zeros(batch, heads, q, *state.shape[3:])], dim=2))
+        slots = self.keys.shape[-2]
+        if not self._has_room(q):
+            # Room for every token until the next eviction round: the storage the cache reaches there anyway.
+            ahead = max(point - seen for point, seen in zip(self.next_eviction, self.real_tokens_seen))
+            self._reserve(slots + max(q, ahead))
+        room = self._room
+        room["keys"][:, :, slots : slots + q].copy_(key_states)
+        room["values"][:, :, slots : slots + q].copy_(value_states)
+        # Positions and validity of the coming slots were written when the room was reserved.
+        for name in STORAGE:
+            setattr(self, name, room[name][:, :, : slots + q])
+        self._room_views = tuple(getattr(self, name) for name in STORAGE)
+        for statistic in self.statistics.values():
+            statistic.append(q, self._room["keys"].shape[2] - slots)
         self.tokens_seen += q
         self.observing = self.policy_observes
         self.awaiting_observation = True
         hand_over(self, self.keys)
         return self.keys, self.values
+
+    def _has_room(self, q: int) -> bool:
+        """Whether the storage tensors are still views of the reserved room, with `q` more slots free in it."""
+        views = self._room_views
+        return (views is not None and self.keys.shape[-2] + q <= self._room["keys"].shape[2]
+                and all(view is getattr(self, name) for view, name in zip(views, STORAGE)))
+
+    def _reserve(self, capacity: int) -> None:
+        """Move storage into tensors of `capacity` slots, so appends write in place (one copy per tensor)
+        instead of concatenating (an allocation and a copy of all slots per tensor and step). The free slots'
+        positions (the next tokens' positions, in order) and validity are written here once."""
+        batch, heads, slots = self.token_valid.shape
+        room = {
+            "keys": self.keys.new_empty(batch, heads, capacity, self.keys.shape[-1]),
+            "values": self.values.new_empty(batch, heads, capacity, self.values.shape[-1]),
+            "positions": torch.empty(batch, heads, capacity, dtype=self.positions.dtype, device=self.positions.device),
+            "token_valid": torch.ones(batch, heads, capacity, dtype=torch.bool, device=self.token_valid.device),
+        }
+        for name in STORAGE:
+            room[name][:, :, :slots].copy_(getattr(self, name))
+        room["positions"][:, :, slots:] = torch.arange(self.tokens_seen, self.tokens_seen + capacity - slots,
+                                                       device=self.positions.device)
+        self._room = room
+        self._room_views = None
 
     def mark_padding(self, new_is_padding: torch.Tensor | None) -> None:
         """Flag the padding tokens of the chunk just appended: never attended, never kept."""
@@ -253,11 +290,13 @@ class NAMMLayer(CacheLayerMixin):
                 self.observe(None, new_is_padding, q_length)
                 return output
         chunk_start = self.tokens_seen - q_length
-        query_positions = torch.arange(chunk_start, self.tokens_seen, device=query.device)
+        # One query (a decode step) comes after every stored token: validity alone hides a slot.
+        query_positions = None if q_length == 1 else torch.arange(chunk_start, self.tokens_seen, device=query.device)
         outputs, weights, start = [], None, 0
         for end in ends:
             with phase("mask"):
-                mask = attention_bias(self.positions, self.token_valid, query_positions[start:end],
+                mask = attention_bias(self.positions, self.token_valid,
+                                      None if query_positions is None else query_positions[start:end],
                                       query_heads=query.shape[1], dtype=query.dtype, grouped=grouped,
                                       uniform_heads=self.heads_uniform)
             with phase("attention"):
@@ -427,6 +466,7 @@ class NAMMLayer(CacheLayerMixin):
 
     def reset(self) -> None:
         self.keys = self.values = None
+        self._room, self._room_views = None, None
         self.is_initialized = False
         self.tokens_seen = 0
         self.tokens_evicted = 0
@@ -467,9 +507,18 @@ class NAMMLayer(CacheLayerMixin):
 
     # ------------------------------------------------------------------ accounting
     def kv_bytes(self) -> int:
+        """Bytes allocated for keys and values: the slots in use plus the free slots reserved for the tokens
+        until the next eviction round (`reserved_kv_bytes`)."""
         if not self.is_initialized:
             return 0
-        return self.keys.nbytes + self.values.nbytes
+        return self.keys.nbytes + self.values.nbytes + self.reserved_kv_bytes()
+
+    def reserved_kv_bytes(self) -> int:
+        """Bytes of the free key and value slots reserved for the coming tokens (0 outside a reserved room)."""
+        views = self._room_views
+        if not self.is_initialized or views is None or views[0] is not self.keys or views[1] is not self.values:
+            return 0
+        return self._room["keys"].nbytes + self._room["values"].nbytes - self.keys.nbytes - self.values.nbytes
 
     def state_bytes(self) -> int:
         """Bytes of everything kept per token besides keys and values (positions, flags, statistics)."""

@@ -88,7 +88,7 @@ def heads_hold_the_same_slots(positions: torch.Tensor, token_valid: torch.Tensor
 def attention_bias(
     positions: torch.Tensor,
     token_valid: torch.Tensor,
-    query_positions: torch.Tensor,
+    query_positions: torch.Tensor | None,
     query_heads: int,
     dtype: torch.dtype,
     grouped: bool = False,
@@ -103,7 +103,8 @@ def attention_bias(
     Args:
         positions: `(B, H, S)` absolute position of each slot's token.
         token_valid: `(B, H, S)` bool, False for empty slots and padding tokens.
-        query_positions: `(q,)` absolute positions of the queries.
+        query_positions: `(q,)` absolute positions of the queries, or None for one query at a position after
+            every stored token (a decode step), which sees every valid slot.
         query_heads: query heads of the attention call (a multiple of H).
         uniform_heads: whether every head holds the same slots (`heads_hold_the_same_slots`), if the caller
             tracks it; None checks here (a host sync on GPU).
@@ -121,12 +122,17 @@ def attention_bias(
     if uniform_heads:
         valid, positions = valid[:, :1], positions[:, :1]
     if grouped:
+        if query_positions is None:
+            return (~valid)[:, :, None, None]
         hidden = (positions.unsqueeze(2) > query_positions.view(1, 1, -1, 1)).logical_or_(~valid.unsqueeze(2))
         return hidden.unsqueeze(2)
-    allowed = valid.unsqueeze(2) & (positions.unsqueeze(2) <= query_positions.view(1, 1, -1, 1))
+    if query_positions is None:
+        allowed = valid.unsqueeze(2)
+    else:
+        allowed = valid.unsqueeze(2) & (positions.unsqueeze(2) <= query_positions.view(1, 1, -1, 1))
     if not uniform_heads and query_heads != heads:
         groups = query_heads // heads
-        q_length = query_positions.shape[0]
+        q_length = allowed.shape[2]
         allowed = allowed.unsqueeze(2).expand(batch, heads, groups, q_length, slots).reshape(batch, query_heads, q_length, slots)
     bias = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
     return bias.masked_fill_(~allowed, torch.finfo(dtype).min)

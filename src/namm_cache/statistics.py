@@ -75,6 +75,7 @@ class Statistic:
     def __init__(self, policy: Any, config: NAMMConfig):
         self.config = config
         self.tensors: dict[str, torch.Tensor] = {}
+        self._rooms: dict[str, torch.Tensor] = {}  # zeroed tensors with free slots, `tensors` are views of them
 
     @classmethod
     def check_policy(cls, policy: Any) -> None:
@@ -87,6 +88,26 @@ class Statistic:
     def allocate(self, batch: int, heads: int, slots: int, device: torch.device) -> None:
         """Zero state for every slot and batch row (tokens are observed from now on); also the reset."""
         self.tensors = {name: torch.zeros(batch, heads, slots, *shape, device=device) for name, shape in self.trailing_shapes().items()}
+        self._rooms = {}
+
+    def append(self, q: int, ahead: int) -> None:
+        """Give every tensor `q` zero slots at the end (the tokens just appended to the layer).
+
+        The slots come from a zeroed room of `max(q, ahead)` free slots (`ahead`: tokens until the layer's next
+        eviction round), so most appends allocate and copy nothing; a tensor that a fold or the layer replaced
+        since (no longer a view of its room) gets a new room."""
+        for name, tensor in self.tensors.items():
+            slots = tensor.shape[2]
+            room = self._rooms.get(name)
+            if room is None or room.shape[2] < slots + q or room.data_ptr() != tensor.data_ptr() or not _is_prefix(tensor, room):
+                room = tensor.new_zeros(tensor.shape[0], tensor.shape[1], slots + max(q, ahead), *tensor.shape[3:])
+                room[:, :, :slots] = tensor
+                self._rooms[name] = room
+            self.tensors[name] = room[:, :, : slots + q]
+
+    def drop_rooms(self) -> None:
+        """Forget the rooms (the layer replaced every tensor, e.g. compaction), so their memory is freed."""
+        self._rooms = {}
 
     @property
     def allocated(self) -> bool:
@@ -95,6 +116,7 @@ class Statistic:
     def clear(self) -> None:
         """Drop all state (the layer was reset); `allocate` starts it again."""
         self.tensors = {}
+        self._rooms = {}
 
     def fold(self, step: AttentionStep) -> None:
         """Fold the attention of `step`'s queries into the per-token state."""
@@ -114,6 +136,12 @@ class Statistic:
             return torch.zeros(len(rows) * heads, slots, *self.trailing_shapes()[name], device=rows.device)
         tensor = self.tensors[name]
         return tensor[rows].reshape(-1, slots, *tensor.shape[3:])
+
+
+def _is_prefix(view: torch.Tensor, room: torch.Tensor) -> bool:
+    """Whether `view` is `room[:, :, :n]` for its own `n` (same start, shape and strides but the slot count)."""
+    return (view.shape[:2] == room.shape[:2] and view.shape[3:] == room.shape[3:] and view.stride() == room.stride()
+            and view.storage_offset() == room.storage_offset())
 
 
 STATISTICS: dict[str, type[Statistic]] = {}
@@ -181,6 +209,13 @@ class Spectrogram(Statistic):
     def _fold_rows(self, rows: list[int] | None, values: torch.Tensor) -> None:
         """Fold `values` `(len(rows), H, S, q)` (any strides) into the state of batch `rows` (all rows if None)."""
         tensors = self.tensors
+        count, q = self.pending_count[0 if rows is None else rows[0]], values.shape[-1]
+        if rows is None and count + q < self.config.hop_length:
+            # No frame completes (most decode steps): the values wait in `pending`, written in place. This is what
+            # `fold_attention` returns, since a slot's pending values past `count` are always zero.
+            tensors["pending"][..., count : count + q] = values
+            self.pending_count = [count + q] * len(self.pending_count)
+            return
         index = slice(None) if rows is None else torch.tensor(rows, device=tensors["ema"].device)
         state = SpectrogramState(
             ema=tensors["ema"][index],
