@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU readiness in one go (at most 9 minutes on one H100: the step limits add up to 550 s): the CUDA tests, then the scaling benchmark and the
+# GPU readiness in one go (at most 8 minutes on one H100: the step limits add up to 480 s): the CUDA tests, then the scaling benchmark and the
 # phase profile on random-weight models of real shapes (weights do not change time or memory).
 #
 #   bash benchmarks/gpu_check.sh            # results in benchmarks/results/*_gpu*.json (copied to $OUT if set), logs in ./gpu_check_logs
@@ -36,10 +36,10 @@ save
 step long_context_llama1b 200 "$PYTHON" benchmarks/long_context.py --model random:llama-3.2-1b --device cuda --dtype bfloat16 \
     --lengths 2048,4096,8192,16384 --new-tokens 32 --tag gpu_llama1b
 save
-step long_context_llama8b 170 "$PYTHON" benchmarks/long_context.py --model random:llama-3.1-8b --device cuda --dtype bfloat16 \
+step long_context_llama8b 150 "$PYTHON" benchmarks/long_context.py --model random:llama-3.1-8b --device cuda --dtype bfloat16 \
     --lengths 4096,16384 --new-tokens 32 --tag gpu_llama8b
 save
-step profile_llama1b 80 "$PYTHON" benchmarks/profile_observation.py --model random:llama-3.2-1b --device cuda --dtype bfloat16 \
+step profile_llama1b 60 "$PYTHON" benchmarks/profile_observation.py --model random:llama-3.2-1b --device cuda --dtype bfloat16 \
     --repeats 3 --tag gpu_llama1b
 save
 echo "== done, $failed failed step(s)"
