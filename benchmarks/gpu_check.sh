@@ -33,7 +33,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 "$PYTHON" -c "import torch, transformers; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'transformers', transformers.__version__)"
 step cuda_tests 100 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_devices.py
 save
-step long_context_llama1b 200 "$PYTHON" benchmarks/long_context.py --model random:llama-3.2-1b --device cuda --dtype bfloat16 \
+step long_context_llama1b 170 "$PYTHON" benchmarks/long_context.py --model random:llama-3.2-1b --device cuda --dtype bfloat16 \
     --lengths 2048,4096,8192,16384 --new-tokens 32 --tag gpu_llama1b
 save
 step long_context_llama8b 150 "$PYTHON" benchmarks/long_context.py --model random:llama-3.1-8b --device cuda --dtype bfloat16 \
