@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # GPU readiness in one go (at most 8 minutes on one H100: the step limits add up to 480 s): the CUDA tests, then the scaling benchmark and the
-# phase profile on random-weight models of real shapes (weights do not change time or memory).
+# phase profile on random-weight models of real shapes (weights do not change time or memory). Each timing is
+# the median of 3 interleaved runs: on a lent machine single runs of the same cache differed by up to 2x.
 #
 #   bash benchmarks/gpu_check.sh            # results in benchmarks/results/*_gpu*.json (copied to $OUT if set), logs in ./gpu_check_logs
 #
@@ -34,10 +35,10 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 step cuda_tests 100 "$PYTHON" -m pytest -q -p no:cacheprovider tests/test_devices.py
 save
 step long_context_llama1b 170 "$PYTHON" benchmarks/long_context.py --model random:llama-3.2-1b --device cuda --dtype bfloat16 \
-    --lengths 2048,4096,8192,16384 --new-tokens 32 --tag gpu_llama1b
+    --lengths 2048,8192,16384 --new-tokens 32 --repeats 3 --warm-runs 0 --tag gpu_llama1b
 save
 step long_context_llama8b 150 "$PYTHON" benchmarks/long_context.py --model random:llama-3.1-8b --device cuda --dtype bfloat16 \
-    --lengths 4096,16384 --new-tokens 32 --tag gpu_llama8b
+    --lengths 16384 --new-tokens 32 --repeats 3 --warm-runs 0 --tag gpu_llama8b
 save
 step profile_llama1b 60 "$PYTHON" benchmarks/profile_observation.py --model random:llama-3.2-1b --device cuda --dtype bfloat16 \
     --repeats 3 --tag gpu_llama1b

@@ -95,6 +95,16 @@ def measure(model, ids: torch.Tensor, cache, chunk: int, new_tokens: int) -> dic
     }
 
 
+def median_row(runs: list[dict]) -> dict:
+    """Each timing's median over repeated runs, with the decode and end-to-end spread (min, max) when repeated."""
+    row = {key: statistics.median(run[key] for run in runs) for key in runs[0]}
+    if len(runs) > 1:
+        row["repeats"] = len(runs)
+        for key in ("decode_ms_per_token", "end_to_end_seconds"):
+            row[f"{key}_range"] = [min(run[key] for run in runs), max(run[key] for run in runs)]
+    return row
+
+
 def plot(result: dict, path: Path) -> None:
     import matplotlib
 
@@ -133,6 +143,9 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--chunk", type=int, default=512)
     parser.add_argument("--update-interval", type=int, default=512)
     parser.add_argument("--new-tokens", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="timed runs of each cache at each length, interleaved (cache order rotated each repeat); "
+                             "each number is the median over them, the spread is recorded (use 3+ on a shared GPU machine)")
     parser.add_argument("--warm-runs", type=int, default=None,
                         help="untimed runs of each cache at each length before the timed one (default: 1 on CUDA, where "
                              "sdpa's first call at a new key length is several times slower, else 0)")
@@ -151,8 +164,8 @@ def main(argv: list[str] | None = None) -> Path:
         parser.error("lengths, --chunk, --new-tokens and --update-interval must be positive")
     if args.warm_runs is None:
         args.warm_runs = 1 if args.device.startswith("cuda") else 0
-    if args.warm_runs < 0:
-        parser.error("--warm-runs must be >= 0")
+    if args.warm_runs < 0 or args.repeats < 1:
+        parser.error("--warm-runs must be >= 0 and --repeats >= 1")
     if args.device == "cpu":
         torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
     model, _ = load_benchmark_model(args.model, dtype=DTYPES[args.dtype], device=args.device,
@@ -176,11 +189,16 @@ def main(argv: list[str] | None = None) -> Path:
         for name in caches:
             for _ in range(args.warm_runs):  # untimed: kernels, plans and allocator warmed at exactly these shapes
                 measure(model, ids, make_cache(name, model, specs), args.chunk, args.new_tokens)
-            cache = make_cache(name, model, specs)
-            rows[str(length)][name] = measure(model, ids, cache, args.chunk, args.new_tokens)
-            del cache
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+        runs: dict[str, list[dict]] = {name: [] for name in caches}
+        for repeat in range(args.repeats):  # interleaved, so a slow spell of the machine hits every cache alike
+            for name in caches[repeat % len(caches):] + caches[: repeat % len(caches)]:
+                cache = make_cache(name, model, specs)
+                runs[name].append(measure(model, ids, cache, args.chunk, args.new_tokens))
+                del cache
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+        for name in caches:
+            rows[str(length)][name] = median_row(runs[name])
         base = rows[str(length)].get("dynamic_cache")
         if base is not None:
             for entry in rows[str(length)].values():
@@ -189,7 +207,7 @@ def main(argv: list[str] | None = None) -> Path:
                 entry["peak_kv_ratio"] = entry["peak_kv_bytes"] / base["peak_kv_bytes"]
         # Written after every length, so a run cut short (a device lease's time limit) keeps what it measured.
         result = {
-            **run_settings(__file__, argv, args, device, ("attn", "chunk", "update_interval", "new_tokens", "warm_runs", "scorer")),
+            **run_settings(__file__, argv, args, device, ("attn", "chunk", "update_interval", "new_tokens", "warm_runs", "repeats", "scorer")),
             "lengths": [n for n in lengths if str(n) in rows],
             "caches": caches,
             "rows": rows,
@@ -200,6 +218,12 @@ def main(argv: list[str] | None = None) -> Path:
     return path
 
 
+def spread(row: dict, key: str, digits: int) -> str:
+    """` (low-high)` over the repeats, or nothing for a single run."""
+    low_high = row.get(f"{key}_range")
+    return f" ({low_high[0]:.{digits}f}-{low_high[1]:.{digits}f})" if low_high else ""
+
+
 def render_table(result: dict) -> str:
     lines = ["| tokens | cache | kept | prefill tok/s | decode ms/token | peak KV MiB | end-to-end s | vs DynamicCache (e2e / decode / KV) |",
              "|---:|---|---:|---:|---:|---:|---:|---|"]
@@ -208,8 +232,9 @@ def render_table(result: dict) -> str:
             ratios = (f"{row['end_to_end_ratio']:.2f}x / {row['decode_ratio']:.2f}x / {row['peak_kv_ratio']:.2f}x"
                       if "end_to_end_ratio" in row else "-")
             lines.append(f"| {length} | {name} | {row['kept_fraction']:.0%} | {row['prefill_tokens_per_second']:.0f} | "
-                         f"{row['decode_ms_per_token']:.1f} | {row['peak_kv_bytes'] / 2**20:.1f} | "
-                         f"{row['end_to_end_seconds']:.2f} | {ratios} |")
+                         f"{row['decode_ms_per_token']:.1f}{spread(row, 'decode_ms_per_token', 1)} | "
+                         f"{row['peak_kv_bytes'] / 2**20:.1f} | "
+                         f"{row['end_to_end_seconds']:.2f}{spread(row, 'end_to_end_seconds', 2)} | {ratios} |")
     return "\n".join(lines)
 
 

@@ -88,6 +88,18 @@ def test_long_context_benchmark_measures_every_cache_at_every_length(tmp_path):
             assert rows[name]["peak_kv_ratio"] == rows[name]["peak_kv_bytes"] / full["peak_kv_bytes"]
         assert all(row["decode_ms_per_token"] > 0 and row["prefill_tokens_per_second"] > 0 for row in rows.values())
     assert (tmp_path / "long_context.png").stat().st_size > 1000
+    # Repeated, interleaved runs: each number is the median, the spread is kept and shown.
+    path = long_context.main(["--model", "random:tiny", "--lengths", "128", "--chunk", "32", "--update-interval", "32",
+                              "--new-tokens", "3", "--caches", "dynamic_cache,namm_25pct", "--repeats", "3",
+                              "--out-dir", str(tmp_path), "--tag", "repeated"])
+    result = json.loads(path.read_text())
+    assert result["repeats"] == 3
+    for row in result["rows"]["128"].values():
+        low, high = row["decode_ms_per_token_range"]
+        assert row["repeats"] == 3 and low <= row["decode_ms_per_token"] <= high
+        low, high = row["end_to_end_seconds_range"]
+        assert low <= row["end_to_end_seconds"] <= high
+    assert f"({low:.2f}-{high:.2f})" in long_context.render_table(result)
 
 
 def test_profile_splits_the_time_into_phases(tmp_path):

@@ -21,6 +21,9 @@ FeatureObserver = Callable[[int, torch.Tensor], None]
 
 # Storage every layer keeps per slot; the policy's statistics add their own per-token tensors.
 STORAGE = ("keys", "values", "positions", "token_valid")
+# Free slots reserved at most when storage moves into a new room: decode steps then write in place, and each
+# RESERVED_SLOTS tokens (or at each eviction round, if sooner) the kept slots are copied once into a new room.
+RESERVED_SLOTS = 64
 
 
 class NAMMLayer(CacheLayerMixin):
@@ -196,9 +199,10 @@ class NAMMLayer(CacheLayerMixin):
         batch, heads, q, _ = key_states.shape
         slots = self.keys.shape[-2]
         if not self._has_room(q):
-            # Room for every token until the next eviction round: the storage the cache reaches there anyway.
+            # Room for the tokens until the next eviction round (storage the cache reaches there anyway), at most
+            # RESERVED_SLOTS of them, so a short generation holds little more than it uses.
             ahead = max(point - seen for point, seen in zip(self.next_eviction, self.real_tokens_seen))
-            self._reserve(slots + max(q, ahead))
+            self._reserve(slots + max(q, min(ahead, RESERVED_SLOTS)))
         room = self._room
         room["keys"][:, :, slots : slots + q].copy_(key_states)
         room["values"][:, :, slots : slots + q].copy_(value_states)
