@@ -194,6 +194,30 @@ def test_decode_steps_append_in_place_between_rounds_within_the_same_memory_boun
     assert cache.peak_kv_bytes <= (cap + interval) * per_token  # what a round every `interval` tokens reaches anyway
 
 
+def test_storage_replaced_from_outside_moves_out_of_its_reserved_room():
+    """A layer whose storage tensors were replaced (not views of its room any more) appends to the new tensors,
+    and no stale room outlives a spectrogram frame."""
+    model = tiny_model("llama", "sdpa")
+    cache = NAMMCache(model=model, scorer=random_scorer(4), update_interval=64, max_tokens=40)
+    layer = cache.namm_layers[0]
+    spectrogram = layer.statistics["spectrogram"]
+    with torch.no_grad():
+        token = model(input_ids=random_ids(64), cache=cache).logits[:, -1:].argmax(-1)
+        for step in range(40):
+            if step == 20:
+                layer.keys = layer.keys * 0.0
+                layer.values = layer.values.clone()
+            token = model(input_ids=token, cache=cache).logits[:, -1:].argmax(-1)
+            if step >= 20:
+                assert layer.keys[..., :-1 - (step - 20), :].abs().sum() == 0  # appended after the replaced keys
+            # No reserved room outlives its tensors (a completed frame replaces the spectrogram's).
+            for name, room in spectrogram._rooms.items():
+                assert room.data_ptr() == spectrogram.tensors[name].data_ptr(), (step, name)
+    slots = layer.token_valid.shape[-1]
+    floats = 17 + 16 + 16  # spectrogram ema, tail, pending
+    assert layer.state_bytes() >= slots * layer.token_valid.shape[1] * (8 + 1 + 4 * floats)
+
+
 def test_beam_search_reorders_the_cache():
     model = tiny_model("llama", "sdpa")
     ids = random_ids(80)

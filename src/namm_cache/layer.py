@@ -525,10 +525,14 @@ class NAMMLayer(CacheLayerMixin):
         return self._room["keys"].nbytes + self._room["values"].nbytes - self.keys.nbytes - self.values.nbytes
 
     def state_bytes(self) -> int:
-        """Bytes of everything kept per token besides keys and values (positions, flags, statistics)."""
+        """Bytes of everything kept per token besides keys and values (positions, flags, statistics), reserved
+        free slots included."""
         if not self.is_initialized:
             return 0
-        return sum(tensor.nbytes for name, tensor in self.per_token_tensors().items() if name not in ("keys", "values"))
+        views = self._room_views
+        in_room = views is not None and all(view is getattr(self, name) for view, name in zip(views, STORAGE))
+        storage = sum((self._room[name] if in_room else getattr(self, name)).nbytes for name in ("positions", "token_valid"))
+        return storage + sum(statistic.allocated_bytes() for statistic in self.statistics.values())
 
     def kept_per_head(self) -> torch.Tensor:
         """`(B, H)` number of real tokens each (row, KV head) holds."""

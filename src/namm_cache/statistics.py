@@ -105,6 +105,15 @@ class Statistic:
                 self._rooms[name] = room
             self.tensors[name] = room[:, :, : slots + q]
 
+    def allocated_bytes(self) -> int:
+        """Bytes of the per-token state, reserved free slots included."""
+        total = 0
+        for name, tensor in self.tensors.items():
+            room = self._rooms.get(name)
+            inside = room is not None and room.data_ptr() == tensor.data_ptr() and _is_prefix(tensor, room)
+            total += room.nbytes if inside else tensor.nbytes
+        return total
+
     def drop_rooms(self) -> None:
         """Forget the rooms (the layer replaced every tensor, e.g. compaction), so their memory is freed."""
         self._rooms = {}
@@ -226,6 +235,7 @@ class Spectrogram(Statistic):
         state = fold_attention(state, values, self.config)
         if rows is None:
             tensors.update(ema=state.ema, tail=state.tail, pending=state.pending)
+            self.drop_rooms()  # the new tensors back nothing reserved: free the old rooms now
         else:
             tensors["ema"][index] = state.ema
             tensors["tail"][index] = state.tail
