@@ -104,8 +104,10 @@ def render_heldout(name: str):
 
         return (
             f"Measured {result['date']}; command: `python -m namm_cache.evolution.evaluate --scorer {result['scorer']} "
-            f"--prompts-per-task {result['prompts_per_task']}{' --no-cap' if result.get('no_cap') else ''} "
-            f"--out benchmarks/results/{name}.json`. Held-out KJV Proverbs haystacks, seed {result['seed']}, "
+            + (f"--model {result['model']} " if result.get("model", "smollm2-135m-instruct") != "smollm2-135m-instruct" else "")
+            + f"--prompts-per-task {result['prompts_per_task']}{' --no-cap' if result.get('no_cap') else ''}"
+            + (f" --budget {result['budget']}" if result.get("budget") is not None else "")
+            + f" --out benchmarks/results/{name}.json`. Held-out KJV Proverbs haystacks, seed {result['seed']}, "
             f"{result['prompts_per_task']} prompts per task. Cells: teacher-forced answer probability (greedy accuracy in "
             "parentheses); normalised mean = mean over tasks of score / full-cache score; each baseline at the budget "
             "under which it holds what the scorer held.\n\n" + table(result)
@@ -169,6 +171,7 @@ RENDERERS = {
     "ruler_smollm2": render_ruler_smollm2,
     "heldout_smollm2": render_heldout("heldout_smollm2"),
     "heldout_smollm2_stage4": render_heldout("heldout_smollm2_stage4"),
+    "heldout_linear": render_heldout("heldout_linear"),
     "overhead_memory": render_overhead_memory,
     "policy_overhead": render_policy_overhead,
     "compare_smollm2": render_compare_smollm2,

@@ -356,6 +356,7 @@ def main(argv: list[str] | None = None) -> int:
         return fail(error)
     result = evaluate_heldout(model, tokenizer, args.scorer, prompts_per_task=prompts, no_cap=args.no_cap, budget=budget,
                               oracle=not args.no_oracle, resamples=resamples, seed=seed)
+    result["model"] = args.model
     out.write_text(json.dumps(result, indent=2))
     print(table(result))
     return 0
