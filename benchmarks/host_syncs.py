@@ -55,13 +55,18 @@ def counting_reads(counter: Counter):
             setattr(torch.Tensor, name, original)
 
 
+def greedy_decode(model, cache, prompt: torch.Tensor, new_tokens: int, chunk: int) -> None:
+    """`generate` `new_tokens` greedy tokens after `prompt`, prefilled in `chunk`-token chunks, through `cache`."""
+    model.generate(prompt, attention_mask=torch.ones_like(prompt), cache=cache, max_new_tokens=new_tokens,
+                   min_new_tokens=new_tokens, do_sample=False, prefill_chunk_size=chunk, pad_token_id=0)
+
+
 def reads_per_step(model, make_cache, prompt: torch.Tensor, steps: int, chunk: int) -> dict[str, float]:
     """Host reads per decode step: (reads of `steps` + 16 new tokens) - (reads of 16), over `steps`."""
     def count(new_tokens: int) -> Counter:
         counter = Counter()
         with counting_reads(counter):
-            model.generate(prompt, attention_mask=torch.ones_like(prompt), cache=make_cache(), max_new_tokens=new_tokens,
-                           min_new_tokens=new_tokens, do_sample=False, prefill_chunk_size=chunk, pad_token_id=0)
+            greedy_decode(model, make_cache(), prompt, new_tokens, chunk)
         return counter
 
     short, long = count(16), count(16 + steps)
@@ -76,8 +81,7 @@ def operators_per_step(model, make_cache, prompt: torch.Tensor, steps: int, chun
 
     def count(new_tokens: int) -> tuple[int, int]:
         with profile(activities=[ProfilerActivity.CPU]) as prof:
-            model.generate(prompt, attention_mask=torch.ones_like(prompt), cache=make_cache(), max_new_tokens=new_tokens,
-                           min_new_tokens=new_tokens, do_sample=False, prefill_chunk_size=chunk, pad_token_id=0)
+            greedy_decode(model, make_cache(), prompt, new_tokens, chunk)
         names = [event.name for event in prof.events() if event.name.startswith("aten::")
                  and (event.cpu_parent is None or not event.cpu_parent.name.startswith("aten::"))]
         return len(names), sum(name not in VIEW_OPS for name in names)

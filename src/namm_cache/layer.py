@@ -218,11 +218,14 @@ class NAMMLayer(CacheLayerMixin):
         hand_over(self, self.keys)
         return self.keys, self.values
 
-    def _has_room(self, q: int) -> bool:
-        """Whether the storage tensors are still views of the reserved room, with `q` more slots free in it."""
+    def _in_room(self) -> bool:
+        """Whether the storage tensors are still the views of the reserved room that the last append made."""
         views = self._room_views
-        return (views is not None and self.keys.shape[-2] + q <= self._room["keys"].shape[2]
-                and all(view is getattr(self, name) for view, name in zip(views, STORAGE)))
+        return views is not None and all(view is getattr(self, name) for view, name in zip(views, STORAGE))
+
+    def _has_room(self, q: int) -> bool:
+        """Whether storage lives in the reserved room, with `q` more slots free in it."""
+        return self._in_room() and self.keys.shape[-2] + q <= self._room["keys"].shape[2]
 
     def _reserve(self, capacity: int) -> None:
         """Move storage into tensors of `capacity` slots, so appends write in place (one copy per tensor)
@@ -519,8 +522,7 @@ class NAMMLayer(CacheLayerMixin):
 
     def reserved_kv_bytes(self) -> int:
         """Bytes of the free key and value slots reserved for the coming tokens (0 outside a reserved room)."""
-        views = self._room_views
-        if not self.is_initialized or views is None or views[0] is not self.keys or views[1] is not self.values:
+        if not self.is_initialized or not self._in_room():
             return 0
         return self._room["keys"].nbytes + self._room["values"].nbytes - self.keys.nbytes - self.values.nbytes
 
@@ -529,8 +531,7 @@ class NAMMLayer(CacheLayerMixin):
         free slots included."""
         if not self.is_initialized:
             return 0
-        views = self._room_views
-        in_room = views is not None and all(view is getattr(self, name) for view, name in zip(views, STORAGE))
+        in_room = self._in_room()
         storage = sum((self._room[name] if in_room else getattr(self, name)).nbytes for name in ("positions", "token_valid"))
         return storage + sum(statistic.allocated_bytes() for statistic in self.statistics.values())
 

@@ -99,7 +99,7 @@ class Statistic:
         for name, tensor in self.tensors.items():
             slots = tensor.shape[2]
             room = self._rooms.get(name)
-            if room is None or room.shape[2] < slots + q or room.data_ptr() != tensor.data_ptr() or not _is_prefix(tensor, room):
+            if room is None or room.shape[2] < slots + q or not _is_prefix(tensor, room):
                 room = tensor.new_zeros(tensor.shape[0], tensor.shape[1], slots + max(q, ahead), *tensor.shape[3:])
                 room[:, :, :slots] = tensor
                 self._rooms[name] = room
@@ -110,8 +110,7 @@ class Statistic:
         total = 0
         for name, tensor in self.tensors.items():
             room = self._rooms.get(name)
-            inside = room is not None and room.data_ptr() == tensor.data_ptr() and _is_prefix(tensor, room)
-            total += room.nbytes if inside else tensor.nbytes
+            total += room.nbytes if room is not None and _is_prefix(tensor, room) else tensor.nbytes
         return total
 
     def drop_rooms(self) -> None:
@@ -148,9 +147,9 @@ class Statistic:
 
 
 def _is_prefix(view: torch.Tensor, room: torch.Tensor) -> bool:
-    """Whether `view` is `room[:, :, :n]` for its own `n` (same start, shape and strides but the slot count)."""
-    return (view.shape[:2] == room.shape[:2] and view.shape[3:] == room.shape[3:] and view.stride() == room.stride()
-            and view.storage_offset() == room.storage_offset())
+    """Whether `view` is `room[:, :, :n]` for its own `n` (same memory, start, shape and strides but the slot count)."""
+    return (view.data_ptr() == room.data_ptr() and view.shape[:2] == room.shape[:2] and view.shape[3:] == room.shape[3:]
+            and view.stride() == room.stride() and view.storage_offset() == room.storage_offset())
 
 
 STATISTICS: dict[str, type[Statistic]] = {}
