@@ -15,8 +15,10 @@ Every row keeps its per-prompt scores (the same prompts for every cache). The ga
 baseline (highest normalised mean) by a paired bootstrap over prompts (`paired_bootstrap`): the 95% interval
 of the difference of normalised means and of their ratio. An `oracle (ceiling)` row, at the same budget,
 keeps each prompt's evidence (the needle sentences), 4 sinks and the most recent tokens, on the tasks whose
-examples carry evidence; it is a ceiling, never the best baseline. Bad flags exit with status 2 and one
-`error:` line on stderr.
+examples carry evidence; it is a ceiling, never the best baseline. `--protected-baselines h2o,key_norm` adds
+those baselines once more with the scorer's own protected tokens (sinks, recent window) inside the same budget,
+to tell what the scorer picks from what it is told to keep; they compete for the best baseline too. Bad flags
+exit with status 2 and one `error:` line on stderr.
 """
 
 from __future__ import annotations
@@ -133,7 +135,8 @@ def paired_bootstrap(namm: dict[str, Any], baseline: dict[str, Any], full: dict[
 
 
 def evaluate_heldout(model, tokenizer, scorer_path: str, *, prompts_per_task: int = GATE_PROMPTS_PER_TASK,
-                     policies: list[str] | None = None, progress: bool = True, no_cap: bool = False,
+                     policies: list[str] | None = None, protected_policies: list[str] | None = None,
+                     progress: bool = True, no_cap: bool = False,
                      budget: float | None = None, oracle: bool = True, resamples: int = RESAMPLES,
                      seed: int = 0) -> dict[str, Any]:
     """Full cache, the scorer, every baseline and the oracle ceiling (at the scorer's measured kept fraction) on
@@ -141,14 +144,24 @@ def evaluate_heldout(model, tokenizer, scorer_path: str, *, prompts_per_task: in
 
     `no_cap=True` drops the scorer's stored `max_tokens`, so it keeps what its threshold keeps; `budget=F` runs
     it under a fraction budget instead (its top F, no cap). Each row holds `per_task` means and `scores`
-    (`{task: [per-prompt teacher-forced probability]}`, prompts in suite order)."""
+    (`{task: [per-prompt teacher-forced probability]}`, prompts in suite order).
+
+    `policies` are the baselines run by their own rules (default: every registered one); `protected_policies`
+    adds a row per named policy run with the scorer's own protected tokens (its `sinks` and `recent_window`,
+    which count toward the same budget), policy `"<name>+protected"`: whether the scorer wins by what it picks
+    or by what it is told to keep. Both kinds compete for the gate's best baseline."""
     prompts_per_task = check_int("prompts_per_task", prompts_per_task, minimum=1)
     budget = check_float("budget", budget, above=0.0, maximum=1.0, optional=True)
     resamples = check_int("resamples", resamples, minimum=1)
     seed = check_int("seed", seed, minimum=0)
     if no_cap and budget is not None:
         raise ValueError("Choose one of no_cap (the scorer's threshold) and budget (a fraction budget), not both.")
+    baselines = check_baselines("policies", BASELINES if policies is None else policies)
+    protected_baselines = check_baselines("protected_policies", protected_policies or [])
     loaded = load_scorer(scorer_path)
+    if protected_baselines and not (loaded.config.sinks or loaded.config.recent_window):
+        raise ValueError(f"{scorer_path} protects no tokens (sinks = recent_window = 0): protected baselines would "
+                         "repeat the plain ones.")
     config = loaded.config.replace(max_tokens=None) if no_cap or budget is not None else loaded.config
     if no_cap and config.threshold is None:
         raise ValueError(f"{scorer_path} has no score threshold: without its cap it would keep every token.")
@@ -184,8 +197,8 @@ def evaluate_heldout(model, tokenizer, scorer_path: str, *, prompts_per_task: in
         return lambda example: spec.build(model)
 
     with_evidence = [e for e in examples if e.evidence]
-    baselines = list(policies or BASELINES)
-    bar = tqdm(total=2 + len(baselines) + bool(oracle and with_evidence), desc="held-out", disable=not progress)
+    bar = tqdm(total=2 + len(baselines) + len(protected_baselines) + bool(oracle and with_evidence), desc="held-out",
+               disable=not progress)
     full = run(maker(CacheSpec(policy="full", config=config)), "full cache", "full")
     bar.update(1)
     if budget is not None:
@@ -208,6 +221,13 @@ def evaluate_heldout(model, tokenizer, scorer_path: str, *, prompts_per_task: in
         rows.append(run(maker(CacheSpec(policy=policy, budget=fraction, config=baseline_config)),
                         f"{policy} (budget {fraction:.1%})", policy))
         bar.update(1)
+    protection = baseline_config.replace(sinks=config.sinks, recent_window=config.recent_window)
+    for policy in protected_baselines:
+        spec = CacheSpec(policy=policy, budget=fraction, config=protection)
+        rows.append(run(maker(spec), f"{policy} + {spec.config.sinks} sinks, {spec.config.recent_window} recent "
+                                     f"(budget {fraction:.1%})", f"{policy}+protected"))
+        rows[-1]["protected"] = {"sinks": spec.config.sinks, "recent_window": spec.config.recent_window}
+        bar.update(1)
     if oracle and with_evidence:
         def oracle_cache(example: Example):
             positions = example.evidence_positions(tokenizer)
@@ -225,7 +245,8 @@ def evaluate_heldout(model, tokenizer, scorer_path: str, *, prompts_per_task: in
               "prompts_per_task": prompts_per_task, "seed": HELDOUT_SEED,
               "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "rows": rows,
               "depths": evidence_depths(examples, tokenizer)}
-    candidates = [row for row in rows if row["policy"] in baselines]
+    contenders = set(baselines) | {f"{policy}+protected" for policy in protected_baselines}
+    candidates = [row for row in rows if row["policy"] in contenders]
     if candidates:
         best = max(candidates, key=lambda row: row["normalized_mean"])
         gate = paired_bootstrap({t: np.asarray(v) for t, v in namm["scores"].items()},
@@ -233,6 +254,19 @@ def evaluate_heldout(model, tokenizer, scorer_path: str, *, prompts_per_task: in
                                 resamples=resamples, seed=seed)
         result["gate"] = {"baseline": best["policy"], "baseline_label": best["label"], **gate}
     return result
+
+
+def check_baselines(name: str, policies: Any) -> list[str]:
+    """`policies` as a list of registered baseline names (a comma-separated string is split), each once."""
+    if isinstance(policies, str):
+        policies = [part.strip() for part in policies.split(",") if part.strip()]
+    policies = list(policies)
+    unknown = [policy for policy in policies if policy not in BASELINES]
+    if unknown:
+        raise ValueError(f"{name}: unknown baseline(s) {unknown}; choose from {BASELINES}.")
+    if len(set(policies)) != len(policies):
+        raise ValueError(f"{name}: a baseline is named twice in {policies}.")
+    return policies
 
 
 def evidence_depths(examples: list[Example], tokenizer: Any) -> dict[str, list[float]]:
@@ -325,6 +359,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resamples", default=str(RESAMPLES), help=f"bootstrap resamples (default {RESAMPLES})")
     parser.add_argument("--bootstrap-seed", default="0", help="the bootstrap's numpy seed (default 0)")
     parser.add_argument("--no-oracle", action="store_true", help="leave out the oracle (ceiling) row")
+    parser.add_argument("--baselines", default=",".join(BASELINES),
+                        help="comma-separated baselines run by their own rules (default: all)")
+    parser.add_argument("--protected-baselines", default="",
+                        help="comma-separated baselines also run with the scorer's sinks and recent window (default: none)")
     parser.add_argument("--out", required=True, help="results JSON")
     args = parser.parse_args(argv)
 
@@ -338,6 +376,8 @@ def main(argv: list[str] | None = None) -> int:
         prompts = check_int("--prompts-per-task", _number("--prompts-per-task", args.prompts_per_task), minimum=1)
         budget = None if args.budget is None else check_float("--budget", _number("--budget", args.budget), above=0.0, maximum=1.0)
         resamples = check_int("--resamples", _number("--resamples", args.resamples), minimum=1)
+        baselines = check_baselines("--baselines", args.baselines)
+        protected = check_baselines("--protected-baselines", args.protected_baselines)
         seed = check_int("--bootstrap-seed", _number("--bootstrap-seed", args.bootstrap_seed), minimum=0)
         out = Path(args.out)
         if out.is_dir() or not out.parent.is_dir():
@@ -345,6 +385,8 @@ def main(argv: list[str] | None = None) -> int:
         loaded = load_scorer(args.scorer)
         if args.no_cap and loaded.config.threshold is None:
             raise ValueError(f"{args.scorer} has no score threshold: --no-cap would keep every token.")
+        if protected and not (loaded.config.sinks or loaded.config.recent_window):
+            raise ValueError(f"{args.scorer} protects no tokens: --protected-baselines would repeat the plain baselines.")
     except (ValueError, OSError) as error:  # ScorerLoadError is a ValueError
         return fail(error)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
@@ -354,7 +396,8 @@ def main(argv: list[str] | None = None) -> int:
         model, tokenizer = load_model(args.model)
     except (ValueError, OSError) as error:
         return fail(error)
-    result = evaluate_heldout(model, tokenizer, args.scorer, prompts_per_task=prompts, no_cap=args.no_cap, budget=budget,
+    result = evaluate_heldout(model, tokenizer, args.scorer, prompts_per_task=prompts, policies=baselines,
+                              protected_policies=protected, no_cap=args.no_cap, budget=budget,
                               oracle=not args.no_oracle, resamples=resamples, seed=seed)
     result["model"] = args.model
     out.write_text(json.dumps(result, indent=2))

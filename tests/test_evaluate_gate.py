@@ -197,15 +197,20 @@ def test_heldout_evaluation_keeps_per_prompt_scores_and_gates_against_the_best_b
     from namm_cache.hub import ScorerMetadata, save_scorer
 
     folder = tmp_path / "scorer"
-    save_scorer(folder, random_scorer(seed=3), NAMMConfig(update_interval=128, threshold=0.0, max_tokens=64),
-                ScorerMetadata(description="test scorer"))
+    save_scorer(folder, random_scorer(seed=3), NAMMConfig(update_interval=128, threshold=0.0, max_tokens=64, sinks=4,
+                                                          recent_window=16), ScorerMetadata(description="test scorer"))
     model, tokenizer = load_model(str(tiny_model_dir))
     result = evaluate_heldout(model, tokenizer, str(folder), prompts_per_task=2, policies=["h2o", "streaming_llm"],
-                              progress=False, budget=0.25, resamples=300)
+                              protected_policies=["h2o"], progress=False, budget=0.25, resamples=300)
     labels = [row["label"] for row in result["rows"]]
     assert labels[1] == "NAMM (budget 25%)" and labels[-1].startswith("oracle (ceiling, budget ")
     namm, oracle = result["rows"][1], result["rows"][-1]
     assert 0.2 < namm["kept_fraction"] < 0.4 and abs(oracle["kept_fraction"] - namm["kept_fraction"]) < 0.02
+    # h2o again, told to keep the scorer's 4 sinks and 16 newest positions inside the same budget
+    plain, protected = (next(row for row in result["rows"] if row["policy"] == name) for name in ("h2o", "h2o+protected"))
+    assert protected["label"].startswith("h2o + 4 sinks, 16 recent (budget ")
+    assert abs(protected["kept_fraction"] - plain["kept_fraction"]) < 0.02
+    assert protected["protected"] == {"sinks": 4, "recent_window": 16} and "protected" not in plain
     for row in result["rows"][:-1]:
         assert {task: len(values) for task, values in row["scores"].items()} == {
             "passkey": 2, "needle": 2, "variable_tracking": 2, "long_text": 2}
@@ -213,7 +218,7 @@ def test_heldout_evaluation_keeps_per_prompt_scores_and_gates_against_the_best_b
             assert row["per_task"][task]["score"] == pytest.approx(sum(values) / 2)
     assert set(oracle["scores"]) == {"passkey", "needle", "variable_tracking"}  # long_text carries no evidence
     gate = result["gate"]
-    baselines = [row for row in result["rows"] if row["policy"] in ("h2o", "streaming_llm")]
+    baselines = [row for row in result["rows"] if row["policy"] in ("h2o", "streaming_llm", "h2o+protected")]
     best = max(baselines, key=lambda row: row["normalized_mean"])
     assert gate["baseline"] == best["policy"] and gate["resamples"] == 300
     assert gate["difference"] == pytest.approx(namm["normalized_mean"] - best["normalized_mean"])
@@ -250,7 +255,9 @@ def test_the_table_reads_results_written_before_the_gate():
 @pytest.mark.parametrize("flags", [["--budget", "0"], ["--budget", "1.5"], ["--budget", "abc"], ["--budget", "nan"],
                                    ["--prompts-per-task", "0"], ["--prompts-per-task", "2.5"], ["--resamples", "0"],
                                    ["--bootstrap-seed", "-3"], ["--no-cap", "--budget", "0.25"], ["--scorer-missing"],
-                                   ["--out-folder-missing"]])
+                                   ["--out-folder-missing"], ["--baselines", "h2o,nope"], ["--baselines", "full"],
+                                   ["--protected-baselines", "h2o,h2o"],
+                                   ["--protected-baselines", "h2o"]])  # the scorer protects no tokens
 def test_the_cli_refuses_bad_flags_with_one_error_line(flags, tmp_path, capsys, monkeypatch):
     from helpers import random_scorer
 
