@@ -96,6 +96,20 @@ def render_compare_gemma3(result: dict) -> str:
     return render_compare(result) + "\n\n![score vs retained KV](benchmarks/results/compare_gemma3_quality.png)"
 
 
+def baseline_flags(result: dict) -> str:
+    """The evaluate flags that chose the result's baseline rows (read from the rows, so older files render too)."""
+    from namm_cache.evolution.evaluate import BASELINES
+
+    policies = [row.get("policy") for row in result["rows"]]
+    if None in policies:  # written before rows named their policy: every baseline, as then
+        return ""
+    plain = [policy for policy in policies if policy in BASELINES]
+    protected = [policy.removesuffix("+protected") for policy in policies if policy.endswith("+protected")]
+    flags = "" if plain == BASELINES else f" --baselines {','.join(plain)}"
+    flags += f" --protected-baselines {','.join(protected)}" if protected else ""
+    return flags + (" --no-oracle" if "depths" in result and "oracle" not in policies else "")
+
+
 def render_heldout(name: str):
     """Renderer for a held-out evaluation written to `benchmarks/results/<name>.json`."""
 
@@ -107,6 +121,7 @@ def render_heldout(name: str):
             + (f"--model {result['model']} " if result.get("model", "smollm2-135m-instruct") != "smollm2-135m-instruct" else "")
             + f"--prompts-per-task {result['prompts_per_task']}{' --no-cap' if result.get('no_cap') else ''}"
             + (f" --budget {result['budget']}" if result.get("budget") is not None else "")
+            + baseline_flags(result)
             + f" --out benchmarks/results/{name}.json`. Held-out KJV Proverbs haystacks, seed {result['seed']}, "
             f"{result['prompts_per_task']} prompts per task. Cells: teacher-forced answer probability (greedy accuracy in "
             "parentheses); normalised mean = mean over tasks of score / full-cache score; each baseline at the budget "
@@ -172,6 +187,8 @@ RENDERERS = {
     "heldout_smollm2": render_heldout("heldout_smollm2"),
     "heldout_smollm2_stage4": render_heldout("heldout_smollm2_stage4"),
     "heldout_linear": render_heldout("heldout_linear"),
+    "heldout_linear_25": render_heldout("heldout_linear_25"),
+    "heldout_linear_protected": render_heldout("heldout_linear_protected"),
     "overhead_memory": render_overhead_memory,
     "policy_overhead": render_policy_overhead,
     "compare_smollm2": render_compare_smollm2,

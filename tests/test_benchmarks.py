@@ -164,3 +164,19 @@ def test_run_check_scores_a_runs_mean_beside_its_baselines_with_an_interval(tmp_
     expected = result["rows"]["mean"]["normalized"] - result["rows"]["streaming_llm"]["normalized"]
     assert abs(streaming["difference"] - expected) < 1e-9 and streaming["low"] <= streaming["difference"] <= streaming["high"]
     assert json.loads((tmp_path / "check.json").read_text())["intervals"].keys() == {"streaming_llm", "h2o"}
+
+
+def test_the_readme_shows_the_flags_that_chose_a_held_out_run_s_baselines():
+    import render_readme
+
+    from namm_cache.evolution.evaluate import BASELINES
+
+    def result(policies, depths=True):
+        rows = [{"policy": policy} for policy in ["full", "namm", *policies]]
+        return {"rows": rows, **({"depths": {}} if depths else {})}
+
+    assert render_readme.baseline_flags(result([*BASELINES, "oracle"])) == ""
+    assert render_readme.baseline_flags(result(["h2o", "h2o+protected", "snapkv+protected"])) == (
+        " --baselines h2o --protected-baselines h2o,snapkv --no-oracle")
+    assert render_readme.baseline_flags(result(["h2o", "oracle"], depths=False)) == " --baselines h2o"
+    assert render_readme.baseline_flags({"rows": [{"label": "written before rows named their policy"}]}) == ""
