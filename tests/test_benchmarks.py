@@ -6,6 +6,9 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
@@ -180,3 +183,40 @@ def test_the_readme_shows_the_flags_that_chose_a_held_out_run_s_baselines():
         " --baselines h2o --protected-baselines h2o,snapkv --no-oracle")
     assert render_readme.baseline_flags(result(["h2o", "oracle"], depths=False)) == " --baselines h2o"
     assert render_readme.baseline_flags({"rows": [{"label": "written before rows named their policy"}]}) == ""
+
+
+def test_evidence_retention_counts_what_each_cache_holds_of_the_needle(tmp_path, tiny_model_dir):
+    import evidence_retention
+    from helpers import random_scorer
+
+    from namm_cache import CacheSpec, NAMMConfig
+    from namm_cache.evolution.run import load_model
+    from namm_cache.hub import ScorerMetadata, save_scorer
+
+    folder = tmp_path / "scorer"
+    config = NAMMConfig(update_interval=64, threshold=0.0, max_tokens=96, sinks=4, recent_window=32)
+    save_scorer(folder, random_scorer(seed=3), config, ScorerMetadata(description="test scorer"))
+    out = tmp_path / "retention.json"
+    result = evidence_retention.main(["--scorer", str(folder), "--model", str(tiny_model_dir), "--baselines", "streaming_llm",
+                                      "--prompts-per-task", "1", "--tokens", "300", "--out", str(out)])
+    assert json.loads(out.read_text())["rows"] == result["rows"] and out.with_suffix(".png").stat().st_size > 1000
+    rows = {row["policy"]: row for row in result["rows"]}
+    assert list(rows) == ["full", "namm", "streaming_llm", "oracle"]
+    assert rows["full"]["normalized"] == {"passkey": 1.0, "needle": 1.0}
+    layers = 2
+    # The oracle holds every evidence token in every head (4 sinks + 32 recent + the needle fit in 96 tokens).
+    assert rows["oracle"]["evidence_by_layer"] == [1.0] * layers and rows["oracle"]["evidence_retention"] == 1.0
+    for policy in ("namm", "streaming_llm"):
+        assert len(rows[policy]["evidence_by_layer"]) == layers
+        assert 0.0 <= rows[policy]["base_rate"] < 0.5 and 0.2 < rows[policy]["kept_fraction"] < 0.5
+    # A full cache holds everything; counting is per (token, KV head) pair.
+    model, tokenizer = load_model(str(tiny_model_dir))
+    prompt = torch.arange(200).unsqueeze(0) + 1000
+    full = evidence_retention.retention_after_prompt(model, CacheSpec(policy="full", config=config).build(model), prompt,
+                                                     torch.tensor([50, 51]), 64, sinks=4, recent_window=32)
+    assert full == ([1.0] * layers, [1.0] * layers)
+    held = evidence_retention.retention_after_prompt(model, CacheSpec(policy="streaming_llm", budget=96, config=config.replace(max_tokens=None)).build(model),
+                                                     prompt, torch.tensor([50, 51]), 64, sinks=4, recent_window=32)
+    # At its last round (192 tokens seen) streaming_llm kept 4 sinks and the 92 newest (100..191); 192..199 came after.
+    # Decided tokens are 4..167 less the 2 evidence tokens: it holds 100..167, 68 of 162, and no evidence.
+    assert held[0] == [0.0] * layers and held[1] == [pytest.approx(68 / 162)] * layers
