@@ -105,7 +105,7 @@ def baseline_flags(result: dict) -> str:
         return ""
     plain = [policy for policy in policies if policy in BASELINES]
     protected = [policy.removesuffix("+protected") for policy in policies if policy.endswith("+protected")]
-    flags = "" if plain == BASELINES else f" --baselines {','.join(plain)}"
+    flags = "" if plain == BASELINES else f" --baselines {','.join(plain) or repr('')}"
     flags += f" --protected-baselines {','.join(protected)}" if protected else ""
     return flags + (" --no-oracle" if "depths" in result and "oracle" not in policies else "")
 

@@ -139,7 +139,7 @@ def evaluate_heldout(model, tokenizer, scorer_path: str, *, prompts_per_task: in
                      progress: bool = True, no_cap: bool = False,
                      budget: float | None = None, oracle: bool = True, resamples: int = RESAMPLES,
                      seed: int = 0) -> dict[str, Any]:
-    """Full cache, the scorer, every baseline and the oracle ceiling (at the scorer's measured kept fraction) on
+    """Full cache, the scorer, the baselines and the oracle ceiling (at the scorer's measured kept fraction) on
     held-out prompts, with the gate's paired bootstrap of NAMM against the best baseline (`result["gate"]`).
 
     `no_cap=True` drops the scorer's stored `max_tokens`, so it keeps what its threshold keeps; `budget=F` runs
@@ -158,6 +158,8 @@ def evaluate_heldout(model, tokenizer, scorer_path: str, *, prompts_per_task: in
         raise ValueError("Choose one of no_cap (the scorer's threshold) and budget (a fraction budget), not both.")
     baselines = check_baselines("policies", BASELINES if policies is None else policies)
     protected_baselines = check_baselines("protected_policies", protected_policies or [])
+    if not baselines and not protected_baselines:
+        raise ValueError("Name at least one baseline: the gate compares the scorer with the best of them.")
     loaded = load_scorer(scorer_path)
     if protected_baselines and not (loaded.config.sinks or loaded.config.recent_window):
         raise ValueError(f"{scorer_path} protects no tokens (sinks = recent_window = 0): protected baselines would "
@@ -245,15 +247,22 @@ def evaluate_heldout(model, tokenizer, scorer_path: str, *, prompts_per_task: in
               "prompts_per_task": prompts_per_task, "seed": HELDOUT_SEED,
               "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "rows": rows,
               "depths": evidence_depths(examples, tokenizer)}
-    contenders = set(baselines) | {f"{policy}+protected" for policy in protected_baselines}
-    candidates = [row for row in rows if row["policy"] in contenders]
-    if candidates:
-        best = max(candidates, key=lambda row: row["normalized_mean"])
+    best = best_baseline(rows, baselines, protected_baselines)
+    if best is not None:
         gate = paired_bootstrap({t: np.asarray(v) for t, v in namm["scores"].items()},
                                 {t: np.asarray(v) for t, v in best["scores"].items()}, full_scores,
                                 resamples=resamples, seed=seed)
         result["gate"] = {"baseline": best["policy"], "baseline_label": best["label"], **gate}
     return result
+
+
+def best_baseline(rows: list[dict[str, Any]], baselines: list[str], protected_baselines: list[str]) -> dict[str, Any] | None:
+    """The row the gate compares NAMM with: the highest `normalized_mean` among the baselines run by their own rules
+    (`policy` in `baselines`) and those run with the scorer's protection (`"<name>+protected"`); never the full
+    cache, NAMM or the oracle. None when no such row exists."""
+    contenders = set(baselines) | {f"{policy}+protected" for policy in protected_baselines}
+    candidates = [row for row in rows if row["policy"] in contenders]
+    return max(candidates, key=lambda row: row["normalized_mean"]) if candidates else None
 
 
 def check_baselines(name: str, policies: Any) -> list[str]:
@@ -378,6 +387,8 @@ def main(argv: list[str] | None = None) -> int:
         resamples = check_int("--resamples", _number("--resamples", args.resamples), minimum=1)
         baselines = check_baselines("--baselines", args.baselines)
         protected = check_baselines("--protected-baselines", args.protected_baselines)
+        if not baselines and not protected:
+            raise ValueError("--baselines and --protected-baselines name no baseline: the gate needs at least one.")
         seed = check_int("--bootstrap-seed", _number("--bootstrap-seed", args.bootstrap_seed), minimum=0)
         out = Path(args.out)
         if out.is_dir() or not out.parent.is_dir():

@@ -183,6 +183,8 @@ def test_the_readme_shows_the_flags_that_chose_a_held_out_run_s_baselines():
         " --baselines h2o --protected-baselines h2o,snapkv --no-oracle")
     assert render_readme.baseline_flags(result(["h2o", "oracle"], depths=False)) == " --baselines h2o"
     assert render_readme.baseline_flags({"rows": [{"label": "written before rows named their policy"}]}) == ""
+    assert render_readme.baseline_flags(result(["key_norm+protected", "oracle"])) == (
+        " --baselines '' --protected-baselines key_norm")
 
 
 def test_evidence_retention_counts_what_each_cache_holds_of_the_needle(tmp_path, tiny_model_dir):
@@ -217,6 +219,48 @@ def test_evidence_retention_counts_what_each_cache_holds_of_the_needle(tmp_path,
     assert full == ([1.0] * layers, [1.0] * layers)
     held = evidence_retention.retention_after_prompt(model, CacheSpec(policy="streaming_llm", budget=96, config=config.replace(max_tokens=None)).build(model),
                                                      prompt, torch.tensor([50, 51]), 64, sinks=4, recent_window=32)
-    # At its last round (192 tokens seen) streaming_llm kept 4 sinks and the 92 newest (100..191); 192..199 came after.
-    # Decided tokens are 4..167 less the 2 evidence tokens: it holds 100..167, 68 of 162, and no evidence.
-    assert held[0] == [0.0] * layers and held[1] == [pytest.approx(68 / 162)] * layers
+    # The last round ran at 192 tokens seen (when 192..199 arrived): streaming_llm kept 4 sinks and the 92 newest
+    # (100..191), the window protecting 160..191. Decided: 4..159 less the 2 evidence tokens; it holds 100..159, 60 of 154.
+    assert held[0] == [0.0] * layers and held[1] == [pytest.approx(60 / 154)] * layers
+
+
+def test_held_shares_count_each_head_s_own_tokens_and_skip_empty_slots():
+    from evidence_retention import held_shares
+
+    positions = torch.tensor([[0, 2, 5, 7], [1, 2, 3, 5]])
+    valid = torch.tensor([[True, True, True, False], [True, True, True, True]])  # head 0's last slot is empty (7 evicted)
+    needle = torch.zeros(8, dtype=torch.bool)
+    needle[[2, 7]] = True
+    haystack = ~needle
+    haystack[0] = False
+    # needle pairs: (2, h0) held, (7, h0) empty slot, (2, h1) held, (7, h1) not held -> 2 of 4
+    # haystack 1, 3, 4, 5, 6: head 0 holds 5; head 1 holds 1, 3, 5 -> 4 of 10
+    assert held_shares(positions, valid, needle, haystack) == pytest.approx((0.5, 0.4))
+    empty = torch.zeros(8, dtype=torch.bool)
+    assert all(share != share for share in held_shares(positions, valid, empty, empty))  # NaN when nothing to count
+
+
+@pytest.mark.parametrize("flags", [["--baselines", "nope"], ["--baselines", "full"], ["--prompts-per-task", "0"],
+                                   ["--threads", "0"], ["--budget", "2"], ["--tokens", "x"], ["--haystack", "nowhere"],
+                                   ["--scorer", "/nonexistent/scorer"], ["--out", "/nonexistent/dir/out.json"]])
+def test_evidence_retention_refuses_bad_flags_with_one_error_line_before_loading_the_model(flags, tmp_path, capsys, monkeypatch):
+    import evidence_retention
+    from helpers import random_scorer
+
+    from namm_cache import NAMMConfig
+    from namm_cache.evolution import run
+    from namm_cache.hub import ScorerMetadata, save_scorer
+
+    def load_model(name):
+        raise AssertionError("the flags should have been refused before the model loads")
+
+    monkeypatch.setattr(run, "load_model", load_model)
+    folder = tmp_path / "scorer"
+    save_scorer(folder, random_scorer(seed=3), NAMMConfig(update_interval=64, max_tokens=96, sinks=4, recent_window=32),
+                ScorerMetadata(description="test scorer"))
+    argv = {"--scorer": str(folder), "--out": str(tmp_path / "out.json")}
+    argv.update(dict(zip(flags[::2], flags[1::2])))
+    with pytest.raises(SystemExit) as stopped:
+        evidence_retention.main([part for pair in argv.items() for part in pair])
+    err = capsys.readouterr().err
+    assert stopped.value.code == 2 and err.count("\n") == 1 and err.startswith("evidence_retention: error: ")

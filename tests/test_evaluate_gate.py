@@ -236,6 +236,17 @@ def test_heldout_evaluation_keeps_per_prompt_scores_and_gates_against_the_best_b
     assert "Greedy answers correct by needle depth" in text
 
 
+def test_the_best_baseline_is_the_highest_plain_or_protected_baseline_never_namm_full_or_oracle():
+    from namm_cache.evolution.evaluate import best_baseline
+
+    rows = [{"policy": policy, "normalized_mean": mean} for policy, mean in
+            [("full", 1.0), ("namm", 0.9), ("h2o", 0.4), ("streaming_llm", 0.5), ("h2o+protected", 0.6), ("oracle", 0.95)]]
+    assert best_baseline(rows, ["h2o", "streaming_llm"], ["h2o"])["policy"] == "h2o+protected"
+    assert best_baseline(rows, ["h2o", "streaming_llm"], [])["policy"] == "streaming_llm"
+    assert best_baseline(rows, ["h2o"], [])["policy"] == "h2o"
+    assert best_baseline(rows, ["tova"], []) is None
+
+
 def test_the_depth_table_counts_each_prompt_in_its_slice():
     result = {"depths": {"passkey": [0.05, 0.5, 0.55, 0.99], "needle": [0.3]},
               "rows": [{"label": "NAMM", "correct": {"passkey": [False, True, False, True], "needle": [True]}},
@@ -257,7 +268,8 @@ def test_the_table_reads_results_written_before_the_gate():
                                    ["--bootstrap-seed", "-3"], ["--no-cap", "--budget", "0.25"], ["--scorer-missing"],
                                    ["--out-folder-missing"], ["--baselines", "h2o,nope"], ["--baselines", "full"],
                                    ["--protected-baselines", "h2o,h2o"],
-                                   ["--protected-baselines", "h2o"]])  # the scorer protects no tokens
+                                   ["--protected-baselines", "h2o"],  # the scorer protects no tokens
+                                   ["--baselines", ""]])
 def test_the_cli_refuses_bad_flags_with_one_error_line(flags, tmp_path, capsys, monkeypatch):
     from helpers import random_scorer
 
