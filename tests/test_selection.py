@@ -47,11 +47,16 @@ def test_a_cap_counts_protected_tokens_first_then_the_best_scores():
     positions = torch.arange(6)[None]
     keep = select_tokens(scores, valid, positions, threshold=None, max_tokens=4, sinks=1, recent_window=2)
     assert keep.tolist() == [[True, True, False, False, True, True]]  # sink, recent pair, then the best score
-    # A cap below the protected count keeps the newest, then the best-scoring protected tokens.
+    # A cap below the protected count keeps the newest, then the sinks (oldest first), then the window (newest
+    # first), whatever the scores: a small budget early in a prompt keeps the attention sink.
     keep = select_tokens(scores, valid, positions, threshold=None, max_tokens=2, sinks=1, recent_window=2)
-    assert keep.tolist() == [[False, False, False, False, True, True]]
-    keep = select_tokens(scores, valid, positions, threshold=None, max_tokens=2, sinks=4)  # the newest is not a sink
-    assert keep.tolist() == [[False, True, False, False, False, True]]
+    assert keep.tolist() == [[True, False, False, False, False, True]]
+    keep = select_tokens(scores, valid, positions, threshold=None, max_tokens=3, sinks=1, recent_window=4)
+    assert keep.tolist() == [[True, False, False, False, True, True]]
+    keep = select_tokens(scores, valid, positions, threshold=None, max_tokens=3, sinks=4)  # the newest is not a sink
+    assert keep.tolist() == [[True, True, False, False, False, True]]
+    keep = select_tokens(scores, valid, positions, threshold=None, max_tokens=3, recent_window=5)
+    assert keep.tolist() == [[False, False, False, True, True, True]]
 
 
 def test_protected_tokens_follow_positions_not_slots():

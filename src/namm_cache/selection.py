@@ -27,8 +27,9 @@ def select_tokens(
         sinks: the oldest this many valid tokens of each row are kept whatever their score.
         recent_window: tokens younger than this (newest position minus position < `recent_window`) are kept
             whatever their score. Protected tokens count toward `max_tokens` and rank above every other
-            token but the newest; if a cap is smaller than a row's protected tokens, the newest and then the
-            highest-scoring protected tokens are kept.
+            token but the newest; if a cap is smaller than a row's protected tokens, it keeps the newest, then
+            the sinks (oldest first), then the recent window (newest first), as StreamingLLM would: a small
+            fraction budget early in a prompt must not trade the attention sinks for a score.
 
     Returns:
         `(N, S)` bool keep mask (a subset of `valid`).
@@ -53,12 +54,19 @@ def select_tokens(
         limit = torch.as_tensor(max_tokens, device=keep.device).expand(keep.shape[0])
         if bool((limit < keep.sum(-1)).any()):
             ranked = torch.where(keep, scores.to(torch.float32), torch.full(scores.shape, float("-inf"), device=keep.device))
+            priority = torch.zeros(keep.shape, dtype=torch.int8, device=keep.device)
+            if protected is not None:  # groups: the newest, sinks (oldest first), the window (newest first), the rest
+                sink = protected_tokens(valid, positions, sinks=sinks)
+                recent = protected & ~sink if sink is not None else protected
+                ranked = torch.where(recent, positions.to(torch.float32), ranked)
+                priority[recent] = 1
+                if sink is not None:
+                    ranked = torch.where(sink, -positions.to(torch.float32), ranked)
+                    priority[sink] = 2
             ranked[rows[has_token], newest[has_token]] = float("inf")
-            order = ranked.argsort(dim=-1, descending=True, stable=True)
-            if protected is not None:  # the newest, then protected tokens, then the rest; each group by score
-                priority = protected.to(torch.int8)
-                priority[rows[has_token], newest[has_token]] = 2
-                order = order.gather(-1, priority.gather(-1, order).argsort(dim=-1, descending=True, stable=True))
+            priority[rows[has_token], newest[has_token]] = 3
+            order = ranked.argsort(dim=-1, descending=True, stable=True)  # within each group: its own order
+            order = order.gather(-1, priority.gather(-1, order).argsort(dim=-1, descending=True, stable=True))
             rank = torch.empty_like(order)
             rank.scatter_(-1, order, torch.arange(order.shape[-1], device=keep.device).expand_as(order))
             keep &= rank < limit.unsqueeze(-1)
