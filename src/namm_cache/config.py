@@ -39,7 +39,7 @@ class NAMMConfig:
             (attention sinks; default 0: the policy alone decides).
         recent_window: the newest this many positions are kept whatever the policy scores (default 0).
             Protected tokens count toward `max_tokens` and any budget (a cap below their number keeps the
-            newest token, then the best-scoring protected ones). With both 0 (the paper's setting) the
+            newest token, then the sinks, then the newest of the window). With both 0 (the paper's setting) the
             scorer decides alone; with them, it decides only what to keep beyond sinks and local context.
     """
 
