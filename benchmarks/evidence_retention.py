@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     from namm_cache import CacheSpec
     from namm_cache.evolution.evaluate import _number, check_baselines
-    from namm_cache.evolution.fitness import score_and_answer
+    from namm_cache.evolution.fitness import ExampleResult, mean_kept_fraction, normalized_task_scores, score_and_answer
     from namm_cache.evolution.run import load_model
     from namm_cache.hub import load_scorer
     from namm_cache.tasks import build_task
@@ -175,31 +175,28 @@ def main(argv: list[str] | None = None) -> dict:
     caches["oracle"] = ("oracle (ceiling)", lambda e, i: CacheSpec(
         policy="oracle", budget=budget, config=protection, policy_kwargs={"positions": evidence[i].tolist()}))
 
-    rows, full_scores = [], None
+    rows, full_results = [], None
     for policy, (label, spec) in tqdm(caches.items(), desc="caches"):
-        scores, correct, kept, evidence_layers, base_layers = [], [], [], [], []
+        results, correct, evidence_layers, base_layers = [], [], [], []
         for i, example in enumerate(examples):
             answer = score_and_answer(model, tokenizer, spec(example, i).build(model), example, chunk)
-            scores.append(answer.score)
+            results.append(ExampleResult(answer.score, answer.kept_fraction))
             correct.append(answer.correct)
-            kept.append(answer.kept_fraction)
             if policy != "full":
                 held = retention_after_prompt(model, spec(example, i).build(model), prompts[i], evidence[i], chunk,
                                               sinks=config.sinks, recent_window=config.recent_window)
                 evidence_layers.append(held[0])
                 base_layers.append(held[1])
-        row = {"label": label, "policy": policy, "kept_fraction": sum(kept) / len(kept), "scores": scores,
-               "correct": correct}
+        row = {"label": label, "policy": policy, "kept_fraction": mean_kept_fraction(results),
+               "scores": [result.score for result in results], "correct": correct}
         if policy == "full":
-            full_scores = scores
+            full_results = results
         else:
             by_layer = torch.tensor(evidence_layers).nanmean(0)
             base = torch.tensor(base_layers).nanmean(0)
             row.update(evidence_by_layer=by_layer.tolist(), base_by_layer=base.tolist(),
                        evidence_retention=float(by_layer.nanmean()), base_rate=float(base.nanmean()))
-        # mean score over mean full-cache score, per task (as evaluate.py and run_check.py normalise)
-        row["normalized"] = {task: sum(s for s, e in zip(scores, examples) if e.task == task)
-                                   / sum(f for f, e in zip(full_scores, examples) if e.task == task) for task in TASKS}
+        row["normalized"] = normalized_task_scores(results, full_results, examples)
         row["greedy"] = {task: sum(c for c, e in zip(correct, examples) if e.task == task) for task in TASKS}
         rows.append(row)
 

@@ -47,22 +47,25 @@ def select_tokens(
     newest = torch.where(valid, positions, torch.full_like(positions, -1)).argmax(-1)
     rows = torch.arange(valid.shape[0], device=valid.device)
     keep[rows[has_token], newest[has_token]] = True
-    protected = protected_tokens(valid, positions, sinks=sinks, recent_window=recent_window)
-    if protected is not None:
-        keep |= protected
+    sink = protected_tokens(valid, positions, sinks=sinks)
+    window = protected_tokens(valid, positions, recent_window=recent_window)
+    if sink is not None and window is not None:
+        window &= ~sink  # a token in both ranks as a sink
+    for protected in (sink, window):
+        if protected is not None:
+            keep |= protected
     if max_tokens is not None:
         limit = torch.as_tensor(max_tokens, device=keep.device).expand(keep.shape[0])
         if bool((limit < keep.sum(-1)).any()):
             ranked = torch.where(keep, scores.to(torch.float32), torch.full(scores.shape, float("-inf"), device=keep.device))
+            # groups: the newest (3), sinks oldest first (2), the window newest first (1), the rest by score (0)
             priority = torch.zeros(keep.shape, dtype=torch.int8, device=keep.device)
-            if protected is not None:  # groups: the newest, sinks (oldest first), the window (newest first), the rest
-                sink = protected_tokens(valid, positions, sinks=sinks)
-                recent = protected & ~sink if sink is not None else protected
-                ranked = torch.where(recent, positions.to(torch.float32), ranked)
-                priority[recent] = 1
-                if sink is not None:
-                    ranked = torch.where(sink, -positions.to(torch.float32), ranked)
-                    priority[sink] = 2
+            if window is not None:
+                ranked = torch.where(window, positions.to(torch.float32), ranked)
+                priority[window] = 1
+            if sink is not None:
+                ranked = torch.where(sink, -positions.to(torch.float32), ranked)
+                priority[sink] = 2
             ranked[rows[has_token], newest[has_token]] = float("inf")
             priority[rows[has_token], newest[has_token]] = 3
             order = ranked.argsort(dim=-1, descending=True, stable=True)  # within each group: its own order
