@@ -121,6 +121,7 @@ def render_heldout(name: str):
             + (f"--model {result['model']} " if result.get("model", "smollm2-135m-instruct") != "smollm2-135m-instruct" else "")
             + f"--prompts-per-task {result['prompts_per_task']}{' --no-cap' if result.get('no_cap') else ''}"
             + (f" --budget {result['budget']}" if result.get("budget") is not None else "")
+            + (f" --recent-window {result['recent_window']}" if result.get("recent_window") is not None else "")
             + baseline_flags(result)
             + f" --out benchmarks/results/{name}.json`. Held-out KJV Proverbs haystacks, seed {result['seed']}, "
             f"{result['prompts_per_task']} prompts per task. Cells: teacher-forced answer probability (greedy accuracy in "

@@ -73,8 +73,9 @@ class EvolutionConfig:
             trained on, apart from the held-out set) on which the distribution mean is scored exactly every
             `validation_every` generations; 0 turns validation off.
         validation_every: generations between validation scores (the last generation of a stage always has one).
-        validation_baselines: baseline policies scored once per capped stage on the validation set, with the
-            stage's `max_tokens` as their token budget, and drawn beside the curve (e.g. `[h2o, key_norm]`).
+        validation_baselines: baseline policies scored once per stage on the validation set, at the stage's cap
+            (`max_tokens`) as a token budget, or in a stage without one at the run's `budget` (a token count or
+            fraction; a threshold stage has none), and drawn beside the curve (e.g. `[h2o, key_norm]`).
     """
 
     model: str = "smollm2-135m-instruct"

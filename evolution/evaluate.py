@@ -2,6 +2,7 @@
 
     python -m namm_cache.evolution.evaluate --scorer runs/smollm2-bam/scorer --out runs/smollm2-bam/heldout.json
     python -m namm_cache.evolution.evaluate --scorer ... --budget 0.25 --out ...   # NAMM keeps its top 25%
+    python -m namm_cache.evolution.evaluate --scorer ... --budget 0.25 --recent-window 64 --out ...   # 64 newest protected
 
 Prompts are the held-out suite (`namm_cache.tasks.heldout_examples`: `kjv_proverbs` haystacks, a seed never
 used in training), 30 per task by default. The scorer runs with its stored settings, or with `--no-cap` with
@@ -137,13 +138,14 @@ def paired_bootstrap(namm: dict[str, Any], baseline: dict[str, Any], full: dict[
 def evaluate_heldout(model, tokenizer, scorer_path: str, *, prompts_per_task: int = GATE_PROMPTS_PER_TASK,
                      policies: list[str] | None = None, protected_policies: list[str] | None = None,
                      progress: bool = True, no_cap: bool = False,
-                     budget: float | None = None, oracle: bool = True, resamples: int = RESAMPLES,
-                     seed: int = 0) -> dict[str, Any]:
+                     budget: float | None = None, recent_window: int | None = None, oracle: bool = True,
+                     resamples: int = RESAMPLES, seed: int = 0) -> dict[str, Any]:
     """Full cache, the scorer, the baselines and the oracle ceiling (at the scorer's measured kept fraction) on
     held-out prompts, with the gate's paired bootstrap of NAMM against the best baseline (`result["gate"]`).
 
     `no_cap=True` drops the scorer's stored `max_tokens`, so it keeps what its threshold keeps; `budget=F` runs
-    it under a fraction budget instead (its top F, no cap). Each row holds `per_task` means and `scores`
+    it under a fraction budget instead (its top F, no cap). `recent_window=W` replaces the scorer's stored recent
+    window (the newest W positions it keeps whatever their score; protected baselines get it too). Each row holds `per_task` means and `scores`
     (`{task: [per-prompt teacher-forced probability]}`, prompts in suite order).
 
     `policies` are the baselines run by their own rules (default: every registered one); `protected_policies`
@@ -154,6 +156,7 @@ def evaluate_heldout(model, tokenizer, scorer_path: str, *, prompts_per_task: in
     budget = check_float("budget", budget, above=0.0, maximum=1.0, optional=True)
     resamples = check_int("resamples", resamples, minimum=1)
     seed = check_int("seed", seed, minimum=0)
+    recent_window = check_int("recent_window", recent_window, minimum=0, optional=True)
     if no_cap and budget is not None:
         raise ValueError("Choose one of no_cap (the scorer's threshold) and budget (a fraction budget), not both.")
     baselines = check_baselines("policies", BASELINES if policies is None else policies)
@@ -161,6 +164,8 @@ def evaluate_heldout(model, tokenizer, scorer_path: str, *, prompts_per_task: in
     if not baselines and not protected_baselines:
         raise ValueError("Name at least one baseline: the gate compares the scorer with the best of them.")
     loaded = load_scorer(scorer_path)
+    if recent_window is not None:
+        loaded.config = loaded.config.replace(recent_window=recent_window)
     if protected_baselines and not (loaded.config.sinks or loaded.config.recent_window):
         raise ValueError(f"{scorer_path} protects no tokens (sinks = recent_window = 0): protected baselines would "
                          "repeat the plain ones.")
@@ -207,6 +212,8 @@ def evaluate_heldout(model, tokenizer, scorer_path: str, *, prompts_per_task: in
         mode = f"budget {budget:.0%}"
     else:
         mode = "threshold" if no_cap else (f"cap {config.max_tokens}" if config.max_tokens else "stored settings")
+    if recent_window is not None:
+        mode += f", {recent_window} recent"
     namm = run(maker(CacheSpec(scorer=loaded.scorer, budget=budget, config=config)), f"NAMM ({mode})", "namm")
     bar.update(1)
     rows = [full, namm]
@@ -243,7 +250,8 @@ def evaluate_heldout(model, tokenizer, scorer_path: str, *, prompts_per_task: in
     for row in rows:
         row["normalized_mean"] = float(_normalized_means({t: np.asarray(v) for t, v in row["scores"].items()},
                                                          {t: full_scores[t] for t in row["scores"]}))
-    result = {"scorer": str(scorer_path), "no_cap": no_cap, "budget": budget, "tasks": HELDOUT_TASKS,
+    result = {"scorer": str(scorer_path), "no_cap": no_cap, "budget": budget, "recent_window": recent_window,
+              "tasks": HELDOUT_TASKS,
               "prompts_per_task": prompts_per_task, "seed": HELDOUT_SEED,
               "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "rows": rows,
               "depths": evidence_depths(examples, tokenizer)}
@@ -365,6 +373,8 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"held-out prompts per task (default {GATE_PROMPTS_PER_TASK}, the gate's minimum)")
     parser.add_argument("--no-cap", action="store_true", help="run the scorer with its threshold only (no max_tokens)")
     parser.add_argument("--budget", help="run the scorer under a fraction budget in (0, 1] (its top F; no max_tokens)")
+    parser.add_argument("--recent-window", help="replace the scorer's stored recent window (positions kept whatever "
+                                                  "their score) by this many")
     parser.add_argument("--resamples", default=str(RESAMPLES), help=f"bootstrap resamples (default {RESAMPLES})")
     parser.add_argument("--bootstrap-seed", default="0", help="the bootstrap's numpy seed (default 0)")
     parser.add_argument("--no-oracle", action="store_true", help="leave out the oracle (ceiling) row")
@@ -385,6 +395,8 @@ def main(argv: list[str] | None = None) -> int:
         prompts = check_int("--prompts-per-task", _number("--prompts-per-task", args.prompts_per_task), minimum=1)
         budget = None if args.budget is None else check_float("--budget", _number("--budget", args.budget), above=0.0, maximum=1.0)
         resamples = check_int("--resamples", _number("--resamples", args.resamples), minimum=1)
+        recent = (None if args.recent_window is None else
+                  check_int("--recent-window", _number("--recent-window", args.recent_window), minimum=0))
         baselines = check_baselines("--baselines", args.baselines)
         protected = check_baselines("--protected-baselines", args.protected_baselines)
         if not baselines and not protected:
@@ -396,7 +408,7 @@ def main(argv: list[str] | None = None) -> int:
         loaded = load_scorer(args.scorer)
         if args.no_cap and loaded.config.threshold is None:
             raise ValueError(f"{args.scorer} has no score threshold: --no-cap would keep every token.")
-        if protected and not (loaded.config.sinks or loaded.config.recent_window):
+        if protected and not (loaded.config.sinks or (loaded.config.recent_window if recent is None else recent)):
             raise ValueError(f"{args.scorer} protects no tokens: --protected-baselines would repeat the plain baselines.")
     except (ValueError, OSError) as error:  # ScorerLoadError is a ValueError
         return fail(error)
@@ -408,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError) as error:
         return fail(error)
     result = evaluate_heldout(model, tokenizer, args.scorer, prompts_per_task=prompts, policies=baselines,
-                              protected_policies=protected, no_cap=args.no_cap, budget=budget,
+                              protected_policies=protected, no_cap=args.no_cap, budget=budget, recent_window=recent,
                               oracle=not args.no_oracle, resamples=resamples, seed=seed)
     result["model"] = args.model
     out.write_text(json.dumps(result, indent=2))

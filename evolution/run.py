@@ -23,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from namm_cache import CacheSpec, NAMMCache
-from namm_cache.budgets import parse_budget
+from namm_cache.budgets import FractionBudget, TokenBudget, parse_budget
 from namm_cache.calibration import calibrate_normalization
 from namm_cache.hub import ScorerMetadata, save_scorer
 from namm_cache.scorers import SCORER_KINDS, build_scorer
@@ -145,15 +145,24 @@ class EvolutionRun:
             examples += build_task(spec).sample(self.tokenizer, rng, self.config.prompts_per_task)
         return examples
 
+    def baseline_budget(self, stage: int) -> int | FractionBudget | TokenBudget | None:
+        """The budget baselines run at in `stage`: its cap (`max_tokens`) where it has one, else the run's token or
+        fraction `budget` (the one every member faces), else None (a threshold stage: no baseline matches it)."""
+        cap = self.config.namm_config(stage).max_tokens
+        if cap is not None:
+            return cap
+        return self.budget if isinstance(self.budget, (FractionBudget, TokenBudget)) else None
+
     def make_cache(self, vector: np.ndarray | str | None, stage: int) -> Callable[[], NAMMCache]:
-        """A cache factory for a member (parameter vector), a baseline policy (by name, the stage's cap as its
-        token budget) or the full cache (None), under `stage`'s settings."""
+        """A cache factory for a member (parameter vector), a baseline policy (by name, at
+        `baseline_budget(stage)`) or the full cache (None), under `stage`'s settings."""
         config = self.config.namm_config(stage)
         if vector is None:
             spec = CacheSpec(policy="full", config=config)
         elif isinstance(vector, str):
             # A baseline runs its own rule: the scorer's protected tokens are not part of it.
-            spec = CacheSpec(policy=vector, budget=config.max_tokens, config=config.replace(max_tokens=None, sinks=0, recent_window=0))
+            spec = CacheSpec(policy=vector, budget=self.baseline_budget(stage),
+                             config=config.replace(max_tokens=None, sinks=0, recent_window=0))
         else:
             self.scorer.set_flat_params(torch.as_tensor(vector, dtype=torch.float32))
             spec = CacheSpec(scorer=self.scorer, config=config, budget=self.budget)
@@ -237,18 +246,20 @@ class EvolutionRun:
 
     def validate_mean(self, mean: np.ndarray, stage: int) -> dict[str, Any]:
         """The distribution mean scored exactly on the stage's validation set, sharded over ranks. The full
-        cache and the `validation_baselines` (at the stage's cap as a token budget) are scored once per stage
-        and reported beside it (`baselines`: `{policy: {fitness, quality, kept}}`)."""
+        cache and the `validation_baselines` (at `baseline_budget(stage)`: the stage's cap, else the run's budget) are
+        scored once per stage and reported beside it (`baselines`: `{policy: {fitness, quality, kept}}`)."""
         if stage not in self._validation:
             examples = self.validation_examples(stage)
             full = self.exact_scores(None, examples, stage)
             baselines = {}
-            cap = self.config.namm_config(stage).max_tokens
-            for policy in self.config.validation_baselines if cap is not None else []:
+            budget = self.baseline_budget(stage)
+            at = ({"budget_fraction": budget.fraction} if isinstance(budget, FractionBudget) else
+                  {"budget_tokens": budget.tokens if isinstance(budget, TokenBudget) else budget})
+            for policy in self.config.validation_baselines if budget is not None else []:
                 table = torch.stack([full, self.exact_scores(policy, examples, stage)])
                 summary = self.summarize(table, examples, stage)
                 baselines[policy] = {"fitness": summary["fitness"][0], "quality": summary["quality"][0],
-                                     "kept": summary["kept"][0], "budget_tokens": cap}
+                                     "kept": summary["kept"][0], **at}
             self._validation = {stage: (examples, full, baselines)}
         examples, full, baselines = self._validation[stage]
         results = self.exact_scores(mean, examples, stage)
@@ -258,7 +269,7 @@ class EvolutionRun:
 
     def exact_scores(self, member: np.ndarray | str | None, examples: list[Example], stage: int) -> torch.Tensor:
         """`(examples, 2)` (score, kept fraction) of a member (a parameter vector), a baseline policy (by name,
-        its budget the stage's cap in tokens) or the full cache (None), each prompt through its own cache;
+        at `baseline_budget(stage)`) or the full cache (None), each prompt through its own cache;
         sharded over ranks."""
         results = torch.zeros(len(examples), 2, dtype=torch.float64)
         mine = [e for e in range(len(examples)) if e % self.world.size == self.world.rank]
@@ -457,7 +468,7 @@ def plot_log(log: list[dict[str, Any]], path: Path) -> None:
             last = [row for row in validated if row["stage"] == stage][-1]
             for (policy, baseline), style in zip(last["validation"].get("baselines", {}).items(), styles):
                 top.hlines(baseline["fitness"], rows[0]["generation"] - 0.5, rows[-1]["generation"] + 0.5, color="grey",
-                           ls=style, lw=1, label=None if policy in labelled else f"{policy}, validation (at the cap)")
+                           ls=style, lw=1, label=None if policy in labelled else f"{policy}, validation (same budget)")
                 labelled.add(policy)
     top.set_ylabel("fitness")
     top.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))

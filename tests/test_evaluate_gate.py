@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -236,6 +238,37 @@ def test_heldout_evaluation_keeps_per_prompt_scores_and_gates_against_the_best_b
     assert "Greedy answers correct by needle depth" in text
 
 
+def test_a_recent_window_override_reaches_the_scorer_and_the_protected_baselines(tmp_path, tiny_model_dir, monkeypatch):
+    from helpers import random_scorer
+
+    from namm_cache.evolution.evaluate import evaluate_heldout
+    from namm_cache.evolution.run import load_model
+    from namm_cache.hub import ScorerMetadata, save_scorer
+
+    folder = tmp_path / "scorer"
+    save_scorer(folder, random_scorer(seed=3), NAMMConfig(update_interval=128, threshold=0.0, sinks=4, recent_window=200),
+                ScorerMetadata(description="test scorer"))
+    model, tokenizer = load_model(str(tiny_model_dir))
+    runs = {window: evaluate_heldout(model, tokenizer, str(folder), prompts_per_task=1, policies=[], progress=False,
+                                     protected_policies=["h2o"], budget=0.25, recent_window=window, oracle=False,
+                                     resamples=10)
+            for window in (None, 8)}
+    stored, narrow = runs[None], runs[8]
+    assert stored["recent_window"] is None and narrow["recent_window"] == 8
+    assert narrow["rows"][1]["label"] == "NAMM (budget 25%, 8 recent)" and stored["rows"][1]["label"] == "NAMM (budget 25%)"
+    assert narrow["rows"][2]["protected"] == {"sinks": 4, "recent_window": 8}
+    assert stored["rows"][2]["protected"] == {"sinks": 4, "recent_window": 200}
+    # 200 protected positions fill most of a 25% budget early on; 8 leave the choice to the scores
+    assert narrow["rows"][1]["scores"] != stored["rows"][1]["scores"]
+    assert narrow["rows"][0]["scores"] == stored["rows"][0]["scores"]  # the full cache is the same
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import render_readme  # the README's command repeats the override
+
+    assert ("--prompts-per-task 1 --budget 0.25 --recent-window 8 --baselines '' --protected-baselines h2o --no-oracle "
+            "--out benchmarks/results/tiny.json`"
+            in render_readme.render_heldout("tiny")(narrow))
+
+
 def test_the_best_baseline_is_the_highest_plain_or_protected_baseline_never_namm_full_or_oracle():
     from namm_cache.evolution.evaluate import best_baseline
 
@@ -269,7 +302,8 @@ def test_the_table_reads_results_written_before_the_gate():
                                    ["--out-folder-missing"], ["--baselines", "h2o,nope"], ["--baselines", "full"],
                                    ["--protected-baselines", "h2o,h2o"],
                                    ["--protected-baselines", "h2o"],  # the scorer protects no tokens
-                                   ["--baselines", ""]])
+                                   ["--baselines", ""], ["--recent-window", "-1"], ["--recent-window", "8.5"],
+                                   ["--recent-window", "0", "--protected-baselines", "h2o"]])
 def test_the_cli_refuses_bad_flags_with_one_error_line(flags, tmp_path, capsys, monkeypatch):
     from helpers import random_scorer
 

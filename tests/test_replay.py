@@ -256,6 +256,30 @@ def test_validation_reports_baselines_at_the_stage_cap_once_per_stage(tmp_path, 
         EvolutionConfig.from_dict({**config.to_dict(), "fitness": "exact", "replay_refeed": 64})
 
 
+def test_validation_baselines_run_at_the_runs_fraction_budget_in_a_stage_without_a_cap(tmp_path, tiny_model_dir):
+    """A stage with no cap and a fraction budget: baselines face the members' budget, not no budget (which
+    would skip them) and not the full cache."""
+    from namm_cache.budgets import FractionBudget
+    from namm_cache.evolution.config import EvolutionConfig
+    from namm_cache.evolution.run import EvolutionRun
+
+    settings = {
+        "model": str(tiny_model_dir), "scorer": {"kind": "bam", "hidden_dim": 8}, "namm": {"update_interval": 32},
+        "budget": 0.3, "population": 4, "seed": 3, "prompts_per_task": 1, "calibration_prompts": 1, "threads": 1,
+        "fitness": "replay", "validation_prompts_per_task": 2, "validation_every": 1, "validation_baselines": ["h2o"],
+        "stages": [{"tasks": [{"name": "passkey", "tokens": 150}], "generations": 1}],
+    }
+    run = EvolutionRun(EvolutionConfig.from_dict(settings), tmp_path / "out", progress=False)
+    assert run.baseline_budget(0) == FractionBudget(0.3)
+    assert run.make_cache("h2o", 0)().budget == FractionBudget(0.3)
+    (row,) = run.run().log
+    h2o, member_kept = row["validation"]["baselines"]["h2o"], row["validation"]["kept"]
+    assert h2o["budget_fraction"] == 0.3 and "budget_tokens" not in h2o
+    assert 0.3 <= h2o["kept"] < 0.6 and h2o["kept"] == pytest.approx(member_kept, abs=0.05)  # the same rule's memory
+    threshold = EvolutionRun(EvolutionConfig.from_dict({**settings, "budget": "threshold"}), tmp_path / "t", progress=False)
+    assert threshold.baseline_budget(0) is None
+
+
 @pytest.mark.parametrize("interval, refeed", [(128, 20), (32, 110)])
 def test_refeeding_the_prompts_end_scores_what_the_real_cache_scores(interval, refeed):
     """Every round falls among the refed tokens (one at 128 tokens seen; four, every 32): the refeed runs
