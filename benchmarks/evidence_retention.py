@@ -14,6 +14,9 @@ reports
 - **base rate**: the same share for the other tokens the last eviction round decided on (not the first
   `sinks`, not its `recent_window` newest, not those that arrived after it).
 
+The other decided tokens are also split by kind (punctuation and markup against words, `token_groups`) and by
+depth in the prompt, each with the share held: what a cache spends its memory on besides the needle.
+
 Retention above the base rate means the cache singles the needle out; at the base rate it keeps the needle
 as often as any haystack token. Each prompt is also scored (teacher-forced answer probability over the full
 cache's, and the greedy answer) on a fresh cache. The `oracle` row keeps the evidence by construction (a
@@ -26,6 +29,7 @@ import argparse
 import json
 import os
 import random
+import string
 import sys
 from pathlib import Path
 
@@ -38,49 +42,79 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import provenance  # noqa: E402
 
 TASKS = ("passkey", "needle")
+DEPTH_BINS = 5
 
 
-def held_shares(positions: torch.Tensor, valid: torch.Tensor, needle: torch.Tensor, haystack: torch.Tensor) -> tuple[float, float]:
-    """The share of (needle token, head) pairs and of (haystack token, head) pairs that one layer holds.
+def held_shares(positions: torch.Tensor, valid: torch.Tensor, *masks: torch.Tensor) -> tuple[float, ...]:
+    """For each mask, the share of its (token, head) pairs that one layer holds (e.g. needle, haystack).
 
     Args:
         positions, valid: `(H, S)` the layer's slots for one sequence (each head holds its own tokens; slots with
             `valid` False hold nothing, whatever position they carry).
-        needle, haystack: `(T,)` bool masks over the prompt's positions.
+        masks: `(T,)` bool masks over the prompt's positions.
 
     Returns NaN for a share whose mask is empty."""
-    held = torch.zeros(positions.shape[0], needle.shape[0], dtype=torch.bool)
+    length = masks[0].shape[0]
+    held = torch.zeros(positions.shape[0], length, dtype=torch.bool)
     for head in range(positions.shape[0]):
         kept = positions[head][valid[head]].cpu()
-        held[head, kept[kept < needle.shape[0]]] = True
-    return tuple(float(held[:, mask].float().mean()) if mask.any() else float("nan") for mask in (needle, haystack))
+        held[head, kept[kept < length]] = True
+    return tuple(float(held[:, mask].float().mean()) if mask.any() else float("nan") for mask in masks)
+
+
+def token_groups(tokenizer, prompt_ids: torch.Tensor, bins: int = DEPTH_BINS) -> dict[str, torch.Tensor]:
+    """`(T,)` masks over a prompt `(1, T)`: by kind, `punctuation` (special tokens such as the chat template's
+    turn markers, and tokens that decode to punctuation or white space alone: newlines, full stops, commas) and
+    `words` (the rest), and by where they lie, `depth a-b%` (`bins` equal slices of the prompt's positions)."""
+    ids = prompt_ids[0].tolist()
+    special = set(tokenizer.all_special_ids)
+    text = [tokenizer.decode([token]).strip() for token in ids]
+    punctuation = torch.tensor([token in special or all(char in string.punctuation for char in word)  # "" counts
+                                for token, word in zip(ids, text)])
+    groups = {"punctuation": punctuation, "words": ~punctuation}
+    length = prompt_ids.shape[1]
+    for b in range(bins):
+        mask = torch.zeros(length, dtype=torch.bool)
+        mask[b * length // bins:(b + 1) * length // bins] = True
+        groups[f"depth {100 * b // bins}-{100 * (b + 1) // bins}%"] = mask
+    return groups
 
 
 @torch.no_grad()
 def retention_after_prompt(model, cache, prompt_ids: torch.Tensor, evidence: torch.Tensor, chunk: int, *, sinks: int,
-                           recent_window: int) -> tuple[list[float], list[float]]:
+                           recent_window: int, groups: dict[str, torch.Tensor] | None = None) -> dict[str, list[float]]:
     """Feed `prompt_ids` `(1, T)` through `cache` in `chunk`-token pieces; per cache-managed layer, the share of
-    (evidence token, KV head) pairs held and the share of the other decided tokens' pairs held (the base rate).
+    (evidence token, KV head) pairs held (`evidence`) and the share of the other decided tokens' pairs held (`base`,
+    the base rate), and for each of `groups` (name: `(T,)` mask, e.g. `token_groups`) the share of its decided
+    non-evidence tokens' pairs held.
 
     Decided tokens are those the cache's last eviction round chose among: from position `sinks` up to that
     round's recent window (the round at `L` tokens seen protects positions `>= L - recent_window`; tokens that
-    arrived after it were never scored). Evidence outside that range is left out of both shares."""
+    arrived after it were never scored). Evidence outside that range is left out of every share."""
     for part in prompt_ids.split(chunk, dim=1):
         model(input_ids=part.to(model.device), cache=cache, use_cache=True)
     length = prompt_ids.shape[1]
     is_evidence = torch.zeros(length, dtype=torch.bool)
     is_evidence[evidence] = True
-    evidence_kept, base_kept = [], []
+    groups = groups or {}
+    shares_by = {name: [] for name in ["evidence", "base", *groups]}
     for layer in cache.layers:
         if getattr(layer, "positions", None) is None:  # a layer the cache does not manage (hybrid models)
             continue
         last_round = layer.next_eviction[0] - layer.config.update_interval  # 0: no round has run
         decided = torch.zeros(length, dtype=torch.bool)
         decided[sinks:max(sinks, last_round - recent_window)] = True
-        shares = held_shares(layer.positions[0], layer.token_valid[0], decided & is_evidence, decided & ~is_evidence)
-        evidence_kept.append(shares[0])
-        base_kept.append(shares[1])
-    return evidence_kept, base_kept
+        other = decided & ~is_evidence
+        shares = held_shares(layer.positions[0], layer.token_valid[0], decided & is_evidence, other,
+                             *(other & mask for mask in groups.values()))
+        for name, share in zip(shares_by, shares):
+            shares_by[name].append(share)
+    return shares_by
+
+
+def _share(value: torch.Tensor) -> float | None:
+    """A mean share for the JSON: None where no token of the group was decided (NaN is not JSON)."""
+    return None if torch.isnan(value) else float(value)
 
 
 def plot(result: dict, path: Path) -> None:
@@ -164,6 +198,7 @@ def main(argv: list[str] | None = None) -> dict:
     examples = [e for spec in task_specs for e in build_task(spec).sample(tokenizer, rng, prompts_per_task)]
     evidence = [torch.tensor(e.evidence_positions(tokenizer)) for e in examples]
     prompts = [token_ids(tokenizer, e.prompt) for e in examples]
+    groups = [token_groups(tokenizer, prompt) for prompt in prompts]
 
     caches = {"full": ("full cache", lambda e, i: CacheSpec(policy="full", config=protection))}
     caches["namm"] = (f"NAMM ({memory})", lambda e, i: CacheSpec(
@@ -177,16 +212,18 @@ def main(argv: list[str] | None = None) -> dict:
 
     rows, full_results = [], None
     for policy, (label, spec) in tqdm(caches.items(), desc="caches"):
-        results, correct, evidence_layers, base_layers = [], [], [], []
+        results, correct, evidence_layers, base_layers, group_layers = [], [], [], [], {}
         for i, example in enumerate(examples):
             answer = score_and_answer(model, tokenizer, spec(example, i).build(model), example, chunk)
             results.append(ExampleResult(answer.score, answer.kept_fraction))
             correct.append(answer.correct)
             if policy != "full":
                 held = retention_after_prompt(model, spec(example, i).build(model), prompts[i], evidence[i], chunk,
-                                              sinks=config.sinks, recent_window=config.recent_window)
-                evidence_layers.append(held[0])
-                base_layers.append(held[1])
+                                              sinks=config.sinks, recent_window=config.recent_window, groups=groups[i])
+                evidence_layers.append(held["evidence"])
+                base_layers.append(held["base"])
+                for name in groups[i]:
+                    group_layers.setdefault(name, []).append(held[name])
         row = {"label": label, "policy": policy, "kept_fraction": mean_kept_fraction(results),
                "scores": [result.score for result in results], "correct": correct}
         if policy == "full":
@@ -195,7 +232,8 @@ def main(argv: list[str] | None = None) -> dict:
             by_layer = torch.tensor(evidence_layers).nanmean(0)
             base = torch.tensor(base_layers).nanmean(0)
             row.update(evidence_by_layer=by_layer.tolist(), base_by_layer=base.tolist(),
-                       evidence_retention=float(by_layer.nanmean()), base_rate=float(base.nanmean()))
+                       evidence_retention=float(by_layer.nanmean()), base_rate=float(base.nanmean()),
+                       held_by_group={name: _share(torch.tensor(values).nanmean()) for name, values in group_layers.items()})
         row["normalized"] = normalized_task_scores(results, full_results, examples)
         row["greedy"] = {task: sum(c for c, e in zip(correct, examples) if e.task == task) for task in TASKS}
         rows.append(row)
@@ -215,6 +253,12 @@ def main(argv: list[str] | None = None) -> dict:
         greedy = " / ".join(f"{row['greedy'][t]}/{prompts_per_task}" for t in TASKS)
         print(f"| {row['label']} | {row['kept_fraction']:.0%} | {row['evidence_retention']:.3f} | {row['base_rate']:.3f} | "
               f"{lift:.2f}x | {normalized} | {greedy} |")
+    names = list(rows[1]["held_by_group"])
+    print(f"\nShare of the other decided tokens held, by kind and depth (evidence excluded):\n| cache | {' | '.join(names)} |")
+    print("|---|" + "---:|" * len(names))
+    for row in rows[1:]:
+        print(f"| {row['label']} | " + " | ".join("–" if row["held_by_group"][name] is None else
+                                                  f"{row['held_by_group'][name]:.3f}" for name in names) + " |")
     out.write_text(json.dumps(result, indent=2))
     plot(result, out.with_suffix(".png"))
     return result

@@ -204,6 +204,10 @@ def test_evidence_retention_counts_what_each_cache_holds_of_the_needle(tmp_path,
     assert json.loads(out.read_text())["rows"] == result["rows"] and out.with_suffix(".png").stat().st_size > 1000
     rows = {row["policy"]: row for row in result["rows"]}
     assert list(rows) == ["full", "namm", "streaming_llm", "oracle"]
+    assert list(rows["namm"]["held_by_group"]) == ["punctuation", "words", *(f"depth {a}-{a + 20}%" for a in range(0, 100, 20))]
+    shares = rows["namm"]["held_by_group"]
+    assert shares["depth 80-100%"] is None  # none decided: the last round's window covers the prompt's end
+    assert all(0.0 <= share <= 1.0 for name, share in shares.items() if name != "depth 80-100%")
     assert rows["full"]["normalized"] == {"passkey": 1.0, "needle": 1.0}
     layers = 2
     # The oracle holds every evidence token in every head (4 sinks + 32 recent + the needle fit in 96 tokens).
@@ -216,12 +220,34 @@ def test_evidence_retention_counts_what_each_cache_holds_of_the_needle(tmp_path,
     prompt = torch.arange(200).unsqueeze(0) + 1000
     full = evidence_retention.retention_after_prompt(model, CacheSpec(policy="full", config=config).build(model), prompt,
                                                      torch.tensor([50, 51]), 64, sinks=4, recent_window=32)
-    assert full == ([1.0] * layers, [1.0] * layers)
+    assert full == {"evidence": [1.0] * layers, "base": [1.0] * layers}
+    early = torch.zeros(200, dtype=torch.bool)
+    early[:120] = True
     held = evidence_retention.retention_after_prompt(model, CacheSpec(policy="streaming_llm", budget=96, config=config.replace(max_tokens=None)).build(model),
-                                                     prompt, torch.tensor([50, 51]), 64, sinks=4, recent_window=32)
+                                                     prompt, torch.tensor([50, 51]), 64, sinks=4, recent_window=32,
+                                                     groups={"early": early, "late": ~early})
     # The last round ran at 192 tokens seen (when 192..199 arrived): streaming_llm kept 4 sinks and the 92 newest
     # (100..191), the window protecting 160..191. Decided: 4..159 less the 2 evidence tokens; it holds 100..159, 60 of 154.
-    assert held[0] == [0.0] * layers and held[1] == [pytest.approx(60 / 154)] * layers
+    # Of the decided non-evidence tokens before 120 (4..119 less 50, 51: 114) it holds 100..119 (20); after, all 40.
+    assert held == {"evidence": [0.0] * layers, "base": [pytest.approx(60 / 154)] * layers,
+                    "early": [pytest.approx(20 / 114)] * layers, "late": [1.0] * layers}
+
+
+def test_token_groups_split_punctuation_and_markup_from_words_and_slice_depth(tiny_model_dir):
+    from evidence_retention import token_groups
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)  # SmolLM2's
+    text = "<|im_start|>user\nAnd God said, Let there be light.\n"
+    ids = torch.tensor([tokenizer(text, add_special_tokens=False)["input_ids"]])
+    groups = token_groups(tokenizer, ids, bins=2)
+    pieces = [tokenizer.decode([token]) for token in ids[0].tolist()]
+    marked = [piece for piece, flag in zip(pieces, groups["punctuation"].tolist()) if flag]
+    assert marked == ["<|im_start|>", "\n", ",", ".", "\n"]
+    assert [piece for piece, flag in zip(pieces, groups["words"].tolist()) if flag] == [
+        piece for piece in pieces if piece not in marked]
+    assert groups["depth 0-50%"].sum() + groups["depth 50-100%"].sum() == ids.shape[1]
+    assert not (groups["depth 0-50%"] & groups["depth 50-100%"]).any() and groups["depth 0-50%"][0]
 
 
 def test_held_shares_count_each_head_s_own_tokens_and_skip_empty_slots():
@@ -236,6 +262,7 @@ def test_held_shares_count_each_head_s_own_tokens_and_skip_empty_slots():
     # needle pairs: (2, h0) held, (7, h0) empty slot, (2, h1) held, (7, h1) not held -> 2 of 4
     # haystack 1, 3, 4, 5, 6: head 0 holds 5; head 1 holds 1, 3, 5 -> 4 of 10
     assert held_shares(positions, valid, needle, haystack) == pytest.approx((0.5, 0.4))
+    assert held_shares(positions, valid, haystack) == pytest.approx((0.4,))  # one mask, one share
     empty = torch.zeros(8, dtype=torch.bool)
     assert all(share != share for share in held_shares(positions, valid, empty, empty))  # NaN when nothing to count
 
