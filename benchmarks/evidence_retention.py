@@ -54,6 +54,8 @@ def held_shares(positions: torch.Tensor, valid: torch.Tensor, *masks: torch.Tens
         masks: `(T,)` bool masks over the prompt's positions.
 
     Returns NaN for a share whose mask is empty."""
+    if not masks or len({mask.shape[0] for mask in masks}) != 1:
+        raise ValueError(f"Give one or more masks of one length, got lengths {[mask.shape[0] for mask in masks]}.")
     length = masks[0].shape[0]
     held = torch.zeros(positions.shape[0], length, dtype=torch.bool)
     for head in range(positions.shape[0]):
@@ -65,7 +67,10 @@ def held_shares(positions: torch.Tensor, valid: torch.Tensor, *masks: torch.Tens
 def token_groups(tokenizer, prompt_ids: torch.Tensor, bins: int = DEPTH_BINS) -> dict[str, torch.Tensor]:
     """`(T,)` masks over a prompt `(1, T)`: by kind, `punctuation` (special tokens such as the chat template's
     turn markers, and tokens that decode to punctuation or white space alone: newlines, full stops, commas) and
-    `words` (the rest), and by where they lie, `depth a-b%` (`bins` equal slices of the prompt's positions)."""
+    `words` (the rest), and by where they lie, `depth a-b%` (`bins` equal slices of the prompt's positions, 1 to
+    100). Punctuation is ASCII's (`string.punctuation`): the KJV texts here use no other."""
+    if not 1 <= bins <= 100:
+        raise ValueError(f"bins must be 1 to 100 (the slices are named by whole percentages), got {bins}.")
     ids = prompt_ids[0].tolist()
     special = set(tokenizer.all_special_ids)
     text = [tokenizer.decode([token]).strip() for token in ids]
@@ -91,12 +96,14 @@ def retention_after_prompt(model, cache, prompt_ids: torch.Tensor, evidence: tor
     Decided tokens are those the cache's last eviction round chose among: from position `sinks` up to that
     round's recent window (the round at `L` tokens seen protects positions `>= L - recent_window`; tokens that
     arrived after it were never scored). Evidence outside that range is left out of every share."""
+    groups = groups or {}
+    if {"evidence", "base"} & set(groups):
+        raise ValueError("Group names 'evidence' and 'base' are taken by the evidence and base-rate shares.")
     for part in prompt_ids.split(chunk, dim=1):
         model(input_ids=part.to(model.device), cache=cache, use_cache=True)
     length = prompt_ids.shape[1]
     is_evidence = torch.zeros(length, dtype=torch.bool)
     is_evidence[evidence] = True
-    groups = groups or {}
     shares_by = {name: [] for name in ["evidence", "base", *groups]}
     for layer in cache.layers:
         if getattr(layer, "positions", None) is None:  # a layer the cache does not manage (hybrid models)
@@ -113,8 +120,16 @@ def retention_after_prompt(model, cache, prompt_ids: torch.Tensor, evidence: tor
 
 
 def _share(value: torch.Tensor) -> float | None:
-    """A mean share for the JSON: None where no token of the group was decided (NaN is not JSON)."""
+    """A share for the JSON: None where no token of its group was decided (NaN is not JSON)."""
     return None if torch.isnan(value) else float(value)
+
+
+def _floats(shares: list[float | None]) -> list[float]:
+    return [float("nan") if share is None else share for share in shares]
+
+
+def _cell(share: float | None) -> str:
+    return "–" if share is None else f"{share:.3f}"
 
 
 def plot(result: dict, path: Path) -> None:
@@ -125,9 +140,9 @@ def plot(result: dict, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(9, 4.5))
     for row in result["rows"][1:]:  # the full cache holds everything
-        line, = ax.plot(row["evidence_by_layer"], "o-", ms=3, label=f"{row['label']}: evidence")
+        line, = ax.plot(_floats(row["evidence_by_layer"]), "o-", ms=3, label=f"{row['label']}: evidence")
         if row["policy"] == "namm":
-            ax.plot(row["base_by_layer"], "--", color=line.get_color(), label=f"{row['label']}: other decided tokens")
+            ax.plot(_floats(row["base_by_layer"]), "--", color=line.get_color(), label=f"{row['label']}: other decided tokens")
     ax.set_xlabel("layer")
     ax.set_ylabel("share of (token, KV head) pairs held after the prompt")
     ax.set_ylim(-0.02, 1.02)
@@ -231,8 +246,8 @@ def main(argv: list[str] | None = None) -> dict:
         else:
             by_layer = torch.tensor(evidence_layers).nanmean(0)
             base = torch.tensor(base_layers).nanmean(0)
-            row.update(evidence_by_layer=by_layer.tolist(), base_by_layer=base.tolist(),
-                       evidence_retention=float(by_layer.nanmean()), base_rate=float(base.nanmean()),
+            row.update(evidence_by_layer=[_share(value) for value in by_layer], base_by_layer=[_share(value) for value in base],
+                       evidence_retention=_share(by_layer.nanmean()), base_rate=_share(base.nanmean()),
                        held_by_group={name: _share(torch.tensor(values).nanmean()) for name, values in group_layers.items()})
         row["normalized"] = normalized_task_scores(results, full_results, examples)
         row["greedy"] = {task: sum(c for c, e in zip(correct, examples) if e.task == task) for task in TASKS}
@@ -248,18 +263,17 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"| cache | kept | evidence held | other decided tokens held | lift | normalised {' / '.join(TASKS)} | greedy |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for row in rows[1:]:
-        lift = row["evidence_retention"] / row["base_rate"] if row["base_rate"] > 0 else float("nan")
+        lift = row["evidence_retention"] / row["base_rate"] if row["evidence_retention"] is not None and row["base_rate"] else float("nan")
         normalized = " / ".join(f"{row['normalized'][t]:.3f}" for t in TASKS)
         greedy = " / ".join(f"{row['greedy'][t]}/{prompts_per_task}" for t in TASKS)
-        print(f"| {row['label']} | {row['kept_fraction']:.0%} | {row['evidence_retention']:.3f} | {row['base_rate']:.3f} | "
+        print(f"| {row['label']} | {row['kept_fraction']:.0%} | {_cell(row['evidence_retention'])} | {_cell(row['base_rate'])} | "
               f"{lift:.2f}x | {normalized} | {greedy} |")
     names = list(rows[1]["held_by_group"])
     print(f"\nShare of the other decided tokens held, by kind and depth (evidence excluded):\n| cache | {' | '.join(names)} |")
     print("|---|" + "---:|" * len(names))
     for row in rows[1:]:
-        print(f"| {row['label']} | " + " | ".join("–" if row["held_by_group"][name] is None else
-                                                  f"{row['held_by_group'][name]:.3f}" for name in names) + " |")
-    out.write_text(json.dumps(result, indent=2))
+        print(f"| {row['label']} | " + " | ".join(_cell(row["held_by_group"][name]) for name in names) + " |")
+    out.write_text(json.dumps(result, indent=2, allow_nan=False))
     plot(result, out.with_suffix(".png"))
     return result
 

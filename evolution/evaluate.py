@@ -39,6 +39,7 @@ import torch
 from tqdm.auto import tqdm
 
 from namm_cache import CacheSpec
+from namm_cache.config import MAX_TOKEN_COUNT
 from namm_cache.policies import BASELINE_POLICIES
 from namm_cache.hub import load_scorer
 from namm_cache.tasks import HELDOUT_SEED, HELDOUT_TASKS, Example, heldout_examples
@@ -156,7 +157,7 @@ def evaluate_heldout(model, tokenizer, scorer_path: str, *, prompts_per_task: in
     budget = check_float("budget", budget, above=0.0, maximum=1.0, optional=True)
     resamples = check_int("resamples", resamples, minimum=1)
     seed = check_int("seed", seed, minimum=0)
-    recent_window = check_int("recent_window", recent_window, minimum=0, optional=True)
+    recent_window = check_int("recent_window", recent_window, minimum=0, maximum=MAX_TOKEN_COUNT, optional=True)
     if no_cap and budget is not None:
         raise ValueError("Choose one of no_cap (the scorer's threshold) and budget (a fraction budget), not both.")
     baselines = check_baselines("policies", BASELINES if policies is None else policies)
@@ -396,7 +397,8 @@ def main(argv: list[str] | None = None) -> int:
         budget = None if args.budget is None else check_float("--budget", _number("--budget", args.budget), above=0.0, maximum=1.0)
         resamples = check_int("--resamples", _number("--resamples", args.resamples), minimum=1)
         recent = (None if args.recent_window is None else
-                  check_int("--recent-window", _number("--recent-window", args.recent_window), minimum=0))
+                  check_int("--recent-window", _number("--recent-window", args.recent_window), minimum=0,
+                            maximum=MAX_TOKEN_COUNT))
         baselines = check_baselines("--baselines", args.baselines)
         protected = check_baselines("--protected-baselines", args.protected_baselines)
         if not baselines and not protected:

@@ -146,12 +146,12 @@ class EvolutionRun:
         return examples
 
     def baseline_budget(self, stage: int) -> int | FractionBudget | TokenBudget | None:
-        """The budget baselines run at in `stage`: its cap (`max_tokens`) where it has one, else the run's token or
-        fraction `budget` (the one every member faces), else None (a threshold stage: no baseline matches it)."""
-        cap = self.config.namm_config(stage).max_tokens
-        if cap is not None:
-            return cap
-        return self.budget if isinstance(self.budget, (FractionBudget, TokenBudget)) else None
+        """The budget baselines run at in `stage`: the run's token or fraction `budget` where it has one (the
+        baseline keeps the stage's cap too, so both are held to `min(budget, cap)` as members are), else the
+        stage's cap (`max_tokens`) as a token budget, else None (a threshold stage: no baseline matches it)."""
+        if isinstance(self.budget, (FractionBudget, TokenBudget)):
+            return self.budget
+        return self.config.namm_config(stage).max_tokens
 
     def make_cache(self, vector: np.ndarray | str | None, stage: int) -> Callable[[], NAMMCache]:
         """A cache factory for a member (parameter vector), a baseline policy (by name, at
@@ -161,8 +161,9 @@ class EvolutionRun:
             spec = CacheSpec(policy="full", config=config)
         elif isinstance(vector, str):
             # A baseline runs its own rule: the scorer's protected tokens are not part of it.
-            spec = CacheSpec(policy=vector, budget=self.baseline_budget(stage),
-                             config=config.replace(max_tokens=None, sinks=0, recent_window=0))
+            budget = self.baseline_budget(stage)
+            cap = config.max_tokens if isinstance(budget, (FractionBudget, TokenBudget)) else None  # members' clamp
+            spec = CacheSpec(policy=vector, budget=budget, config=config.replace(max_tokens=cap, sinks=0, recent_window=0))
         else:
             self.scorer.set_flat_params(torch.as_tensor(vector, dtype=torch.float32))
             spec = CacheSpec(scorer=self.scorer, config=config, budget=self.budget)
@@ -252,9 +253,11 @@ class EvolutionRun:
             examples = self.validation_examples(stage)
             full = self.exact_scores(None, examples, stage)
             baselines = {}
-            budget = self.baseline_budget(stage)
-            at = ({"budget_fraction": budget.fraction} if isinstance(budget, FractionBudget) else
-                  {"budget_tokens": budget.tokens if isinstance(budget, TokenBudget) else budget})
+            budget, cap = self.baseline_budget(stage), self.config.namm_config(stage).max_tokens
+            at = {"budget_fraction": budget.fraction} if isinstance(budget, FractionBudget) else {}
+            tokens = [value for value in (budget.tokens if isinstance(budget, TokenBudget) else None, cap) if value is not None]
+            if tokens:
+                at["budget_tokens"] = min(tokens)  # a cap clamps a fraction budget: both are reported
             for policy in self.config.validation_baselines if budget is not None else []:
                 table = torch.stack([full, self.exact_scores(policy, examples, stage)])
                 summary = self.summarize(table, examples, stage)

@@ -231,6 +231,9 @@ def test_evidence_retention_counts_what_each_cache_holds_of_the_needle(tmp_path,
     # Of the decided non-evidence tokens before 120 (4..119 less 50, 51: 114) it holds 100..119 (20); after, all 40.
     assert held == {"evidence": [0.0] * layers, "base": [pytest.approx(60 / 154)] * layers,
                     "early": [pytest.approx(20 / 114)] * layers, "late": [1.0] * layers}
+    with pytest.raises(ValueError, match="taken"):
+        evidence_retention.retention_after_prompt(model, CacheSpec(policy="full", config=config).build(model), prompt,
+                                                  torch.tensor([50]), 64, sinks=4, recent_window=32, groups={"base": early})
 
 
 def test_token_groups_split_punctuation_and_markup_from_words_and_slice_depth(tiny_model_dir):
@@ -248,6 +251,9 @@ def test_token_groups_split_punctuation_and_markup_from_words_and_slice_depth(ti
         piece for piece in pieces if piece not in marked]
     assert groups["depth 0-50%"].sum() + groups["depth 50-100%"].sum() == ids.shape[1]
     assert not (groups["depth 0-50%"] & groups["depth 50-100%"]).any() and groups["depth 0-50%"][0]
+    for bins in (0, 101):
+        with pytest.raises(ValueError, match="bins"):
+            token_groups(tokenizer, ids, bins=bins)
 
 
 def test_held_shares_count_each_head_s_own_tokens_and_skip_empty_slots():
@@ -265,6 +271,9 @@ def test_held_shares_count_each_head_s_own_tokens_and_skip_empty_slots():
     assert held_shares(positions, valid, haystack) == pytest.approx((0.4,))  # one mask, one share
     empty = torch.zeros(8, dtype=torch.bool)
     assert all(share != share for share in held_shares(positions, valid, empty, empty))  # NaN when nothing to count
+    for masks in ((), (needle, torch.zeros(9, dtype=torch.bool))):
+        with pytest.raises(ValueError, match="one length"):
+            held_shares(positions, valid, *masks)
 
 
 @pytest.mark.parametrize("flags", [["--baselines", "nope"], ["--baselines", "full"], ["--prompts-per-task", "0"],

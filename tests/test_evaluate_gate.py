@@ -303,7 +303,8 @@ def test_the_table_reads_results_written_before_the_gate():
                                    ["--protected-baselines", "h2o,h2o"],
                                    ["--protected-baselines", "h2o"],  # the scorer protects no tokens
                                    ["--baselines", ""], ["--recent-window", "-1"], ["--recent-window", "8.5"],
-                                   ["--recent-window", "0", "--protected-baselines", "h2o"]])
+                                   ["--recent-window", str(2**41)],
+                                   ["--recent-window", "0", "--protected-baselines", "h2o", "--scorer-with-window"]])
 def test_the_cli_refuses_bad_flags_with_one_error_line(flags, tmp_path, capsys, monkeypatch):
     from helpers import random_scorer
 
@@ -318,6 +319,12 @@ def test_the_cli_refuses_bad_flags_with_one_error_line(flags, tmp_path, capsys, 
     save_scorer(folder, random_scorer(seed=3), NAMMConfig(update_interval=128, threshold=0.0, max_tokens=64),
                 ScorerMetadata(description="test scorer"))
     scorer, out = str(folder), str(tmp_path / "out.json")
+    if flags[-1] == "--scorer-with-window":  # protects 8 recent positions, which --recent-window 0 takes away
+        flags, scorer = flags[:-1], str(tmp_path / "windowed")
+        save_scorer(scorer, random_scorer(seed=3), NAMMConfig(update_interval=128, threshold=0.0, recent_window=8),
+                    ScorerMetadata(description="test scorer"))
+        with pytest.raises(AssertionError, match="before the model loads"):  # without the override, accepted
+            main(["--scorer", scorer, "--out", out, "--protected-baselines", "h2o"])
     if flags == ["--scorer-missing"]:
         scorer, flags = str(tmp_path / "nowhere"), []
     elif flags == ["--out-folder-missing"]:

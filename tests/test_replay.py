@@ -278,6 +278,16 @@ def test_validation_baselines_run_at_the_runs_fraction_budget_in_a_stage_without
     assert 0.3 <= h2o["kept"] < 0.6 and h2o["kept"] == pytest.approx(member_kept, abs=0.05)  # the same rule's memory
     threshold = EvolutionRun(EvolutionConfig.from_dict({**settings, "budget": "threshold"}), tmp_path / "t", progress=False)
     assert threshold.baseline_budget(0) is None
+    # A cap as well: it clamps the fraction for members and baselines alike (min(30% of seen, 40 tokens)).
+    capped = EvolutionRun(EvolutionConfig.from_dict({**settings, "namm": {"update_interval": 32, "max_tokens": 40}}),
+                          tmp_path / "c", progress=False)
+    baseline, member = capped.make_cache("h2o", 0)(), capped.make_cache(np.zeros(capped.dim), 0)()
+    assert baseline.budget == member.budget == FractionBudget(0.3)
+    assert baseline.namm_config.max_tokens == member.namm_config.max_tokens == 40
+    (row,) = capped.run().log
+    h2o = row["validation"]["baselines"]["h2o"]
+    assert (h2o["budget_fraction"], h2o["budget_tokens"]) == (0.3, 40)
+    assert h2o["kept"] == pytest.approx(row["validation"]["kept"], abs=0.02)
 
 
 @pytest.mark.parametrize("interval, refeed", [(128, 20), (32, 110)])
