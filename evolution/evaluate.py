@@ -146,8 +146,8 @@ def evaluate_heldout(model, tokenizer, scorer_path: str, *, prompts_per_task: in
 
     `no_cap=True` drops the scorer's stored `max_tokens`, so it keeps what its threshold keeps; `budget=F` runs
     it under a fraction budget instead (its top F, no cap). `recent_window=W` replaces the scorer's stored recent
-    window (the newest W positions it keeps whatever their score; protected baselines get it too). Each row holds `per_task` means and `scores`
-    (`{task: [per-prompt teacher-forced probability]}`, prompts in suite order).
+    window (the newest W positions it keeps whatever their score; protected baselines get it too). Each row holds
+    `per_task` means and `scores` (`{task: [per-prompt teacher-forced probability]}`, prompts in suite order).
 
     `policies` are the baselines run by their own rules (default: every registered one); `protected_policies`
     adds a row per named policy run with the scorer's own protected tokens (its `sinks` and `recent_window`,
@@ -252,8 +252,7 @@ def evaluate_heldout(model, tokenizer, scorer_path: str, *, prompts_per_task: in
         row["normalized_mean"] = float(_normalized_means({t: np.asarray(v) for t, v in row["scores"].items()},
                                                          {t: full_scores[t] for t in row["scores"]}))
     result = {"scorer": str(scorer_path), "no_cap": no_cap, "budget": budget, "recent_window": recent_window,
-              "tasks": HELDOUT_TASKS,
-              "prompts_per_task": prompts_per_task, "seed": HELDOUT_SEED,
+              "tasks": HELDOUT_TASKS, "prompts_per_task": prompts_per_task, "seed": HELDOUT_SEED,
               "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "rows": rows,
               "depths": evidence_depths(examples, tokenizer)}
     best = best_baseline(rows, baselines, protected_baselines)
