@@ -247,8 +247,9 @@ class EvolutionRun:
 
     def validate_mean(self, mean: np.ndarray, stage: int) -> dict[str, Any]:
         """The distribution mean scored exactly on the stage's validation set, sharded over ranks. The full
-        cache and the `validation_baselines` (at `baseline_budget(stage)`: the stage's cap, else the run's budget) are
-        scored once per stage and reported beside it (`baselines`: `{policy: {fitness, quality, kept}}`)."""
+        cache and the `validation_baselines` (at `baseline_budget(stage)`: the run's budget, clamped by the stage's
+        cap, else the cap) are scored once per stage and reported beside it (`baselines`: `{policy: {fitness,
+        quality, kept, budget_fraction and / or budget_tokens}}`)."""
         if stage not in self._validation:
             examples = self.validation_examples(stage)
             full = self.exact_scores(None, examples, stage)
