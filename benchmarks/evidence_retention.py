@@ -227,7 +227,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     rows, full_results = [], None
     for policy, (label, spec) in tqdm(caches.items(), desc="caches"):
-        results, correct, evidence_layers, base_layers, group_layers = [], [], [], [], {}
+        results, correct, layers = [], [], {}  # layers: {share name: per prompt, its per-layer shares}
         for i, example in enumerate(examples):
             answer = score_and_answer(model, tokenizer, spec(example, i).build(model), example, chunk)
             results.append(ExampleResult(answer.score, answer.kept_fraction))
@@ -235,20 +235,17 @@ def main(argv: list[str] | None = None) -> dict:
             if policy != "full":
                 held = retention_after_prompt(model, spec(example, i).build(model), prompts[i], evidence[i], chunk,
                                               sinks=config.sinks, recent_window=config.recent_window, groups=groups[i])
-                evidence_layers.append(held["evidence"])
-                base_layers.append(held["base"])
-                for name in groups[i]:
-                    group_layers.setdefault(name, []).append(held[name])
+                for name, shares in held.items():
+                    layers.setdefault(name, []).append(shares)
         row = {"label": label, "policy": policy, "kept_fraction": mean_kept_fraction(results),
                "scores": [result.score for result in results], "correct": correct}
         if policy == "full":
             full_results = results
         else:
-            by_layer = torch.tensor(evidence_layers).nanmean(0)
-            base = torch.tensor(base_layers).nanmean(0)
+            by_layer, base = (torch.tensor(layers.pop(name)).nanmean(0) for name in ("evidence", "base"))
             row.update(evidence_by_layer=[_share(value) for value in by_layer], base_by_layer=[_share(value) for value in base],
                        evidence_retention=_share(by_layer.nanmean()), base_rate=_share(base.nanmean()),
-                       held_by_group={name: _share(torch.tensor(values).nanmean()) for name, values in group_layers.items()})
+                       held_by_group={name: _share(torch.tensor(values).nanmean()) for name, values in layers.items()})
         row["normalized"] = normalized_task_scores(results, full_results, examples)
         row["greedy"] = {task: sum(c for c, e in zip(correct, examples) if e.task == task) for task in TASKS}
         rows.append(row)
