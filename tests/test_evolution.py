@@ -199,7 +199,8 @@ def test_config_loads_toml_and_builds_every_task(tmp_path):
     assert build_task({"name": "needle_multikey"}).name == "needle_multikey3"
 
 
-def test_heldout_evaluation_matches_baselines_to_the_scorers_memory_and_bundles(tmp_path, tiny_model_dir, monkeypatch):
+def test_heldout_evaluation_matches_baselines_to_the_scorers_memory_and_bundles(tmp_path, tiny_model_dir, monkeypatch,
+                                                                                 capsys):
     from helpers import random_scorer
 
     from namm_cache.evolution.evaluate import evaluate_heldout
@@ -211,7 +212,8 @@ def test_heldout_evaluation_matches_baselines_to_the_scorers_memory_and_bundles(
                 ScorerMetadata(description="test scorer"))
     model, tokenizer = load_model(str(tiny_model_dir))
     capped = evaluate_heldout(model, tokenizer, str(folder), prompts_per_task=1, policies=["h2o"], progress=False)
-    free = evaluate_heldout(model, tokenizer, str(folder), prompts_per_task=1, policies=["h2o"], progress=False, no_cap=True)
+    free = evaluate_heldout(model, tokenizer, str(folder), prompts_per_task=1, policies=["h2o"], progress=False, no_cap=True,
+                            recent_window=16)
     for result in (capped, free):
         full, namm, h2o, oracle = result["rows"]  # the oracle ceiling comes last
         assert full["kept_fraction"] == 1.0 and full["normalized_mean"] == pytest.approx(1.0)
@@ -220,22 +222,33 @@ def test_heldout_evaluation_matches_baselines_to_the_scorers_memory_and_bundles(
         assert h2o["label"].startswith("h2o (budget ") and oracle["label"].startswith("oracle (ceiling, budget ")
     # ~1k-token prompts: the cap holds <= 64 tokens + one interval; the threshold alone keeps more.
     assert capped["rows"][1]["kept_fraction"] < 0.25 < free["rows"][1]["kept_fraction"]
-    assert capped["rows"][1]["label"] == "NAMM (cap 64)" and free["rows"][1]["label"] == "NAMM (threshold)"
+    assert capped["rows"][1]["label"] == "NAMM (cap 64)" and free["rows"][1]["label"] == "NAMM (threshold, 16 recent)"
 
-    # Bundling an evaluation made with --no-cap stores the scorer without its cap, results in the card.
+    # Bundling an evaluation made with --no-cap --recent-window 16 stores the scorer without its cap and with that
+    # window; every evaluation named lands in the card's results, told apart by their setting.
     sys.path.insert(0, str(ROOT / "tools"))
     import bundle_evolved
 
-    heldout = tmp_path / "heldout.json"
+    heldout, capped_json = tmp_path / "heldout.json", tmp_path / "capped.json"
     heldout.write_text(json.dumps(free))
+    capped_json.write_text(json.dumps(capped))
     monkeypatch.setattr(bundle_evolved, "bundled_root", lambda: tmp_path / "bundled")
-    monkeypatch.setattr(sys, "argv", ["bundle_evolved.py", str(folder), str(heldout), "org/test-bam"])
-    bundle_evolved.main()
+    assert bundle_evolved.main([str(folder), str(heldout), str(capped_json), "org/test-bam"]) == 0
     bundled = load_scorer(tmp_path / "bundled" / "org" / "test-bam")
-    assert bundled.config.max_tokens is None and bundled.config.threshold == 0.0
+    assert bundled.config.max_tokens is None and bundled.config.threshold == 0.0 and bundled.config.recent_window == 16
     assert torch.equal(bundled.scorer.get_flat_params(), load_scorer(folder).scorer.get_flat_params())
     card = (tmp_path / "bundled" / "org" / "test-bam" / "README.md").read_text()
-    assert "NAMM (threshold)" in card and "h2o (budget" in card
+    assert "NAMM (threshold, 16 recent)" in card and "NAMM (cap 64)" in card and "h2o (budget" in card
+    assert "| threshold, 16 recent |" in card and "| stored settings |" in card
+    # A budget evaluation cannot decide the stored settings; another scorer's results cannot go in its card.
+    budgeted = dict(free, budget=0.5, no_cap=False)
+    (tmp_path / "budget.json").write_text(json.dumps(budgeted))
+    (tmp_path / "other.json").write_text(json.dumps(dict(free, scorer=str(tmp_path / "elsewhere"))))
+    for args, message in (([str(tmp_path / "budget.json")], "fraction budget"), ([str(tmp_path / "other.json")], "another scorer"),
+                          ([str(tmp_path / "missing.json")], "not a readable")):
+        assert bundle_evolved.main([str(folder), *args, "org/refused"]) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "bundled" / "org" / "refused").exists()
 
 
 def test_matched_budget_solves_the_budget_to_kept_line():

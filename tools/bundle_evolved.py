@@ -1,10 +1,15 @@
 """Bundle an evolved scorer into the package, with its held-out results in the model card.
 
+    python tools/bundle_evolved.py SCORER HELDOUT [MORE_HELDOUT ...] NAME
     python tools/bundle_evolved.py runs/smollm2-bam/scorer benchmarks/results/heldout_smollm2.json namm-cache/smollm2-135m-bam
 
-The card's results table is rendered from the held-out JSON written by
-`python -m namm_cache.evolution.evaluate`. The bundled scorer keeps the settings that evaluation used: evaluated with `--no-cap`, it is stored without its
-training cap (`max_tokens`), so by default it keeps what its threshold keeps.
+Each HELDOUT is a JSON written by `python -m namm_cache.evolution.evaluate` for this scorer; the card's results
+table is rendered from all of them, one `setting` column telling them apart. The first one decides the settings
+the bundled scorer is stored with, so that loading it by name reproduces that evaluation: evaluated with
+`--no-cap`, it is stored without its training cap (`max_tokens`) and keeps what its threshold keeps; evaluated
+with `--recent-window W`, it is stored with that window. A `--budget` evaluation cannot come first: a budget is
+chosen per cache (`CacheSpec(budget=...)`), not stored with the scorer. Bad arguments exit with status 2 and one
+`error:` line.
 """
 
 from __future__ import annotations
@@ -13,34 +18,85 @@ import json
 import shutil
 import sys
 from pathlib import Path
+from typing import Any
 
 from namm_cache.hub import bundled_root, load_scorer, save_scorer
 
 
-def main() -> None:
-    if len(sys.argv) != 4:
-        raise SystemExit(__doc__)
-    scorer_folder, heldout_json, name = sys.argv[1:]
-    loaded = load_scorer(scorer_folder)
-    heldout = json.loads(Path(heldout_json).read_text())
+def setting(heldout: dict[str, Any]) -> str:
+    """How the scorer ran in one evaluation, in words: `threshold`, `budget 23%`, `stored settings`, plus the window."""
+    if heldout.get("no_cap"):
+        text = "threshold"
+    elif heldout.get("budget") is not None:
+        text = f"budget {heldout['budget']:.0%}"
+    else:
+        text = "stored settings"
+    window = heldout.get("recent_window")
+    return text if window is None else f"{text}, {window} recent"
+
+
+def read_heldout(path: str, scorer_folder: str) -> dict[str, Any]:
+    """One held-out JSON, refused unless it is an evaluation of `scorer_folder`."""
+    try:
+        heldout = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path}: not a readable held-out JSON ({error}).") from None
+    if not isinstance(heldout, dict) or "rows" not in heldout or "scorer" not in heldout:
+        raise ValueError(f"{path}: not written by `python -m namm_cache.evolution.evaluate` (no rows or scorer).")
+    same = Path(heldout["scorer"]).resolve() == Path(scorer_folder).resolve() or heldout["scorer"] == scorer_folder
+    if not same:
+        raise ValueError(f"{path} evaluated {heldout['scorer']!r}, not {scorer_folder!r}: its results would describe "
+                         "another scorer.")
+    return heldout
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) < 3 or any(arg in ("-h", "--help") for arg in args):
+        print(__doc__)
+        return 0 if any(arg in ("-h", "--help") for arg in args) else 2
+    scorer_folder, paths, name = args[0], args[1:-1], args[-1]
+    try:
+        results = [read_heldout(path, scorer_folder) for path in paths]
+        first = results[0]
+        if first.get("budget") is not None:
+            raise ValueError(f"{paths[0]} ran the scorer under a fraction budget, which is not stored with a scorer: "
+                             "name a --no-cap or stored-settings evaluation first.")
+        loaded = load_scorer(scorer_folder)
+    except (ValueError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     metadata = loaded.metadata
     metadata.results = [
-        {"cache (held-out prompts)": row["label"], "kept": f"{row['kept_fraction']:.0%}",
+        {"setting": setting(heldout), "cache (held-out prompts)": row["label"], "kept": f"{row['kept_fraction']:.0%}",
          "normalised score": round(row["normalized_mean"], 3),
          **{task: round(entry["accuracy" if "accuracy" in entry else "score"], 3) for task, entry in row["per_task"].items()}}
-        for row in heldout["rows"]
+        for heldout in results for row in heldout["rows"]
     ]
+    dates = ", ".join(dict.fromkeys(heldout["date"] for heldout in results))
     metadata.description += (
-        f" Held-out evaluation (`python -m namm_cache.evolution.evaluate`, {heldout['date']}): KJV Proverbs haystacks, seed "
-        f"{heldout['seed']}, {heldout['prompts_per_task']} prompts per task; retrieval columns are greedy accuracy, "
+        f" Held-out evaluation (`python -m namm_cache.evolution.evaluate`, {dates}): KJV Proverbs haystacks, seed "
+        f"{first['seed']}, {first['prompts_per_task']} prompts per task; retrieval columns are greedy accuracy, "
         "long_text is the answer probability; the normalised score is the mean over tasks of the teacher-forced answer "
         "probability divided by the full cache's; each baseline runs at the fraction budget under which it holds "
         "what the scorer held."
     )
+    for heldout in results:
+        if heldout.get("gate"):
+            gate = heldout["gate"]
+            metadata.description += (
+                f" At `{setting(heldout)}`: NAMM minus the best baseline ({gate['baseline']}) "
+                f"{gate['difference']:+.3f}, 95% paired-bootstrap interval [{gate['low']:+.3f}, {gate['high']:+.3f}]; "
+                f"ratio {gate['ratio']:.3f} [{gate['ratio_low']:.3f}, {gate['ratio_high']:.3f}]."
+            )
     target = bundled_root() / name
     config = loaded.config
-    if heldout.get("no_cap") and config.max_tokens is not None:
-        namm_row = next(row for row in heldout["rows"] if row["label"].startswith("NAMM"))
+    if first.get("recent_window") is not None and first["recent_window"] != config.recent_window:
+        metadata.description += (f" Stored with {first['recent_window']} recent positions protected (trained with "
+                                 f"{config.recent_window}), as evaluated.")
+        config = config.replace(recent_window=first["recent_window"])
+    if first.get("no_cap") and config.max_tokens is not None:
+        namm_row = next(row for row in first["rows"] if row["label"].startswith("NAMM"))
         metadata.description += (
             f" Stored without its training cap (max_tokens {config.max_tokens}): it keeps what its threshold keeps "
             f"({namm_row['kept_fraction']:.0%} on the held-out prompts); pass `max_tokens=` to cap it."
@@ -51,7 +107,8 @@ def main() -> None:
     if plot.is_file():
         shutil.copy(plot, target / "fitness.png")
     print(f"bundled {scorer_folder} as {name} in {target}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
