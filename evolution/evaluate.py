@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 from namm_cache import CacheSpec
 from namm_cache.config import MAX_TOKEN_COUNT
 from namm_cache.policies import BASELINE_POLICIES
-from namm_cache.hub import load_scorer
+from namm_cache.hub import load_scorer, weights_digest
 from namm_cache.tasks import HELDOUT_SEED, HELDOUT_TASKS, Example, heldout_examples
 from namm_cache.validation import check_float, check_int
 
@@ -251,7 +251,8 @@ def evaluate_heldout(model, tokenizer, scorer_path: str, *, prompts_per_task: in
     for row in rows:
         row["normalized_mean"] = float(_normalized_means({t: np.asarray(v) for t, v in row["scores"].items()},
                                                          {t: full_scores[t] for t in row["scores"]}))
-    result = {"scorer": str(scorer_path), "no_cap": no_cap, "budget": budget, "recent_window": recent_window,
+    result = {"scorer": str(scorer_path), "scorer_weights": weights_digest(loaded.scorer), "no_cap": no_cap,
+              "budget": budget, "recent_window": recent_window,
               "tasks": HELDOUT_TASKS, "prompts_per_task": prompts_per_task, "seed": HELDOUT_SEED,
               "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "rows": rows,
               "depths": evidence_depths(examples, tokenizer)}

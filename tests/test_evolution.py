@@ -205,7 +205,7 @@ def test_heldout_evaluation_matches_baselines_to_the_scorers_memory_and_bundles(
 
     from namm_cache.evolution.evaluate import evaluate_heldout
     from namm_cache.evolution.run import load_model
-    from namm_cache.hub import ScorerMetadata, load_scorer, save_scorer
+    from namm_cache.hub import ScorerMetadata, load_scorer, save_scorer, weights_digest
 
     folder = tmp_path / "scorer"
     save_scorer(folder, random_scorer(seed=3), NAMMConfig(update_interval=128, threshold=0.0, max_tokens=64),
@@ -240,15 +240,26 @@ def test_heldout_evaluation_matches_baselines_to_the_scorers_memory_and_bundles(
     card = (tmp_path / "bundled" / "org" / "test-bam" / "README.md").read_text()
     assert "NAMM (threshold, 16 recent)" in card and "NAMM (cap 64)" in card and "h2o (budget" in card
     assert "| threshold, 16 recent |" in card and "| stored settings |" in card
-    # A budget evaluation cannot decide the stored settings; another scorer's results cannot go in its card.
-    budgeted = dict(free, budget=0.5, no_cap=False)
-    (tmp_path / "budget.json").write_text(json.dumps(budgeted))
-    (tmp_path / "other.json").write_text(json.dumps(dict(free, scorer=str(tmp_path / "elsewhere"))))
-    for args, message in (([str(tmp_path / "budget.json")], "fraction budget"), ([str(tmp_path / "other.json")], "another scorer"),
-                          ([str(tmp_path / "missing.json")], "not a readable")):
+    assert "keep score >= 0.0; always kept: the 16 newest |" in card  # the stored window, in the settings table
+    # Refused, each with one error line and nothing written: a budget evaluation first (a budget is not stored),
+    # other weights (by the digest evaluate records; by folder for results without it), another prompt suite,
+    # a malformed result, an unreadable file, a NAME that is not org/name.
+    assert free["scorer_weights"] == weights_digest(load_scorer(folder).scorer)
+    inputs = {"budget": dict(free, budget=0.5, no_cap=False), "weights": dict(free, scorer_weights="0" * 64),
+              "folder": {k: v for k, v in dict(free, scorer=str(tmp_path / "elsewhere")).items() if k != "scorer_weights"},
+              "suite": dict(capped, seed=1), "rowless": dict(free, rows=[{"label": "NAMM"}])}
+    for key, value in inputs.items():
+        (tmp_path / f"{key}.json").write_text(json.dumps(value))
+    capsys.readouterr()  # what the evaluations above printed
+    for args, message in (([str(tmp_path / "budget.json")], "fraction budget"), ([str(tmp_path / "weights.json")], "other weights"),
+                          ([str(tmp_path / "folder.json")], "other weights"), ([str(heldout), str(tmp_path / "suite.json")], "in seed"),
+                          ([str(tmp_path / "rowless.json")], "KeyError"), ([str(tmp_path / "missing.json")], "not a readable")):
         assert bundle_evolved.main([str(folder), *args, "org/refused"]) == 2
-        assert message in capsys.readouterr().err
-    assert not (tmp_path / "bundled" / "org" / "refused").exists()
+        err = capsys.readouterr().err
+        assert message in err and err.startswith("error:") and err.count("\n") == 1
+    assert bundle_evolved.main([str(folder), str(heldout), str(capped_json)]) == 2  # NAME left off
+    assert "NAME must look like org/name" in capsys.readouterr().err
+    assert not (tmp_path / "bundled" / "org" / "refused").exists() and not (tmp_path / "bundled" / "capped.json").exists()
 
 
 def test_matched_budget_solves_the_budget_to_kept_line():

@@ -9,18 +9,27 @@ the bundled scorer is stored with, so that loading it by name reproduces that ev
 `--no-cap`, it is stored without its training cap (`max_tokens`) and keeps what its threshold keeps; evaluated
 with `--recent-window W`, it is stored with that window. A `--budget` evaluation cannot come first: a budget is
 chosen per cache (`CacheSpec(budget=...)`), not stored with the scorer. Bad arguments exit with status 2 and one
-`error:` line.
+`error:` line: among them a HELDOUT of other weights than SCORER's (by the weights digest evaluate records, or
+by folder for older results), of another model, seed or prompt set than the first, and a NAME not of the form
+`org/name`.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
 import sys
 from pathlib import Path
 from typing import Any
 
-from namm_cache.hub import bundled_root, load_scorer, save_scorer
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from namm_cache.hub import LoadedScorer, bundled_root, load_scorer, resolve, save_scorer, weights_digest
+
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
+SAME_SUITE = ("model", "seed", "prompts_per_task", "tasks")  # what must match across the evaluations of one card
 
 
 def setting(heldout: dict[str, Any]) -> str:
@@ -35,38 +44,69 @@ def setting(heldout: dict[str, Any]) -> str:
     return text if window is None else f"{text}, {window} recent"
 
 
-def read_heldout(path: str, scorer_folder: str) -> dict[str, Any]:
-    """One held-out JSON, refused unless it is an evaluation of `scorer_folder`."""
+def read_heldout(path: str, scorer_folder: str, loaded: LoadedScorer) -> dict[str, Any]:
+    """One held-out JSON, refused unless it is an evaluation of these weights (`loaded`, from `scorer_folder`)."""
     try:
         heldout = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as error:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise ValueError(f"{path}: not a readable held-out JSON ({error}).") from None
-    if not isinstance(heldout, dict) or "rows" not in heldout or "scorer" not in heldout:
+    if not isinstance(heldout, dict) or not isinstance(heldout.get("rows"), list) or not isinstance(heldout.get("scorer"), str):
         raise ValueError(f"{path}: not written by `python -m namm_cache.evolution.evaluate` (no rows or scorer).")
-    same = Path(heldout["scorer"]).resolve() == Path(scorer_folder).resolve() or heldout["scorer"] == scorer_folder
+    if "scorer_weights" in heldout:
+        same = heldout["scorer_weights"] == weights_digest(loaded.scorer)
+    else:  # results written before evaluate recorded the weights: the same folder
+        try:
+            same = resolve(heldout["scorer"])[0].resolve() == resolve(scorer_folder)[0].resolve()
+        except Exception:  # noqa: BLE001 - a scorer that no longer resolves is not this one
+            same = False
     if not same:
-        raise ValueError(f"{path} evaluated {heldout['scorer']!r}, not {scorer_folder!r}: its results would describe "
-                         "another scorer.")
+        raise ValueError(f"{path} evaluated {heldout['scorer']!r}, other weights than {scorer_folder!r}: its results "
+                         "would describe another scorer.")
     return heldout
 
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
-    if len(args) < 3 or any(arg in ("-h", "--help") for arg in args):
+    if any(arg in ("-h", "--help") for arg in args):
         print(__doc__)
-        return 0 if any(arg in ("-h", "--help") for arg in args) else 2
+        return 0
+    if len(args) < 3:
+        print(__doc__, file=sys.stderr)
+        return 2
     scorer_folder, paths, name = args[0], args[1:-1], args[-1]
     try:
-        results = [read_heldout(path, scorer_folder) for path in paths]
+        if not NAME.fullmatch(name) or ".." in name or name.endswith(".json"):
+            raise ValueError(f"NAME must look like org/name (the name it loads by), got {name!r}.")
+        loaded = load_scorer(scorer_folder)
+        results = [read_heldout(path, scorer_folder, loaded) for path in paths]
         first = results[0]
         if first.get("budget") is not None:
             raise ValueError(f"{paths[0]} ran the scorer under a fraction budget, which is not stored with a scorer: "
                              "name a --no-cap or stored-settings evaluation first.")
-        loaded = load_scorer(scorer_folder)
-    except (ValueError, OSError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        for path, heldout in zip(paths[1:], results[1:]):
+            differ = [key for key in SAME_SUITE if heldout.get(key) != first.get(key)]
+            if differ:
+                raise ValueError(f"{path} differs from {paths[0]} in {', '.join(differ)}: one card's table holds "
+                                 "evaluations of one prompt suite on one model.")
+        metadata, config = card_metadata(loaded, results), stored_config(loaded, first)
+    except (ValueError, OSError, KeyError, TypeError, StopIteration) as error:
+        print(f"error: {error!r}" if isinstance(error, (KeyError, StopIteration)) else f"error: {error}", file=sys.stderr)
         return 2
+    target = bundled_root() / name
+    save_scorer(target, loaded.scorer, config, metadata, repo_id=name)
+    plot = Path(scorer_folder) / "fitness.png"
+    if plot.is_file():
+        shutil.copy(plot, target / "fitness.png")
+    else:
+        (target / "fitness.png").unlink(missing_ok=True)  # a plot left from an earlier bundle under this name
+    print(f"bundled {scorer_folder} as {name} in {target}")
+    return 0
+
+
+def card_metadata(loaded: LoadedScorer, results: list[dict[str, Any]]):
+    """The scorer's metadata with every evaluation's rows as card results and what they measured in the description."""
     metadata = loaded.metadata
+    first = results[0]
     metadata.results = [
         {"setting": setting(heldout), "cache (held-out prompts)": row["label"], "kept": f"{row['kept_fraction']:.0%}",
          "normalised score": round(row["normalized_mean"], 3),
@@ -78,8 +118,8 @@ def main(argv: list[str] | None = None) -> int:
         f" Held-out evaluation (`python -m namm_cache.evolution.evaluate`, {dates}): KJV Proverbs haystacks, seed "
         f"{first['seed']}, {first['prompts_per_task']} prompts per task; retrieval columns are greedy accuracy, "
         "long_text is the answer probability; the normalised score is the mean over tasks of the teacher-forced answer "
-        "probability divided by the full cache's; each baseline runs at the fraction budget under which it holds "
-        "what the scorer held."
+        "probability divided by the full cache's (the oracle's over the tasks with evidence only); each baseline runs "
+        "at the fraction budget under which it holds what the scorer held."
     )
     for heldout in results:
         if heldout.get("gate"):
@@ -89,25 +129,24 @@ def main(argv: list[str] | None = None) -> int:
                 f"{gate['difference']:+.3f}, 95% paired-bootstrap interval [{gate['low']:+.3f}, {gate['high']:+.3f}]; "
                 f"ratio {gate['ratio']:.3f} [{gate['ratio_low']:.3f}, {gate['ratio_high']:.3f}]."
             )
-    target = bundled_root() / name
+    return metadata
+
+
+def stored_config(loaded: LoadedScorer, first: dict[str, Any]):
+    """The settings the first evaluation ran the scorer with (its window; without the cap after --no-cap)."""
     config = loaded.config
     if first.get("recent_window") is not None and first["recent_window"] != config.recent_window:
-        metadata.description += (f" Stored with {first['recent_window']} recent positions protected (trained with "
-                                 f"{config.recent_window}), as evaluated.")
+        loaded.metadata.description += (f" Stored with {first['recent_window']} recent positions protected (trained "
+                                        f"with {config.recent_window}), as evaluated.")
         config = config.replace(recent_window=first["recent_window"])
     if first.get("no_cap") and config.max_tokens is not None:
         namm_row = next(row for row in first["rows"] if row["label"].startswith("NAMM"))
-        metadata.description += (
+        loaded.metadata.description += (
             f" Stored without its training cap (max_tokens {config.max_tokens}): it keeps what its threshold keeps "
             f"({namm_row['kept_fraction']:.0%} on the held-out prompts); pass `max_tokens=` to cap it."
         )
         config = config.replace(max_tokens=None)
-    save_scorer(target, loaded.scorer, config, metadata, repo_id=name)
-    plot = Path(scorer_folder) / "fitness.png"
-    if plot.is_file():
-        shutil.copy(plot, target / "fitness.png")
-    print(f"bundled {scorer_folder} as {name} in {target}")
-    return 0
+    return config
 
 
 if __name__ == "__main__":

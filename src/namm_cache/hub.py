@@ -99,6 +99,19 @@ class LoadedScorer:
     source: str
 
 
+def weights_digest(scorer: Scorer) -> str:
+    """The sha256 of a scorer's tensors (names, shapes and float32 values, normalisation statistics included):
+    equal for the same weights wherever they are stored, so a result can name exactly what it evaluated."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(scorer.state_dict().items()):
+        values = tensor.detach().to(torch.float32).contiguous().cpu()
+        digest.update(f"{name}:{tuple(values.shape)};".encode())
+        digest.update(values.numpy().tobytes())
+    return digest.hexdigest()
+
+
 # ---------------------------------------------------------------------------------------------- saving
 def render_card(scorer: Scorer, config: NAMMConfig, metadata: ScorerMetadata, repo_id: str = "path/to/scorer"):
     """Render the model card (a `huggingface_hub.ModelCard`) from the template and the run's metadata."""
