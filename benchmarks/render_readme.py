@@ -191,6 +191,7 @@ RENDERERS = {
     "heldout_linear_25": render_heldout("heldout_linear_25"),
     "heldout_linear_25_w64": render_heldout("heldout_linear_25_w64"),
     "heldout_linear_23_w64": render_heldout("heldout_linear_23_w64"),
+    "heldout_linear_threshold_w64": render_heldout("heldout_linear_threshold_w64"),
     "heldout_linear_protected": render_heldout("heldout_linear_protected"),
     "overhead_memory": render_overhead_memory,
     "policy_overhead": render_policy_overhead,

@@ -158,9 +158,10 @@ def test_bundled_default_loads_by_name_offline():
     assert "namm-cache/smollm2-135m-attention-mass" in bundled_names()
     model = tiny_model("llama")
     cache = NAMMCache.from_pretrained(model=model)
-    assert DEFAULT_SCORER == "namm-cache/smollm2-135m-bam"  # the evolved scorer, which beat the baselines held out
+    assert DEFAULT_SCORER == "namm-cache/smollm2-135m-linear"  # the scorer that passed the <= 30% held-out gate
     assert cache.scorer_source == f"bundled scorer {DEFAULT_SCORER}"
     assert cache.scorer.constant_score() is None and cache.namm_config.max_tokens is None
+    assert cache.scorer.kind == "linear" and cache.namm_config.recent_window == 64
     keep_all = NAMMCache.from_pretrained("namm-cache/keep-all", model=model)
     assert keep_all.scorer.constant_score() == 0.0
     mass = NAMMCache.from_pretrained("namm-cache/smollm2-135m-attention-mass", model=model)
@@ -170,6 +171,12 @@ def test_bundled_default_loads_by_name_offline():
     assert evolved.scorer.constant_score() is None and evolved.scorer.num_parameters() == 4172
     assert evolved.namm_config.max_tokens is None and evolved.namm_config.threshold == 0.0
     assert "Held-out evaluation" in (bundled_root() / "namm-cache/smollm2-135m-bam/README.md").read_text()
+    # The linear scorer of the <= 30% gate, stored as held out on its threshold: 4 sinks, 64 recent, no cap.
+    linear = NAMMCache.from_pretrained("namm-cache/smollm2-135m-linear", model=model)
+    assert linear.scorer.kind == "linear" and linear.scorer.num_parameters() == 28
+    assert (linear.namm_config.sinks, linear.namm_config.recent_window, linear.namm_config.max_tokens) == (4, 64, None)
+    card = (bundled_root() / "namm-cache/smollm2-135m-linear/README.md").read_text()
+    assert "| threshold, 64 recent |" in card and "| budget 23%, 64 recent |" in card
 
 
 def test_cli_info_and_list():

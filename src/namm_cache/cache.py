@@ -147,7 +147,7 @@ class NAMMCache(Cache):
         **overrides: Any,
     ) -> "NAMMCache":
         """Build a cache around a saved scorer: a local folder, a Hub repo id (the local HF cache when
-        `HF_HUB_OFFLINE=1`), or a scorer bundled with the package (default: `namm-cache/smollm2-135m-bam`, the evolved scorer).
+        `HF_HUB_OFFLINE=1`), or a scorer bundled with the package (default: `namm-cache/smollm2-135m-linear`, the evolved scorer).
 
         `overrides` change runtime settings of the stored `NAMMConfig` (e.g. `update_interval=256`,
         `max_tokens=1024`) without touching the weights.

@@ -38,7 +38,7 @@ PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 MAX_CONFIG_BYTES = 16 * 2**20
 METADATA_KEYS = ("base_models", "training_tasks", "fitness", "license", "description", "results", "extra")
 CONFIG_KEYS = ("format_version", "library_name", "scorer", "namm_config", "normalization", *METADATA_KEYS)
-DEFAULT_SCORER = "namm-cache/smollm2-135m-bam"
+DEFAULT_SCORER = "namm-cache/smollm2-135m-linear"
 
 
 class ScorerLoadError(ValueError):

@@ -4,7 +4,7 @@ lm-eval, the benchmarks, evolution and the held-out evaluation all say what cach
 rule "the namm policy needs a scorer (loaded by name or given), every other policy is built by name" lives in
 one place:
 
-    spec = CacheSpec(scorer="namm-cache/smollm2-135m-bam", budget=0.25, overrides={"update_interval": 128})
+    spec = CacheSpec(scorer="namm-cache/smollm2-135m-linear", budget=0.25, overrides={"update_interval": 128})
     cache = spec.build(model)                      # a fresh NAMMCache, as often as needed
     CacheSpec(policy="h2o", budget=0.25).build(model)
 """
