@@ -88,7 +88,9 @@ def main(argv: list[str] | None = None) -> int:
             if differ:
                 raise ValueError(f"{path} differs from {paths[0]} in {', '.join(differ)}: one card's table holds "
                                  "evaluations of one prompt suite on one model.")
-        metadata, config = card_metadata(loaded, results), stored_config(loaded, first)
+        metadata = card_metadata(loaded, results)
+        config, note = stored_config(loaded, first)
+        metadata.description += note
     except (ValueError, OSError, KeyError, TypeError, StopIteration) as error:
         print(f"error: {error!r}" if isinstance(error, (KeyError, StopIteration)) else f"error: {error}", file=sys.stderr)
         return 2
@@ -133,20 +135,19 @@ def card_metadata(loaded: LoadedScorer, results: list[dict[str, Any]]):
 
 
 def stored_config(loaded: LoadedScorer, first: dict[str, Any]):
-    """The settings the first evaluation ran the scorer with (its window; without the cap after --no-cap)."""
-    config = loaded.config
+    """`(config, note)`: the settings the first evaluation ran the scorer with (its window; without the cap after
+    --no-cap), and the sentences that tell the card's reader how they differ from the trained ones."""
+    config, note = loaded.config, ""
     if first.get("recent_window") is not None and first["recent_window"] != config.recent_window:
-        loaded.metadata.description += (f" Stored with {first['recent_window']} recent positions protected (trained "
-                                        f"with {config.recent_window}), as evaluated.")
+        note += (f" Stored with {first['recent_window']} recent positions protected (trained with "
+                 f"{config.recent_window}), as evaluated.")
         config = config.replace(recent_window=first["recent_window"])
     if first.get("no_cap") and config.max_tokens is not None:
         namm_row = next(row for row in first["rows"] if row["label"].startswith("NAMM"))
-        loaded.metadata.description += (
-            f" Stored without its training cap (max_tokens {config.max_tokens}): it keeps what its threshold keeps "
-            f"({namm_row['kept_fraction']:.0%} on the held-out prompts); pass `max_tokens=` to cap it."
-        )
+        note += (f" Stored without its training cap (max_tokens {config.max_tokens}): it keeps what its threshold keeps "
+                 f"({namm_row['kept_fraction']:.0%} on the held-out prompts); pass `max_tokens=` to cap it.")
         config = config.replace(max_tokens=None)
-    return config
+    return config, note
 
 
 if __name__ == "__main__":
