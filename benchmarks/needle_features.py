@@ -35,6 +35,21 @@ def auc(positive: torch.Tensor, negative: torch.Tensor) -> torch.Tensor:
     return greater + ties / 2
 
 
+def pooled_low_key_norm(log_norms: torch.Tensor, valid: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Low key norm shared across rows: each row's log key norm z-scored over its `valid` tokens and negated,
+    then averaged over the KV heads of each layer, and over every row. `log_norms` `(L*H, S, 2)` with rows
+    layer-major (`evolution/replay.py`), `valid` `(L*H, S)`. Returns two `(L*H, S)` tensors, each row holding
+    its layer's mean and the all-rows mean: a token's score, the same in every head (and layer) that reads it."""
+    from namm_cache.features import standardize_rows
+
+    rows = log_norms.shape[0]
+    if rows % heads:
+        raise ValueError(f"{rows} rows are not whole layers of {heads} KV heads.")
+    low = -standardize_rows(log_norms[..., :1], valid)[..., 0]
+    per_layer = low.view(rows // heads, heads, -1).mean(1, keepdim=True).expand(-1, heads, -1).reshape(rows, -1)
+    return per_layer, low.mean(0, keepdim=True).expand(rows, -1)
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="evolution/configs/smollm2-replay.yaml", help="model, tasks and eviction settings (stage 0)")
@@ -58,6 +73,7 @@ def main(argv: list[str] | None = None) -> dict:
     namm = config.namm_config(0).replace(sinks=0, recent_window=0)
     rng = random.Random(args.seed)
     examples = [e for spec in config.all_tasks(0) for e in build_task(spec).sample(run.tokenizer, rng, args.prompts_per_task)]
+    heads = run.model.config.num_key_value_heads  # rows are (layer, KV head), layer-major
     bin0 = namm.recency_dim  # the first spectrogram bin: the attention a token received (EMA)
     per_input: dict[tuple[str, str], list[torch.Tensor]] = {}
     for example in tqdm(examples, desc="prompts"):
@@ -81,8 +97,11 @@ def main(argv: list[str] | None = None) -> dict:
                     from namm_cache.features import with_extra_inputs
                     features = with_extra_inputs(scorer.extra_inputs, features, round_.log_norms, round_.arrived.expand(rows, -1))
                 learned = scorer(features, round_.positions.expand(rows, -1), round_.arrived.expand(rows, -1))
+            per_layer, all_layers = pooled_low_key_norm(round_.log_norms, round_.arrived.expand(rows, -1), heads)
             inputs = {
                 "low key norm": -round_.log_norms[..., 0],
+                "low key norm, mean of the layer's heads": per_layer,
+                "low key norm, mean of all layers' heads": all_layers,
                 "low value norm": -round_.log_norms[..., 1],
                 "attention received (bin 0)": round_.features[..., bin0],
                 "spectrogram, all bins": round_.features[..., bin0:].sum(-1),

@@ -300,3 +300,31 @@ def test_evidence_retention_refuses_bad_flags_with_one_error_line_before_loading
         evidence_retention.main([part for pair in argv.items() for part in pair])
     err = capsys.readouterr().err
     assert stopped.value.code == 2 and err.count("\n") == 1 and err.startswith("evidence_retention: error: ")
+
+
+def test_pooled_low_key_norm_shares_each_tokens_score_across_heads_and_layers():
+    from needle_features import pooled_low_key_norm
+
+    torch.manual_seed(0)
+    layers, heads, tokens = 3, 2, 6
+    log_norms = torch.randn(layers * heads, tokens, 2) * torch.arange(1, layers * heads + 1).view(-1, 1, 1)  # scales differ
+    valid = torch.ones(layers * heads, tokens, dtype=torch.bool)
+    valid[:, -1] = False  # not arrived: left out of every row's statistics
+    per_layer, all_layers = pooled_low_key_norm(log_norms, valid, heads)
+    keys = log_norms[..., 0]
+    z = torch.zeros_like(keys)
+    for row in range(layers * heads):
+        held = keys[row, :-1]
+        z[row, :-1] = -(held - held.mean()) / held.std(unbiased=False)
+    for layer in range(layers):
+        rows = slice(layer * heads, (layer + 1) * heads)
+        expected = z[rows].mean(0)
+        assert torch.allclose(per_layer[rows], expected.expand(heads, -1), atol=1e-5)  # this layer's heads, not another's
+    assert torch.allclose(all_layers, z.mean(0).expand(layers * heads, -1), atol=1e-5)
+    # The lowest key norm in every row is also the highest pooled score.
+    lowest = torch.zeros(layers * heads, tokens)
+    lowest[:, 2] = -5.0
+    _, pooled = pooled_low_key_norm(torch.stack([lowest, lowest], -1), valid, heads)
+    assert pooled[0, :-1].argmax() == 2
+    with pytest.raises(ValueError, match="whole layers"):
+        pooled_low_key_norm(log_norms[:5], valid[:5], heads)
