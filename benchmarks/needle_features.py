@@ -1,6 +1,7 @@
 """Which scorer inputs single out a needle before the question arrives? AUC of each input, needle vs haystack.
 
     python benchmarks/needle_features.py --out benchmarks/results/needle_features.json
+    python benchmarks/needle_features.py --model gemma3-270m --scorer namm-cache/smollm2-135m-linear --out benchmarks/results/needle_features_gemma3.json
 
 For pass-key and needle prompts (training text, a generator apart from training and validation draws),
 one keep-all observing pass records what a scorer reads at every eviction round (`evolution/replay.py`).
@@ -53,6 +54,8 @@ def pooled_low_key_norm(log_norms: torch.Tensor, valid: torch.Tensor, heads: int
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="evolution/configs/smollm2-replay.yaml", help="model, tasks and eviction settings (stage 0)")
+    parser.add_argument("--model", default=None, help="replace the config's model (e.g. gemma3-270m: its KV rows are "
+                        "the layers the cache manages, the 3 full-attention ones)")
     parser.add_argument("--scorer", default="runs/distill-smollm2", help="a scorer folder: its normalisation, and its scores as one more input")
     parser.add_argument("--prompts-per-task", type=int, default=4)
     parser.add_argument("--threads", type=int, default=1)
@@ -67,7 +70,8 @@ def main(argv: list[str] | None = None) -> dict:
     from namm_cache.tasks.base import token_ids
 
     torch.set_num_threads(args.threads)
-    config = EvolutionConfig.load(args.config, ["validation_baselines=[]", f"threads={args.threads}"])
+    overrides = ["validation_baselines=[]", f"threads={args.threads}"] + ([f"model={args.model}"] if args.model else [])
+    config = EvolutionConfig.load(args.config, overrides)
     run = EvolutionRun(config, "/nonexistent-unused", progress=False)
     scorer = NAMMCache.from_pretrained(args.scorer, model=run.model).scorer
     namm = config.namm_config(0).replace(sinks=0, recent_window=0)
@@ -118,7 +122,7 @@ def main(argv: list[str] | None = None) -> dict:
                      "heads_above_0.8": int((by_head > 0.8).sum()), "heads": by_head.numel(), "rounds": table.shape[0]})
         print(f"{task:>8} | {name:>34} | mean AUC {rows[-1]['mean_auc']:.3f} | best head {rows[-1]['best_head_auc']:.3f} | "
               f"heads > 0.8: {rows[-1]['heads_above_0.8']}/{by_head.numel()}", flush=True)
-    result = {**provenance(__file__, argv), "config": args.config, "scorer": args.scorer, "prompts": len(examples), "rows": rows}
+    result = {**provenance(__file__, argv), "config": args.config, "model": config.model, "scorer": args.scorer, "prompts": len(examples), "rows": rows}
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2))
     return result
