@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> dict:
     namm = config.namm_config(0).replace(sinks=0, recent_window=0)
     rng = random.Random(args.seed)
     examples = [e for spec in config.all_tasks(0) for e in build_task(spec).sample(run.tokenizer, rng, args.prompts_per_task)]
-    heads = run.model.config.num_key_value_heads  # rows are (layer, KV head), layer-major
+    heads = run.model.config.get_text_config(decoder=True).num_key_value_heads  # rows are (layer, KV head), layer-major
     bin0 = namm.recency_dim  # the first spectrogram bin: the attention a token received (EMA)
     per_input: dict[tuple[str, str], list[torch.Tensor]] = {}
     for example in tqdm(examples, desc="prompts"):
