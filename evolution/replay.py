@@ -43,6 +43,7 @@ from namm_cache import NAMMCache, NAMMConfig
 from namm_cache.budgets import Budget, ThresholdBudget
 from namm_cache.features import log_norms, token_features, with_extra_inputs
 from namm_cache.layer import NAMMLayer
+from namm_cache.ledger import z_scored_rows
 from namm_cache.scorers import Scorer
 from namm_cache.selection import compaction_indices, select_tokens
 
@@ -61,6 +62,8 @@ class ReplayRound:
         arrived: `(S,)` bool, tokens up to the round's newest position (later ones of a chunk are not scored).
         now: position of the newest token processed at the round.
         log_norms: `(L*H, S, 2)` log key and value norm of every token (for scorers that read them).
+        pooled: `(L*H, S)` each row's pooled key norm (`namm_cache.ledger`: over the rows of its layer and
+            the layers before it, tokens up to `now`), computed by `prepare` for scorers that read it.
     """
 
     spectrogram: torch.Tensor | None
@@ -70,6 +73,7 @@ class ReplayRound:
     now: int
     log_norms: torch.Tensor | None = None
     features: torch.Tensor | None = None
+    pooled: torch.Tensor | None = None
 
 
 @dataclass
@@ -100,13 +104,32 @@ class PromptRecording:
     layers_at_refeed: dict[int, Any] | None = None
 
     def prepare(self, scorer: Scorer, config: NAMMConfig) -> None:
-        """Turn every round's raw spectrograms into scorer features with `scorer`'s normalisation (once)."""
+        """Turn every round's raw spectrograms into scorer features with `scorer`'s normalisation (once), and
+        compute the pooled key norm if `scorer` reads it."""
+        if "pooled_key_norm" in scorer.extra_inputs:
+            others = [i for i, layer in enumerate(self.cache.layers) if not isinstance(layer, NAMMLayer)]
+            if others:
+                raise ValueError(f"The replay fitness cannot give the pooled key norm on this model: layers {others} are not "
+                                 "full-attention layers and their keys are not recorded. Use fitness: exact.")
+            for round_ in self.rounds:
+                if round_.pooled is None:
+                    round_.pooled = replay_pooled(round_.log_norms[..., 0], round_.arrived, self.heads)
         for round_ in self.rounds:
             if round_.features is None:
                 round_.features = token_features(round_.spectrogram, round_.age, scorer.spectrogram_mean,
                                                  scorer.spectrogram_std, config)
                 round_.spectrogram = None
 
+
+def replay_pooled(log_key_norms: torch.Tensor, arrived: torch.Tensor, heads: int) -> torch.Tensor:
+    """`(L*H, S)`: what each NAMM layer's rows read as pooled key norm in a cache of a model whose layers are
+    all full-attention ones (`namm_cache.ledger`): layer `i`'s rows read the pooled value over the rows of
+    layers `0..i`. `log_key_norms` `(L*H, S)` layer-major; `arrived` `(S,)` the tokens up to the round's point."""
+    rows = log_key_norms.shape[0]
+    z = z_scored_rows(log_key_norms, arrived)
+    sums = z.view(rows // heads, heads, -1).sum(1).cumsum(0)  # (L, S): over the rows of layers 0..i
+    means = sums / (heads * torch.arange(1, rows // heads + 1, dtype=z.dtype)).unsqueeze(-1)
+    return means.repeat_interleave(heads, dim=0)
 
 @torch.no_grad()
 def record_prompt(model: nn.Module, prompt_ids: torch.Tensor, answer_ids: torch.Tensor, config: NAMMConfig,
@@ -187,7 +210,8 @@ def replay_kept(recording: PromptRecording, scorer: Scorer, config: NAMMConfig, 
         arrived = round_.arrived[order] & slot_valid
         features = round_.features.gather(1, order.unsqueeze(-1).expand(-1, -1, round_.features.shape[-1]))
         norms = round_.log_norms.gather(1, order.unsqueeze(-1).expand(-1, -1, 2)) if scorer.extra_inputs else None
-        features = with_extra_inputs(scorer.extra_inputs, features, norms, arrived)  # over the tokens held now
+        pooled = round_.pooled.gather(1, order) if round_.pooled is not None else None
+        features = with_extra_inputs(scorer.extra_inputs, features, norms, arrived, pooled)  # over the tokens held now
         scores = scorer(features, positions, arrived)
         limit = budget.tokens_for(round_.now + 1)  # tokens a row may keep, as NAMMLayer asks (None: threshold)
         if limit is None:

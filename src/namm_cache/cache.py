@@ -12,6 +12,7 @@ from .attention import install_attention
 from .budgets import parse_budget
 from .config import NAMMConfig
 from .layer import FeatureObserver, NAMMLayer
+from .ledger import KeyNormLedger
 from .policies import FullCachePolicy, NAMMPolicy, Policy, build_policy
 from .scorers import BAMScorer, Scorer
 
@@ -124,6 +125,11 @@ class NAMMCache(Cache):
             else:
                 layers.append(DYNAMIC_LAYER_TYPE_MAPPING[layer_type](**kwargs))
         super().__init__(layers=layers)
+        # Every layer's key norms, for a policy that reads the pooled key norm (namm_cache.ledger).
+        self.ledger = KeyNormLedger() if self.policy.reads_pooled_key_norm else None
+        for layer in layers:
+            if isinstance(layer, NAMMLayer):
+                layer.ledger = self.ledger
         for later in [layer for layer in layers if isinstance(layer, NAMMLayer)][1:]:
             later.checks_positions = False  # the first NAMM layer checks each forward's position ids
         self.peak_kv_bytes = 0
@@ -201,6 +207,8 @@ class NAMMCache(Cache):
         previous = self._last_namm_layer
         if previous is not None and previous.awaiting_observation and previous is not self.layers[layer_idx]:
             previous.raise_missing_observation()
+        if self.ledger is not None:
+            self.ledger.append(layer_idx, key_states)
         keys, values = super().update(key_states, value_states, layer_idx, *args, **kwargs)
         layer = self.layers[layer_idx]
         if isinstance(layer, NAMMLayer):
@@ -220,6 +228,8 @@ class NAMMCache(Cache):
         """Forget everything: the cache can then serve a new prompt."""
         for layer in self.layers:
             layer.reset()
+        if self.ledger is not None:
+            self.ledger.reset()
         self.peak_kv_bytes = 0
         self._held_bytes = 0
         self._layer_held = [0] * len(self.layers)
@@ -227,6 +237,22 @@ class NAMMCache(Cache):
 
     def crop(self, tokens_to_remove: int) -> None:
         self.namm_layers[0].crop(tokens_to_remove)
+
+    # Batch operations move the ledger's rows with the layers' (beam search, batched generation).
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        if self.ledger is not None:
+            self.ledger.select_rows(beam_idx)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        if self.ledger is not None and self.ledger.real is not None:
+            self.ledger.select_rows(torch.arange(self.ledger.real.shape[0]).repeat_interleave(repeats))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        super().batch_select_indices(indices)
+        if self.ledger is not None:
+            self.ledger.select_rows(indices.nonzero().flatten() if indices.dtype == torch.bool else indices)
 
     def kept_fraction(self, row: int | None = None) -> float | None:
         """Kept real tokens / real tokens seen over the NAMM layers and their heads, for batch `row` or the
@@ -247,7 +273,7 @@ class NAMMCache(Cache):
         real tokens / real tokens seen, NAMM layers), `kv_bytes` (allocated now, all layers),
         `reserved_kv_bytes` (of which free slots reserved for the tokens until each layer's next eviction round),
         `full_cache_kv_bytes` (a DynamicCache at the same point), `peak_kv_bytes`, `state_bytes` (NAMM
-        per-token positions, flags and statistics), `evicted_tokens` and `evictions`.
+        per-token positions, flags and statistics, and the key-norm ledger of a scorer that reads it), `evicted_tokens` and `evictions`.
         """
         namm = [layer for layer in self.namm_layers if layer.is_initialized]
         full_bytes = 0
@@ -270,7 +296,7 @@ class NAMMCache(Cache):
             "reserved_kv_bytes": sum(layer.reserved_kv_bytes() for layer in namm),
             "full_cache_kv_bytes": full_bytes,
             "peak_kv_bytes": self.peak_kv_bytes,
-            "state_bytes": sum(layer.state_bytes() for layer in namm),
+            "state_bytes": sum(layer.state_bytes() for layer in namm) + (self.ledger.nbytes() if self.ledger is not None else 0),
             "evicted_tokens": sum(layer.tokens_evicted for layer in namm),
             "evictions": sum(layer.evictions for layer in namm),
         }

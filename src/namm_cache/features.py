@@ -202,18 +202,31 @@ def norm_features(keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor)
     return standardize_rows(log_norms(keys, values), valid)
 
 
+# The extra inputs a scorer may read, in the order they follow the paper's features.
+NORM_INPUTS = ("key_norm", "value_norm")
+POOLED_INPUTS = ("key_norm", "value_norm", "pooled_key_norm")
+
+
 def with_extra_inputs(extra_inputs: tuple[str, ...], features: torch.Tensor, token_log_norms: torch.Tensor | None,
-                      valid: torch.Tensor) -> torch.Tensor:
-    """`features` `(N, S, F)` followed by what a scorer's `extra_inputs` name (so far only the key and value
-    norms: `token_log_norms` `(N, S, 2)` from `log_norms`, standardised over the row's `valid` tokens).
+                      valid: torch.Tensor, pooled: torch.Tensor | None = None) -> torch.Tensor:
+    """`features` `(N, S, F)` followed by what a scorer's `extra_inputs` name: the key and value norms
+    (`token_log_norms` `(N, S, 2)` from `log_norms`) and, for `POOLED_INPUTS`, the pooled key norm (`pooled`
+    `(N, S)`, `namm_cache.ledger`), each standardised over the row's `valid` tokens.
     The one place the cache's policy, the replay fitness and distillation append them."""
     if not extra_inputs:
         return features
-    if tuple(extra_inputs) != ("key_norm", "value_norm"):
-        raise ValueError(f"Unknown scorer inputs {extra_inputs}; known: ('key_norm', 'value_norm').")
+    extra_inputs = tuple(extra_inputs)
+    if extra_inputs not in (NORM_INPUTS, POOLED_INPUTS):
+        raise ValueError(f"Unknown scorer inputs {extra_inputs}; known: {NORM_INPUTS} and {POOLED_INPUTS}.")
     if token_log_norms is None:
         raise ValueError("This scorer reads key and value norms, but none were recorded.")
-    return torch.cat([features, standardize_rows(token_log_norms, valid)], dim=-1)
+    inputs = token_log_norms
+    if extra_inputs == POOLED_INPUTS:
+        if pooled is None:
+            raise ValueError("This scorer reads the pooled key norm of every layer (namm_cache.ledger), but none was given: "
+                             "it is computed by a NAMMCache or by the replay fitness, not from one layer alone.")
+        inputs = torch.cat([token_log_norms, pooled.unsqueeze(-1).to(token_log_norms.dtype)], dim=-1)
+    return torch.cat([features, standardize_rows(inputs, valid)], dim=-1)
 
 
 class RunningMoments:

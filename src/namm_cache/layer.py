@@ -73,6 +73,8 @@ class NAMMLayer(CacheLayerMixin):
         # Only one layer per cache needs to check the position ids of a forward (every layer gets the same);
         # NAMMCache clears this on all but its first NAMM layer, saving a host sync per layer and step.
         self.checks_positions = True
+        # Set by NAMMCache when the policy reads the pooled key norm of every layer (namm_cache.ledger).
+        self.ledger = None
 
     # ------------------------------------------------------------------ storage
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -251,6 +253,8 @@ class NAMMLayer(CacheLayerMixin):
             return
         q_length = new_is_padding.shape[-1]
         self.token_valid[:, :, -q_length:] &= ~new_is_padding.unsqueeze(1)
+        if self.ledger is not None:
+            self.ledger.mark_padding(self.tokens_seen - q_length, new_is_padding)
 
     # ------------------------------------------------------------------ attention of the chunk just appended
     def run_attention(
@@ -376,6 +380,10 @@ class NAMMLayer(CacheLayerMixin):
         valid = self.token_valid[index].reshape(-1, slots) & (positions <= now)
         budgets = [self.budget.tokens_for(self.real_tokens_seen[b]) for b in rows]
         budget = None if budgets[0] is None else torch.tensor(budgets, device=positions.device).repeat_interleave(heads)
+        pooled = None
+        if self.ledger is not None and self.policy.reads_pooled_key_norm:
+            per_row = self.ledger.pooled(index, now, self.layer_idx).to(positions.device).repeat_interleave(heads, dim=0)
+            pooled = per_row.gather(1, positions.clamp(0, now)) * valid
         return Observation(
             layer_idx=self.layer_idx,
             keys=self.keys[index].reshape(-1, slots, self.keys.shape[-1]),
@@ -389,6 +397,7 @@ class NAMMLayer(CacheLayerMixin):
             eviction_round=torch.tensor([self.row_evictions[b] for b in rows], device=positions.device).repeat_interleave(heads),
             batch_rows=index.repeat_interleave(heads),
             head_index=torch.arange(heads, device=positions.device).repeat(len(rows)),
+            pooled_key_norm=pooled,
         )
 
     def _evict(self, due_rows: list[int], now: int) -> None:

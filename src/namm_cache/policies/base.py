@@ -29,6 +29,8 @@ class Observation:
         eviction_round: `(N,)` how many eviction rounds each row's batch row ran before this one.
         batch_rows: `(N,)` the batch row of each observation row.
         head_index: `(N,)` the KV head of each observation row.
+        pooled_key_norm: `(N, S)` each token's pooled key norm (`namm_cache.ledger`), given when the policy
+            reads it (`Policy.reads_pooled_key_norm`), else None.
 
     Statistics may also be given as keyword arguments: `Observation(..., attention_sum=tensor)`.
     """
@@ -48,6 +50,7 @@ class Observation:
         eviction_round: torch.Tensor | None = None,
         batch_rows: torch.Tensor | None = None,
         head_index: torch.Tensor | None = None,
+        pooled_key_norm: torch.Tensor | None = None,
         **named_statistics: torch.Tensor,
     ):
         unknown = sorted(set(named_statistics) - set(STATISTICS))
@@ -65,6 +68,7 @@ class Observation:
         self.eviction_round = eviction_round
         self.batch_rows = batch_rows
         self.head_index = head_index
+        self.pooled_key_norm = pooled_key_norm
 
     def __getattr__(self, name: str) -> Any:
         # Only reached for names that are not regular attributes: a statistic's name reads it.
@@ -88,11 +92,14 @@ class Policy:
         needs: names of the per-token statistics the layer must track from observed attention
             (`namm_cache.statistics.STATISTICS`); an unknown name is refused when the policy is built.
         supports_threshold: whether scores have a calibrated zero, so a threshold budget makes sense.
+        reads_pooled_key_norm: whether `score` reads `observation.pooled_key_norm` (the cache then keeps a
+            `namm_cache.ledger.KeyNormLedger` of every layer's key norms).
     """
 
     name: ClassVar[str] = "policy"
     needs: ClassVar[frozenset[str]] = frozenset()
     supports_threshold: ClassVar[bool] = False
+    reads_pooled_key_norm: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         check_needs(self)

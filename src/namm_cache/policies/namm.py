@@ -36,6 +36,10 @@ class NAMMPolicy(Policy):
     def __repr__(self) -> str:
         return f"NAMMPolicy(scorer={type(self.scorer).__name__}, {self.scorer.num_parameters()} parameters)"
 
+    @property
+    def reads_pooled_key_norm(self) -> bool:  # type: ignore[override]
+        return "pooled_key_norm" in self.scorer.extra_inputs
+
     def constant_score(self) -> float | None:
         return self.scorer.constant_score()
 
@@ -51,7 +55,7 @@ class NAMMPolicy(Policy):
             observation.config,
         )
         norms = log_norms(observation.keys, observation.values) if self.scorer.extra_inputs else None
-        features = with_extra_inputs(self.scorer.extra_inputs, features, norms, observation.valid)
+        features = with_extra_inputs(self.scorer.extra_inputs, features, norms, observation.valid, observation.pooled_key_norm)
         parameter = next(self.scorer.parameters(), None)
         if parameter is not None:
             features = features.to(parameter.device)

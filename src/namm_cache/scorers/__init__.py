@@ -6,10 +6,11 @@ import torch
 
 from .bam import BAMNormsScorer, BAMScorer
 from .base import Scorer
-from .linear import LinearScorer
+from .linear import LinearPooledScorer, LinearScorer
 from .mlp import MLPScorer
 
-SCORER_KINDS: dict[str, type[Scorer]] = {"bam": BAMScorer, "bam_norms": BAMNormsScorer, "mlp": MLPScorer, "linear": LinearScorer}
+SCORER_KINDS: dict[str, type[Scorer]] = {"bam": BAMScorer, "bam_norms": BAMNormsScorer, "mlp": MLPScorer, "linear": LinearScorer,
+                                     "linear_pooled": LinearPooledScorer}
 
 
 def build_scorer(kind: str, **kwargs) -> Scorer:
@@ -42,4 +43,4 @@ def keep_all_observing_scorer(input_dim: int = 25, n_bins: int = 17) -> BAMScore
     return scorer
 
 
-__all__ = ["keep_all_observing_scorer", "Scorer", "BAMScorer", "BAMNormsScorer", "MLPScorer", "LinearScorer", "SCORER_KINDS", "build_scorer", "attention_mass_scorer"]
+__all__ = ["keep_all_observing_scorer", "Scorer", "BAMScorer", "BAMNormsScorer", "MLPScorer", "LinearScorer", "LinearPooledScorer", "SCORER_KINDS", "build_scorer", "attention_mass_scorer"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ..features import POOLED_INPUTS
 from .base import Scorer, zero_linear
 
 
@@ -25,3 +26,19 @@ class LinearScorer(Scorer):
 
     def score_tokens(self, features: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         return self.readout(features.to(self.readout.weight.dtype)).squeeze(-1)
+
+
+class LinearPooledScorer(LinearScorer):
+    """`LinearScorer` that also reads each token's pooled key norm: the mean over every layer's KV heads of
+    their z-scored log key norms (`namm_cache.ledger`), standardised over the tokens a row holds. 28 inputs
+    and 29 parameters at the paper's sizes.
+
+    One head's key norm flags a needle weakly (AUC about 0.7 on SmolLM2); pooled over all layers it flags it
+    far better (0.92, `benchmarks/needle_features.py`), and the cache computes it before any query has
+    looked at the token. Zero-initialised like `LinearScorer`."""
+
+    kind = "linear_pooled"
+    extra_inputs = POOLED_INPUTS
+
+    def __init__(self, input_dim: int = 28, n_bins: int = 17):
+        super().__init__(input_dim=input_dim, n_bins=n_bins)
