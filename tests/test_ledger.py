@@ -184,3 +184,36 @@ def test_a_pooled_scorer_saves_loads_and_refuses_to_score_without_the_pooled_val
     with pytest.raises(ValueError, match="pooled key norm"):
         with_extra_inputs(scorer.extra_inputs, features, norms, valid)
     assert with_extra_inputs(scorer.extra_inputs, features, norms, valid, torch.randn(2, 5)).shape == (2, 5, 28)
+
+
+def test_weight_sweep_scores_each_value_on_the_validation_set_and_refuses_bad_arguments(tmp_path, tiny_model_dir, capsys):
+    import json
+    import sys
+    from pathlib import Path
+
+    from namm_cache.hub import save_scorer
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    import weight_sweep
+
+    config = tmp_path / "run.json"
+    config.write_text(json.dumps({
+        "model": str(tiny_model_dir), "scorer": {"kind": "linear_pooled"}, "namm": {"update_interval": 32, "max_tokens": None},
+        "population": 4, "seed": 3, "prompts_per_task": 1, "calibration_prompts": 1, "threads": 1, "fitness": "replay",
+        "validation_prompts_per_task": 2, "stages": [{"tasks": [{"name": "passkey", "tokens": 150}], "generations": 1}],
+    }))
+    start = tmp_path / "start"
+    save_scorer(start, LinearPooledScorer(), NAMMConfig(update_interval=32))  # all zero: keeps every token
+    out = tmp_path / "sweep.json"
+    assert weight_sweep.main([str(config), str(start), "27", "0", "30", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["results"]
+    assert [row["value"] for row in rows] == [0.0, 30.0] and all(row["prompts"] == 2 for row in rows)
+    assert rows[0]["kept"] == pytest.approx(1.0) and rows[0]["quality"] == pytest.approx(1.0)
+    assert rows[1]["kept"] < 0.9  # the pooled key norm alone now decides: tokens below the mean go
+    for bad, message in ((["29", "0"], "index must be in [0, 28], got 29"), (["-1", "0"], "got -1")):
+        assert weight_sweep.main([str(config), str(start), *bad]) == 2
+        assert message in capsys.readouterr().err
+    other = tmp_path / "linear"
+    save_scorer(other, __import__("namm_cache").scorers.LinearScorer(), NAMMConfig(update_interval=32))
+    assert weight_sweep.main([str(config), str(other), "3", "0"]) == 2
+    assert "is a linear scorer; the config evolves a linear_pooled scorer" in capsys.readouterr().err
