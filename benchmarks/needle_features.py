@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     from namm_cache import NAMMCache
     from namm_cache.evolution.config import EvolutionConfig
-    from namm_cache.evolution.replay import record_prompt
+    from namm_cache.evolution.replay import record_prompt, replay_pooled
     from namm_cache.evolution.run import EvolutionRun
     from namm_cache.tasks import build_task
     from namm_cache.tasks.base import token_ids
@@ -84,6 +84,7 @@ def main(argv: list[str] | None = None) -> dict:
         prompt, answer = token_ids(run.tokenizer, example.prompt), token_ids(run.tokenizer, example.answer)
         evidence = torch.tensor(example.evidence_positions(run.tokenizer))
         recording = record_prompt(run.model, prompt, answer, namm, config.chunk(0))
+        full_attention_only = len(recording.cache.namm_layers) == len(recording.cache.layers)
         recording.prepare(scorer, namm)
         for round_ in recording.rounds:
             is_needle = torch.zeros(round_.arrived.shape[0], dtype=torch.bool)
@@ -99,7 +100,8 @@ def main(argv: list[str] | None = None) -> dict:
                 features = round_.features
                 if scorer.extra_inputs:
                     from namm_cache.features import with_extra_inputs
-                    features = with_extra_inputs(scorer.extra_inputs, features, round_.log_norms, round_.arrived.expand(rows, -1))
+                    features = with_extra_inputs(scorer.extra_inputs, features, round_.log_norms, round_.arrived.expand(rows, -1),
+                                                 round_.pooled)
                 learned = scorer(features, round_.positions.expand(rows, -1), round_.arrived.expand(rows, -1))
             per_layer, all_layers = pooled_low_key_norm(round_.log_norms, round_.arrived.expand(rows, -1), heads)
             inputs = {
@@ -112,6 +114,8 @@ def main(argv: list[str] | None = None) -> dict:
                 "recency (age)": -round_.age.float(),
                 f"scorer {args.scorer}": learned,
             }
+            if full_attention_only:  # what the linear_pooled scorer reads in layer l: the heads of layers 0..l
+                inputs["low key norm, mean of the heads of layers 0..l"] = -replay_pooled(round_.log_norms[..., 0], round_.arrived, heads)
             for name, values in inputs.items():
                 per_input.setdefault((example.task, name), []).append(auc(values[:, needle], values[:, haystack]))
     rows = []

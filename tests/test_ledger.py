@@ -134,7 +134,18 @@ def test_a_hybrid_models_sliding_layers_feed_the_pooled_key_norm():
     by_hand = pooled_key_norm(torch.cat([cache.ledger.norms[i][0, :, :96] for i in range(4)]), torch.ones(96, dtype=torch.bool))
     torch.testing.assert_close(cache.ledger.pooled(torch.tensor([0]), 95, 3)[0], by_hand)
     assert not torch.allclose(cache.ledger.pooled(torch.tensor([0]), 95, 1)[0], by_hand)
-    assert cache.stats()["state_bytes"] > cache.ledger.nbytes() > 4 * 2 * 100 * 4
+    # What the ledger holds is each layer's log key norms: the sliding layer's last keys, the full layer's kept ones.
+    sliding = cache.layers[0].keys[0]  # (2 heads, window, D): the newest tokens
+    window = sliding.shape[1]
+    torch.testing.assert_close(cache.ledger.norms[0][0, :, 100 - window:100], sliding.float().norm(dim=-1).log())
+    full = cache.layers[1]
+    for head in range(2):
+        kept = full.token_valid[0, head]
+        torch.testing.assert_close(cache.ledger.norms[1][0, head, full.positions[0, head][kept]],
+                                   full.keys[0, head][kept].float().norm(dim=-1).log())
+    assert cache.stats()["state_bytes"] >= sum(layer.state_bytes() for layer in cache.namm_layers) + cache.ledger.nbytes()
+    with pytest.raises(RuntimeError, match="no keys up to position 100"):
+        cache.ledger.pooled(torch.tensor([0]), 100, 3)
 
 
 def test_a_left_padded_batch_and_beam_search_carry_the_ledger_rows():
@@ -161,13 +172,20 @@ def test_a_left_padded_batch_and_beam_search_carry_the_ledger_rows():
     for i in range(2):
         assert torch.equal(out[i], alone[i]), f"row {i} differs from the prompt alone"
     assert not cache.ledger.real[1, : width - lengths[1]].any()  # padding counts in no statistic
-    # Beam search reorders the ledger with the layers.
-    beams, cache = run(prompts[0], torch.ones_like(prompts[0]), num_beams=3)
-    assert cache.ledger.real.shape[0] == cache.namm_layers[0].keys.shape[0] == 3
+    # Beam search runs; batch operations move the ledger's rows with the layers'.
+    beams, _ = run(prompts[0], torch.ones_like(prompts[0]), num_beams=3)
+    assert beams.shape == (1, 8)
     before = {layer: tensor.clone() for layer, tensor in cache.ledger.norms.items()}
-    cache.reorder_cache(torch.tensor([2, 0, 1]))
+    assert not torch.equal(before[3][0], before[3][1])
+    cache.reorder_cache(torch.tensor([1, 0]))
     for layer, tensor in cache.ledger.norms.items():
-        assert torch.equal(tensor, before[layer][[2, 0, 1]])
+        assert torch.equal(tensor, before[layer][[1, 0]])
+    cache.batch_repeat_interleave(2)  # rows 1, 1, 0, 0 of the original order
+    cache.batch_select_indices(torch.tensor([True, False, False, True]))  # rows 1, 0
+    assert torch.equal(cache.ledger.norms[3], before[3][[1, 0]]) and torch.equal(cache.ledger.real[:, :width], mask.bool()[[1, 0]])
+    assert cache.namm_layers[0].keys.shape[0] == 2
+    with pytest.raises(ValueError, match="Batch size changed"):
+        model(input_ids=random_ids(4, batch=3), cache=cache, use_cache=True)
 
 
 def test_a_pooled_scorer_saves_loads_and_refuses_to_score_without_the_pooled_value(tmp_path):
@@ -213,7 +231,28 @@ def test_weight_sweep_scores_each_value_on_the_validation_set_and_refuses_bad_ar
     for bad, message in ((["29", "0"], "index must be in [0, 28], got 29"), (["-1", "0"], "got -1")):
         assert weight_sweep.main([str(config), str(start), *bad]) == 2
         assert message in capsys.readouterr().err
+    (tmp_path / "novalidation.json").write_text(json.dumps({**json.loads(config.read_text()), "validation_prompts_per_task": 0}))
+    assert weight_sweep.main([str(tmp_path / "novalidation.json"), str(start), "3", "0"]) == 2
+    assert "has no validation set" in capsys.readouterr().err
     other = tmp_path / "linear"
     save_scorer(other, __import__("namm_cache").scorers.LinearScorer(), NAMMConfig(update_interval=32))
     assert weight_sweep.main([str(config), str(other), "3", "0"]) == 2
     assert "is a linear scorer; the config evolves a linear_pooled scorer" in capsys.readouterr().err
+
+
+def test_an_evolution_run_refuses_to_replay_the_pooled_key_norm_of_a_hybrid_model(tmp_path, tiny_model_dir):
+    import shutil
+
+    from namm_cache.evolution.config import EvolutionConfig
+    from namm_cache.evolution.run import EvolutionRun
+
+    folder = tmp_path / "gemma3"
+    tiny_model("gemma3", vocab_size=49152).save_pretrained(folder)
+    for tokenizer_file in tiny_model_dir.glob("*token*"):
+        shutil.copy(tokenizer_file, folder)
+    spec = {"model": str(folder), "scorer": {"kind": "linear_pooled"}, "namm": {"update_interval": 32}, "population": 4,
+            "prompts_per_task": 1, "calibration_prompts": 1, "threads": 1, "fitness": "replay",
+            "stages": [{"tasks": [{"name": "passkey", "tokens": 150}], "generations": 1}]}
+    with pytest.raises(ValueError, match="sliding_attention layers are not recorded"):
+        EvolutionRun(EvolutionConfig.from_dict(spec), tmp_path / "out", progress=False)
+    EvolutionRun(EvolutionConfig.from_dict({**spec, "fitness": "exact"}), tmp_path / "out", progress=False)  # the cache can

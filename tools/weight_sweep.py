@@ -37,38 +37,46 @@ def main(argv: list[str] | None = None) -> int:
     from namm_cache.evolution.run import EvolutionRun
     from namm_cache.hub import ScorerLoadError, load_scorer
 
-    try:
-        config = EvolutionConfig.load(args.config)
-        start = load_scorer(args.scorer).scorer
-        kind = config.scorer.get("kind", "bam")
-        if start.kind != kind:
-            raise ValueError(f"{args.scorer} is a {start.kind} scorer; the config evolves a {kind} scorer.")
-        if not 0 <= args.index < start.num_parameters():
-            raise ValueError(f"index must be in [0, {start.num_parameters() - 1}], got {args.index}.")
-        with tempfile.TemporaryDirectory() as folder:
+    with tempfile.TemporaryDirectory() as folder:  # the run's folder: nothing is written there
+        try:
+            config = EvolutionConfig.load(args.config)
+            if not config.validation_prompts_per_task:
+                raise ValueError(f"{args.config} has no validation set (validation_prompts_per_task is 0).")
+            start = load_scorer(args.scorer).scorer
+            kind = config.scorer.get("kind", "bam")
+            if start.kind != kind:
+                raise ValueError(f"{args.scorer} is a {start.kind} scorer; the config evolves a {kind} scorer.")
+            if not 0 <= args.index < start.num_parameters():
+                raise ValueError(f"index must be in [0, {start.num_parameters() - 1}], got {args.index}.")
             run = EvolutionRun(config, folder, progress=False)
-        if start.num_parameters() != run.scorer.num_parameters():
-            raise ValueError(f"{args.scorer} has {start.num_parameters()} parameters; the config's scorer has "
-                             f"{run.scorer.num_parameters()}.")
-    except (ValueError, OSError, ScorerLoadError) as error:
-        print(f"weight_sweep: error: {error}", file=sys.stderr)
-        return 2
-    torch.set_num_threads(config.threads or 1)
-    run.scorer.set_normalization(start.spectrogram_mean, start.spectrogram_std)
-    base = start.get_flat_params().double().numpy()
-    results = []
-    for value in args.values:
-        mean = base.copy()
-        mean[args.index] = value
-        began = time.time()
-        result = run.validate_mean(mean, 0)
-        row = {"index": args.index, "value": value, "seconds": round(time.time() - began),
-               **{key: result[key] for key in ("fitness", "quality", "kept", "per_task", "prompts")}}
-        print(json.dumps(row), flush=True)
-        results.append(row)
+            if start.num_parameters() != run.scorer.num_parameters():
+                raise ValueError(f"{args.scorer} has {start.num_parameters()} parameters; the config's scorer has "
+                                 f"{run.scorer.num_parameters()}.")
+        except (ValueError, OSError, ScorerLoadError) as error:
+            print(f"weight_sweep: error: {error}", file=sys.stderr)
+            return 2
+        torch.set_num_threads(config.threads or 1)
+        run.scorer.set_normalization(start.spectrogram_mean, start.spectrogram_std)
+        base = start.get_flat_params().double().numpy()
+        results = sweep(run, base, args.index, args.values)
     if args.out:
         Path(args.out).write_text(json.dumps({"config": args.config, "scorer": args.scorer, "results": results}, indent=2))
     return 0
+
+
+def sweep(run, base, index: int, values: list[float]) -> list[dict]:
+    """Validation results of `base` with parameter `index` set to each of `values`, one JSON line printed each."""
+    results = []
+    for value in values:
+        mean = base.copy()
+        mean[index] = value
+        began = time.time()
+        result = run.validate_mean(mean, 0)
+        row = {"index": index, "value": value, "seconds": round(time.time() - began),
+               **{key: result[key] for key in ("fitness", "quality", "kept", "per_task", "prompts")}}
+        print(json.dumps(row), flush=True)
+        results.append(row)
+    return results
 
 
 if __name__ == "__main__":

@@ -207,9 +207,9 @@ class NAMMCache(Cache):
         previous = self._last_namm_layer
         if previous is not None and previous.awaiting_observation and previous is not self.layers[layer_idx]:
             previous.raise_missing_observation()
-        if self.ledger is not None:
-            self.ledger.append(layer_idx, key_states)
         keys, values = super().update(key_states, value_states, layer_idx, *args, **kwargs)
+        if self.ledger is not None:  # after the layer's checks (a changed batch size is refused there)
+            self.ledger.append(layer_idx, key_states)
         layer = self.layers[layer_idx]
         if isinstance(layer, NAMMLayer):
             self._last_namm_layer = layer
