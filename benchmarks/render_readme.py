@@ -193,6 +193,8 @@ RENDERERS = {
     "heldout_linear_23_w64": render_heldout("heldout_linear_23_w64"),
     "heldout_linear_threshold_w64": render_heldout("heldout_linear_threshold_w64"),
     "heldout_linear_protected": render_heldout("heldout_linear_protected"),
+    "heldout_threshold15_threshold": render_heldout("heldout_threshold15_threshold"),
+    "heldout_pooled_start_threshold": render_heldout("heldout_pooled_start_threshold"),
     "overhead_memory": render_overhead_memory,
     "policy_overhead": render_policy_overhead,
     "compare_smollm2": render_compare_smollm2,

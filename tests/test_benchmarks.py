@@ -328,3 +328,39 @@ def test_pooled_low_key_norm_shares_each_tokens_score_across_heads_and_layers():
     assert pooled[0, :-1].argmax() == 2
     with pytest.raises(ValueError, match="whole layers"):
         pooled_low_key_norm(log_norms[:5], valid[:5], heads)
+
+
+def test_paired_heldout_compares_two_namm_rows_on_the_same_prompts_and_refuses_others(tmp_path, capsys):
+    import json
+
+    import numpy as np
+    from paired_heldout import compare, main
+
+    from namm_cache.evolution.evaluate import paired_bootstrap
+
+    rng = np.random.default_rng(0)
+    full = {"passkey": rng.uniform(0.5, 1, 30).tolist(), "needle": rng.uniform(0.5, 1, 30).tolist()}
+
+    def result(shift: float, seed: int = 987654321) -> dict:
+        namm = {task: (np.asarray(values) * rng.uniform(0.6, 1.0, 30) + shift).tolist() for task, values in full.items()}
+        return {"model": "m", "seed": seed, "tasks": ["passkey", "needle"], "prompts_per_task": 30, "scorer": f"s{shift}",
+                "rows": [{"policy": "full", "label": "full cache", "scores": full, "kept_fraction": 1.0, "normalized_mean": 1.0},
+                         {"policy": "namm", "label": "NAMM", "scores": namm, "kept_fraction": 0.4, "normalized_mean": 0.8}]}
+
+    better, worse = result(0.1), result(0.0)
+    comparison = compare(better, worse, resamples=500, seed=1)
+    expected = paired_bootstrap(*[{t: np.asarray(v) for t, v in row["scores"].items()}
+                                  for row in (better["rows"][1], worse["rows"][1], better["rows"][0])], resamples=500, seed=1)
+    assert comparison["difference"] == pytest.approx(expected["difference"]) and comparison["low"] == expected["low"]
+    assert comparison["low"] > 0  # +0.1 on every prompt is seen
+    with pytest.raises(ValueError, match="seed"):
+        compare(better, result(0.0, seed=1))
+    other = result(0.0)
+    other["rows"][0] = {**other["rows"][0], "scores": {t: [s + 0.01 for s in v] for t, v in full.items()}}
+    with pytest.raises(ValueError, match="full-cache rows differ"):
+        compare(better, other)
+    paths = [tmp_path / "a.json", tmp_path / "b.json"]
+    for path, data in zip(paths, (better, other)):
+        path.write_text(json.dumps(data))
+    assert main([str(p) for p in paths]) == 2
+    assert capsys.readouterr().err.startswith("paired_heldout: error: the full-cache rows differ")
