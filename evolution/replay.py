@@ -131,6 +131,7 @@ def replay_pooled(log_key_norms: torch.Tensor, arrived: torch.Tensor, heads: int
     means = sums / (heads * torch.arange(1, rows // heads + 1, dtype=z.dtype)).unsqueeze(-1)
     return means.repeat_interleave(heads, dim=0)
 
+
 @torch.no_grad()
 def record_prompt(model: nn.Module, prompt_ids: torch.Tensor, answer_ids: torch.Tensor, config: NAMMConfig,
                   chunk: int, refeed: int = 0) -> PromptRecording:

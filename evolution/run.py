@@ -106,7 +106,7 @@ class EvolutionRun:
         self.scorer = build_scorer(kind, input_dim=SCORER_KINDS[kind].input_dim_for(self.namm_config), n_bins=self.namm_config.n_bins, **spec)
         self.dim = self.scorer.num_parameters()
         layer_types = getattr(self.model.config.get_text_config(decoder=True), "layer_types", None) or []
-        hybrid = sorted({kind for kind in layer_types if kind != "full_attention"})
+        hybrid = sorted({layer_type for layer_type in layer_types if layer_type != "full_attention"})
         if "pooled_key_norm" in self.scorer.extra_inputs and config.fitness == "replay" and hybrid:
             raise ValueError(f"fitness 'replay' cannot give a {kind} scorer its pooled key norm on {config.model}: its "
                              f"{'/'.join(hybrid)} layers are not recorded. Use fitness: exact, or another scorer kind.")

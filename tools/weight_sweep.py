@@ -31,8 +31,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("values", type=float, nargs="+", help="values to give it")
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args(argv)
-    import torch
-
     from namm_cache.evolution.config import EvolutionConfig
     from namm_cache.evolution.run import EvolutionRun
     from namm_cache.hub import ScorerLoadError, load_scorer
@@ -55,7 +53,6 @@ def main(argv: list[str] | None = None) -> int:
         except (ValueError, OSError, ScorerLoadError) as error:
             print(f"weight_sweep: error: {error}", file=sys.stderr)
             return 2
-        torch.set_num_threads(config.threads or 1)
         run.scorer.set_normalization(start.spectrogram_mean, start.spectrogram_std)
         base = start.get_flat_params().double().numpy()
         results = sweep(run, base, args.index, args.values)

@@ -46,6 +46,7 @@ def z_scored_rows(log_key_norms: torch.Tensor, real: torch.Tensor) -> torch.Tens
     valid = real.unsqueeze(-2).expand_as(log_key_norms).reshape(-1, log_key_norms.shape[-1])
     return standardize_rows(log_key_norms.reshape(-1, log_key_norms.shape[-1], 1), valid).view(log_key_norms.shape)
 
+
 class KeyNormLedger:
     """Per batch row, the log key norm of every token seen in every cache layer (see the module docstring).
 
