@@ -15,6 +15,7 @@ from transformers import DynamicCache
 from namm_cache import NAMMCache
 from namm_cache.config import NAMMConfig
 from namm_cache.features import SpectrogramState, fold_attention
+from namm_cache.scorers import LinearPooledScorer
 
 CUDA = torch.cuda.is_available()
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not CUDA, reason="no CUDA device"))]
@@ -93,6 +94,28 @@ def test_evicting_namm_decides_the_same_on_the_device_as_on_cpu(device):
         generate(model, random_ids(128).to(where), cache, new_tokens=4)
         kept[where] = [{(h, int(p)) for h in range(layer.keys.shape[1]) for p in layer.positions[0, h][layer.token_valid[0, h]]}
                        for layer in cache.namm_layers]
+    overlap = [len(a & b) / len(a) for a, b in zip(kept["cpu"], kept[device])]
+    assert min(overlap) >= 0.97
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_pooled_key_norm_cache_decides_the_same_on_the_device_as_on_cpu(device):
+    """The key-norm ledger lives on the model's device: a `linear_pooled` scorer with random weights (the pooled
+    weight large, so the ledger drives the choice) keeps on the device what it keeps on CPU."""
+    scorer = LinearPooledScorer()
+    generator = torch.Generator().manual_seed(3)
+    scorer.set_flat_params(torch.randn(scorer.num_parameters(), generator=generator) * 0.3)
+    with torch.no_grad():
+        scorer.readout.weight[0, -1] = -3.0
+    kept, ledgers = {}, {}
+    for where in ("cpu", device):
+        model = model_on(where, torch.float32)
+        cache = NAMMCache(model=model, scorer=scorer, update_interval=32, budget=0.5)
+        generate(model, random_ids(128).to(where), cache, new_tokens=4)
+        ledgers[where] = cache.ledger
+        kept[where] = [{(h, int(p)) for h in range(layer.keys.shape[1]) for p in layer.positions[0, h][layer.token_valid[0, h]]}
+                       for layer in cache.namm_layers]
+    assert ledgers[device].pooled(torch.tensor([0]), now=100, up_to_layer=1).device.type == device
     overlap = [len(a & b) / len(a) for a, b in zip(kept["cpu"], kept[device])]
     assert min(overlap) >= 0.97
 
