@@ -122,8 +122,10 @@ def render_heldout(name: str):
             + f"--prompts-per-task {result['prompts_per_task']}{' --no-cap' if result.get('no_cap') else ''}"
             + (f" --budget {result['budget']}" if result.get("budget") is not None else "")
             + (f" --recent-window {result['recent_window']}" if result.get("recent_window") is not None else "")
+            + (f" --min-fraction {result['min_fraction']}" if result.get("min_fraction") is not None else "")
+            + (f" --tokens {result['tokens']}" if result.get("tokens", 1000) != 1000 else "")
             + baseline_flags(result)
-            + f" --out benchmarks/results/{name}.json`. Held-out KJV Proverbs haystacks, seed {result['seed']}, "
+            + f" --out benchmarks/results/{name}.json`. Held-out KJV Proverbs haystacks of {result.get('tokens', 1000):,} tokens, seed {result['seed']}, "
             f"{result['prompts_per_task']} prompts per task. Cells: teacher-forced answer probability (greedy accuracy in "
             "parentheses); normalised mean = mean over tasks of score / full-cache score; each baseline at the budget "
             "under which it holds what the scorer held.\n\n" + table(result)

@@ -50,6 +50,7 @@ from .fitness import ExampleResult, answers_correctly, evaluate_examples, mean_k
 BASELINES = list(BASELINE_POLICIES)  # every registered baseline, in registry order
 GATE_PROMPTS_PER_TASK = 30  # the gate's minimum: fewer prompts give intervals too wide to decide anything
 RESAMPLES = 10_000
+MIN_SUITE_TOKENS = 256  # shorter prompts leave almost no haystack around the facts and question
 DEPTH_TASKS = ("passkey", "needle")  # one needle each: its depth says what a cache must have kept
 DEPTH_BINS = 5
 
@@ -140,13 +141,16 @@ def evaluate_heldout(model, tokenizer, scorer_path: str, *, prompts_per_task: in
                      policies: list[str] | None = None, protected_policies: list[str] | None = None,
                      progress: bool = True, no_cap: bool = False,
                      budget: float | None = None, recent_window: int | None = None, oracle: bool = True,
-                     resamples: int = RESAMPLES, seed: int = 0) -> dict[str, Any]:
+                     resamples: int = RESAMPLES, seed: int = 0, min_fraction: float | None = None,
+                     tokens: int = 1000) -> dict[str, Any]:
     """Full cache, the scorer, the baselines and the oracle ceiling (at the scorer's measured kept fraction) on
     held-out prompts, with the gate's paired bootstrap of NAMM against the best baseline (`result["gate"]`).
 
     `no_cap=True` drops the scorer's stored `max_tokens`, so it keeps what its threshold keeps; `budget=F` runs
     it under a fraction budget instead (its top F, no cap). `recent_window=W` replaces the scorer's stored recent
-    window (the newest W positions it keeps whatever their score; protected baselines get it too). Each row holds
+    window (the newest W positions it keeps whatever their score; protected baselines get it too).
+    `min_fraction=F` gives the threshold a floor (`NAMMConfig.min_fraction`: at least the top F of the tokens
+    seen). `tokens` is the suite's prompt length (the gate's tables use 1,000). Each row holds
     `per_task` means and `scores` (`{task: [per-prompt teacher-forced probability]}`, prompts in suite order).
 
     `policies` are the baselines run by their own rules (default: every registered one); `protected_policies`
@@ -158,6 +162,10 @@ def evaluate_heldout(model, tokenizer, scorer_path: str, *, prompts_per_task: in
     resamples = check_int("resamples", resamples, minimum=1)
     seed = check_int("seed", seed, minimum=0)
     recent_window = check_int("recent_window", recent_window, minimum=0, maximum=MAX_TOKEN_COUNT, optional=True)
+    min_fraction = check_float("min_fraction", min_fraction, above=0.0, maximum=1.0, optional=True)
+    tokens = check_int("tokens", tokens, minimum=MIN_SUITE_TOKENS, maximum=MAX_TOKEN_COUNT)
+    if min_fraction is not None and budget is not None:
+        raise ValueError("min_fraction is a floor under the threshold; a fraction budget sets its own count.")
     if no_cap and budget is not None:
         raise ValueError("Choose one of no_cap (the scorer's threshold) and budget (a fraction budget), not both.")
     baselines = check_baselines("policies", BASELINES if policies is None else policies)
@@ -167,6 +175,8 @@ def evaluate_heldout(model, tokenizer, scorer_path: str, *, prompts_per_task: in
     loaded = load_scorer(scorer_path)
     if recent_window is not None:
         loaded.config = loaded.config.replace(recent_window=recent_window)
+    if min_fraction is not None:
+        loaded.config = loaded.config.replace(min_fraction=min_fraction)
     if protected_baselines and not (loaded.config.sinks or loaded.config.recent_window):
         raise ValueError(f"{scorer_path} protects no tokens (sinks = recent_window = 0): protected baselines would "
                          "repeat the plain ones.")
@@ -174,7 +184,7 @@ def evaluate_heldout(model, tokenizer, scorer_path: str, *, prompts_per_task: in
     if no_cap and config.threshold is None:
         raise ValueError(f"{scorer_path} has no score threshold: without its cap it would keep every token.")
     chunk = config.update_interval
-    examples = heldout_examples(tokenizer, prompts_per_task)
+    examples = heldout_examples(tokenizer, prompts_per_task, tokens=tokens)
 
     def run(make_cache, label: str, policy: str, on: list[Example] | None = None) -> dict[str, Any]:
         """Score `on` (default: every example), a fresh `make_cache(example)` per prompt: the teacher-forced
@@ -215,6 +225,8 @@ def evaluate_heldout(model, tokenizer, scorer_path: str, *, prompts_per_task: in
         mode = "threshold" if no_cap else (f"cap {config.max_tokens}" if config.max_tokens else "stored settings")
     if recent_window is not None:
         mode += f", {recent_window} recent"
+    if min_fraction is not None:
+        mode += f", floor {min_fraction:.0%}"
     namm = run(maker(CacheSpec(scorer=loaded.scorer, budget=budget, config=config)), f"NAMM ({mode})", "namm")
     bar.update(1)
     rows = [full, namm]
@@ -252,7 +264,7 @@ def evaluate_heldout(model, tokenizer, scorer_path: str, *, prompts_per_task: in
         row["normalized_mean"] = float(_normalized_means({t: np.asarray(v) for t, v in row["scores"].items()},
                                                          {t: full_scores[t] for t in row["scores"]}))
     result = {"scorer": str(scorer_path), "scorer_weights": weights_digest(loaded.scorer), "no_cap": no_cap,
-              "budget": budget, "recent_window": recent_window,
+              "budget": budget, "recent_window": recent_window, "min_fraction": min_fraction, "tokens": tokens,
               "tasks": HELDOUT_TASKS, "prompts_per_task": prompts_per_task, "seed": HELDOUT_SEED,
               "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "rows": rows,
               "depths": evidence_depths(examples, tokenizer)}
@@ -376,6 +388,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget", help="run the scorer under a fraction budget in (0, 1] (its top F; no max_tokens)")
     parser.add_argument("--recent-window", help="replace the scorer's stored recent window (positions kept whatever "
                                                   "their score) by this many")
+    parser.add_argument("--min-fraction", help="with --no-cap: a floor under the threshold, in (0, 1] (keep at least "
+                        "the top F of the tokens seen; NAMMConfig.min_fraction)")
+    parser.add_argument("--tokens", default="1000", help="prompt length of the held-out suite (default 1000, the gate's)")
     parser.add_argument("--resamples", default=str(RESAMPLES), help=f"bootstrap resamples (default {RESAMPLES})")
     parser.add_argument("--bootstrap-seed", default="0", help="the bootstrap's numpy seed (default 0)")
     parser.add_argument("--no-oracle", action="store_true", help="leave out the oracle (ceiling) row")
@@ -396,6 +411,11 @@ def main(argv: list[str] | None = None) -> int:
         prompts = check_int("--prompts-per-task", _number("--prompts-per-task", args.prompts_per_task), minimum=1)
         budget = None if args.budget is None else check_float("--budget", _number("--budget", args.budget), above=0.0, maximum=1.0)
         resamples = check_int("--resamples", _number("--resamples", args.resamples), minimum=1)
+        floor = (None if args.min_fraction is None else
+                 check_float("--min-fraction", _number("--min-fraction", args.min_fraction), above=0.0, maximum=1.0))
+        if floor is not None and not args.no_cap:
+            raise ValueError("--min-fraction is a floor under the threshold: give it with --no-cap.")
+        tokens = check_int("--tokens", _number("--tokens", args.tokens), minimum=MIN_SUITE_TOKENS, maximum=MAX_TOKEN_COUNT)
         recent = (None if args.recent_window is None else
                   check_int("--recent-window", _number("--recent-window", args.recent_window), minimum=0,
                             maximum=MAX_TOKEN_COUNT))
@@ -423,7 +443,7 @@ def main(argv: list[str] | None = None) -> int:
         return fail(error)
     result = evaluate_heldout(model, tokenizer, args.scorer, prompts_per_task=prompts, policies=baselines,
                               protected_policies=protected, no_cap=args.no_cap, budget=budget, recent_window=recent,
-                              oracle=not args.no_oracle, resamples=resamples, seed=seed)
+                              oracle=not args.no_oracle, resamples=resamples, seed=seed, min_fraction=floor, tokens=tokens)
     result["model"] = args.model
     out.write_text(json.dumps(result, indent=2))
     print(table(result))

@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from namm_cache import NAMMCache, NAMMConfig
-from namm_cache.budgets import Budget, ThresholdBudget
+from namm_cache.budgets import Budget, FractionBudget, ThresholdBudget
 from namm_cache.features import log_norms, token_features, with_extra_inputs
 from namm_cache.layer import NAMMLayer
 from namm_cache.ledger import z_scored_rows
@@ -216,8 +216,9 @@ def replay_kept(recording: PromptRecording, scorer: Scorer, config: NAMMConfig, 
         scores = scorer(features, positions, arrived)
         limit = budget.tokens_for(round_.now + 1)  # tokens a row may keep, as NAMMLayer asks (None: threshold)
         if limit is None:
+            floor = None if config.min_fraction is None else FractionBudget(config.min_fraction).tokens_for(round_.now + 1)
             keep = select_tokens(scores, arrived, positions, threshold=config.threshold, max_tokens=config.max_tokens,
-                                 sinks=config.sinks, recent_window=config.recent_window)
+                                 min_tokens=floor, sinks=config.sinks, recent_window=config.recent_window)
         else:
             cap = limit if config.max_tokens is None else min(limit, config.max_tokens)
             keep = select_tokens(scores, arrived, positions, threshold=None, max_tokens=cap,

@@ -269,6 +269,36 @@ def test_a_recent_window_override_reaches_the_scorer_and_the_protected_baselines
             in render_readme.render_heldout("tiny")(narrow))
 
 
+
+def test_a_floor_and_a_prompt_length_reach_the_held_out_run(tmp_path, tiny_model_dir, monkeypatch):
+    from helpers import random_scorer
+
+    from namm_cache.evolution.evaluate import evaluate_heldout
+    from namm_cache.evolution.run import load_model
+    from namm_cache.hub import ScorerMetadata, save_scorer
+
+    folder = tmp_path / "scorer"
+    save_scorer(folder, random_scorer(seed=3), NAMMConfig(update_interval=64, threshold=0.0, max_tokens=32),
+                ScorerMetadata(description="test scorer"))
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    model, tokenizer = load_model(str(tiny_model_dir))
+    runs = {floor: evaluate_heldout(model, tokenizer, str(folder), prompts_per_task=1, policies=["streaming_llm"],
+                                    progress=False, no_cap=True, min_fraction=floor, oracle=False, resamples=10, tokens=400)
+            for floor in (None, 0.8)}
+    plain, floored = runs[None]["rows"][1], runs[0.8]["rows"][1]
+    assert runs[0.8]["tokens"] == 400 and runs[0.8]["min_fraction"] == 0.8 and runs[None]["min_fraction"] is None
+    assert floored["label"] == "NAMM (threshold, floor 80%)" and plain["label"] == "NAMM (threshold)"
+    assert plain["kept_fraction"] < 0.7 and floored["kept_fraction"] >= 0.8  # the floor, not the dropped cap, decides
+    longer = evaluate_heldout(model, tokenizer, str(folder), prompts_per_task=1, policies=["streaming_llm"],
+                              progress=False, no_cap=True, oracle=False, resamples=10)
+    assert longer["tokens"] == 1000 and longer["rows"][0]["scores"] != runs[None]["rows"][0]["scores"]  # other prompts
+    import render_readme  # the README's command repeats the floor and the length
+
+    assert "--no-cap --min-fraction 0.8 --tokens 400 --baselines streaming_llm" in render_readme.render_heldout("tiny")(
+        {**runs[0.8], "date": "today"})
+    with pytest.raises(ValueError, match="floor under the threshold"):
+        evaluate_heldout(model, tokenizer, str(folder), prompts_per_task=1, budget=0.25, min_fraction=0.5)
+
 def test_the_best_baseline_is_the_highest_plain_or_protected_baseline_never_namm_full_or_oracle():
     from namm_cache.evolution.evaluate import best_baseline
 
@@ -304,7 +334,10 @@ def test_the_table_reads_results_written_before_the_gate():
                                    ["--protected-baselines", "h2o"],  # the scorer protects no tokens
                                    ["--baselines", ""], ["--recent-window", "-1"], ["--recent-window", "8.5"],
                                    ["--recent-window", str(2**41)],
-                                   ["--recent-window", "0", "--protected-baselines", "h2o", "--scorer-with-window"]])
+                                   ["--recent-window", "0", "--protected-baselines", "h2o", "--scorer-with-window"],
+                                   ["--min-fraction", "0.3"],  # a floor under the threshold needs --no-cap
+                                   ["--no-cap", "--min-fraction", "0"], ["--no-cap", "--min-fraction", "1.5"],
+                                   ["--tokens", "100"], ["--tokens", "2000.5"]])
 def test_the_cli_refuses_bad_flags_with_one_error_line(flags, tmp_path, capsys, monkeypatch):
     from helpers import random_scorer
 

@@ -52,6 +52,7 @@ def cache_kept(model, prompt, scorer, config, chunk, budget=None) -> torch.Tenso
     {"config": NAMMConfig(update_interval=32, max_tokens=40), "chunk": 32},
     {"config": NAMMConfig(update_interval=32), "chunk": 20, "budget": 0.3},  # rounds fall inside chunks
     {"config": NAMMConfig(update_interval=32, max_tokens=40, sinks=3, recent_window=24), "chunk": 20},  # protected tokens
+    {"config": NAMMConfig(update_interval=32, threshold=0.0, min_fraction=0.6, sinks=2), "chunk": 32},  # a floor
 ])
 def test_replay_evicts_exactly_what_the_cache_evicts_when_scores_do_not_read_attention(settings):
     model = tiny_model("llama")

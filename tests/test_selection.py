@@ -59,6 +59,42 @@ def test_a_cap_counts_protected_tokens_first_then_the_best_scores():
     assert keep.tolist() == [[False, False, False, True, True, True]]
 
 
+
+def test_a_floor_keeps_at_least_min_tokens_in_the_caps_order_and_a_cap_still_bounds_it():
+    scores = torch.tensor([[-9.0, -1.0, -3.0, 2.0, -2.0, -8.0, -7.0], [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0]])
+    valid = torch.ones(2, 7, dtype=torch.bool)
+    valid[0, 0] = False  # padding: never kept, not even by a floor
+    positions = torch.arange(7).expand(2, -1)
+    # Row 0: only slot 3 and the newest pass the threshold; a floor of 4 adds the sink (slot 1), then the best
+    # scores left (-2.0 at slot 4 before -3.0 at slot 2). Row 1: every token passes already, the floor adds nothing.
+    keep = select_tokens(scores, valid, positions, min_tokens=torch.tensor([4, 2]), sinks=1)
+    assert keep.tolist() == [[False, True, False, True, True, False, True], [True] * 7]
+    assert select_tokens(scores, valid, positions, min_tokens=2, sinks=1).tolist()[0] == \
+        [False, True, False, True, False, False, True]  # the floor is met by what the threshold keeps
+    # A cap below the floor wins: at most max_tokens, in the same order.
+    keep = select_tokens(scores, valid, positions, min_tokens=5, max_tokens=3, sinks=1)
+    assert keep.tolist() == [[False, True, False, True, False, False, True], [True, False, False, False, False, True, True]]
+
+
+@pytest.mark.parametrize("min_fraction, held", [(None, 2), (0.3, 49)])
+def test_a_cache_on_the_threshold_holds_its_floors_share_of_the_tokens_seen(min_fraction, held):
+    """A scorer that scores every token below the threshold keeps only the newest at a round; with `min_fraction`
+    0.3 the round at 160 tokens seen keeps ceil(0.3 x 160) = 48 in every (layer, head). The 161st token, fed
+    after that round, is held besides."""
+    from conftest import random_ids, tiny_model
+
+    from namm_cache.scorers import LinearScorer
+
+    scorer = LinearScorer()
+    with torch.no_grad():
+        scorer.readout.bias.fill_(-1.0)
+    model = tiny_model("llama")
+    cache = NAMMCache(model=model, scorer=scorer, config=NAMMConfig(update_interval=32, min_fraction=min_fraction))
+    for part in random_ids(161).split(32, dim=1):
+        model(input_ids=part, cache=cache, use_cache=True)
+    counts = {int(layer.token_valid[0, head].sum()) for layer in cache.namm_layers for head in range(layer.keys.shape[1])}
+    assert counts == {held}
+
 def test_protected_tokens_follow_positions_not_slots():
     valid = torch.tensor([[True, True, True, False], [True, True, True, True]])
     positions = torch.tensor([[7, 2, 5, 0], [10, 11, 3, 4]])

@@ -35,6 +35,11 @@ class NAMMConfig:
         threshold: tokens whose score is below this are evicted (paper: 0).
         max_tokens: optional hard cap on the tokens each (batch row, KV head) keeps per layer; when more
             tokens pass the threshold, the highest-scoring ones are kept.
+        min_fraction: optional floor under the threshold, in (0, 1]: each (batch row, KV head) keeps at least
+            `ceil(min_fraction * real tokens seen)` tokens (protected ones first, then the highest-scoring),
+            even when fewer pass the threshold. A scorer's threshold keeps a share of the prompt that shrinks as
+            the prompt grows (older tokens score lower); the floor bounds that share from below on long prompts.
+            `max_tokens` still caps it. Applies on the threshold only (a budget sets its own count).
         sinks: the first this many tokens of each (batch row, KV head) are kept whatever the policy scores
             (attention sinks; default 0: the policy alone decides).
         recent_window: the newest this many positions are kept whatever the policy scores (default 0).
@@ -51,6 +56,7 @@ class NAMMConfig:
     update_interval: int = 512
     threshold: float = 0.0
     max_tokens: int | None = None
+    min_fraction: float | None = None
     sinks: int = 0
     recent_window: int = 0
 
@@ -87,6 +93,7 @@ class NAMMConfig:
         # keeps everything: neither is a threshold. None means no threshold (only max_tokens applies).
         self.threshold = check_float("threshold", self.threshold, optional=True)
         self.max_tokens = check_int("max_tokens", self.max_tokens, minimum=1, maximum=MAX_TOKEN_COUNT, optional=True)
+        self.min_fraction = check_float("min_fraction", self.min_fraction, above=0.0, maximum=1.0, optional=True)
         self.sinks = check_int("sinks", self.sinks, minimum=0, maximum=MAX_TOKEN_COUNT)
         self.recent_window = check_int("recent_window", self.recent_window, minimum=0, maximum=MAX_TOKEN_COUNT)
         if self.n_fft != 2 * self.hop_length:
@@ -109,7 +116,7 @@ class NAMMConfig:
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
-        for name in ("sinks", "recent_window"):  # written only when set, so files stay readable by versions without them
+        for name in ("sinks", "recent_window", "min_fraction"):  # written only when set, so files stay readable by versions without them
             if not data[name]:
                 del data[name]
         return data

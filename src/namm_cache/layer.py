@@ -9,7 +9,7 @@ from torch import nn
 from transformers.cache_utils import CacheLayerMixin
 
 from .attention import hand_over
-from .budgets import Budget, ThresholdBudget
+from .budgets import Budget, FractionBudget, ThresholdBudget
 from .config import NAMMConfig
 from .masks import attention_bias, check_chunk_positions, chunk_padding, heads_hold_the_same_slots, segment_ends
 from .policies import Observation, Policy
@@ -418,8 +418,13 @@ class NAMMLayer(CacheLayerMixin):
             raise ValueError(f"Policy {type(self.policy).__name__} returned scores of shape {tuple(scores.shape)}, expected {tuple(valid.shape)}.")
         with phase("select"):
             if budget is None:
+                floor = None
+                if self.config.min_fraction is not None:
+                    fraction = FractionBudget(self.config.min_fraction)
+                    floor = torch.tensor([fraction.tokens_for(self.real_tokens_seen[b]) for b in due_rows],
+                                         device=positions.device).repeat_interleave(heads)
                 kept = select_tokens(scores, valid, positions, threshold=self.config.threshold, max_tokens=self.config.max_tokens,
-                                     sinks=self.config.sinks, recent_window=self.config.recent_window)
+                                     min_tokens=floor, sinks=self.config.sinks, recent_window=self.config.recent_window)
             else:
                 if self.config.max_tokens is not None:
                     budget = budget.clamp_max(self.config.max_tokens)

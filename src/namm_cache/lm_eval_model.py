@@ -36,8 +36,8 @@ from .spec import CacheSpec
 from .validation import check_int, did_you_mean
 
 TASK_PACK = str(Path(__file__).resolve().parent / "lm_eval_tasks")
-NAMM_ARGS = ("scorer", "policy", "budget", "update_interval", "prefill_chunk_size", "max_tokens", "threshold", "sinks", "recent_window")
-CONFIG_ARGS = ("update_interval", "max_tokens", "threshold", "sinks", "recent_window")
+NAMM_ARGS = ("scorer", "policy", "budget", "update_interval", "prefill_chunk_size", "max_tokens", "min_fraction", "threshold", "sinks", "recent_window")
+CONFIG_ARGS = ("update_interval", "max_tokens", "min_fraction", "threshold", "sinks", "recent_window")
 
 
 @dataclass
@@ -98,7 +98,8 @@ class NAMMLM(HFLM):
     Extra model_args (removed and checked before the model loads): `scorer` (name or path, NAMM policy
     only), `policy` (namm, h2o, key_norm, streaming_llm, snapkv, tova, random, full), `budget` (a token
     count such as 512, a fraction such as 0.25 or 25%, or "threshold"; 1 is refused as ambiguous: write
-    100% or 1.0 for a full budget), `update_interval`, `max_tokens`, `threshold`, `sinks`, `recent_window`, `prefill_chunk_size`
+    100% or 1.0 for a full budget), `update_interval`, `max_tokens`, `min_fraction`, `threshold`, `sinks`, `recent_window`,
+    `prefill_chunk_size`
     (default: update_interval). `pretrained` also accepts the offline model names of `namm_cache.offline`.
     """
 

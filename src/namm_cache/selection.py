@@ -12,6 +12,7 @@ def select_tokens(
     *,
     threshold: float | None = 0.0,
     max_tokens: int | torch.Tensor | None = None,
+    min_tokens: int | torch.Tensor | None = None,
     sinks: int = 0,
     recent_window: int = 0,
 ) -> torch.Tensor:
@@ -24,6 +25,9 @@ def select_tokens(
         threshold: keep tokens with `score >= threshold` (None: no threshold, only the cap applies).
         max_tokens: keep at most this many per row, the highest-scoring ones (the newest counts first); an
             int for every row or a `(N,)` tensor of per-row counts.
+        min_tokens: keep at least this many per row, in the order `max_tokens` ranks by (the newest, the
+            protected tokens, then the highest scores), even below the threshold; an int or `(N,)` tensor.
+            `max_tokens` still caps the result.
         sinks: the oldest this many valid tokens of each row are kept whatever their score.
         recent_window: tokens younger than this (newest position minus position < `recent_window`) are kept
             whatever their score. Protected tokens count toward `max_tokens` and rank above every other
@@ -54,26 +58,40 @@ def select_tokens(
     for protected in (sink, window):
         if protected is not None:
             keep |= protected
+    if min_tokens is not None or max_tokens is not None:
+        special = (rows[has_token], newest[has_token])
+    if min_tokens is not None:
+        floor = torch.as_tensor(min_tokens, device=keep.device).expand(keep.shape[0])
+        if bool((floor > keep.sum(-1)).any()):
+            keep |= valid & (_ranks(valid, scores, positions, sink, window, special) < floor.unsqueeze(-1))
     if max_tokens is not None:
         limit = torch.as_tensor(max_tokens, device=keep.device).expand(keep.shape[0])
         if bool((limit < keep.sum(-1)).any()):
-            ranked = torch.where(keep, scores.to(torch.float32), torch.full(scores.shape, float("-inf"), device=keep.device))
-            # groups: the newest (3), sinks oldest first (2), the window newest first (1), the rest by score (0)
-            priority = torch.zeros(keep.shape, dtype=torch.int8, device=keep.device)
-            if window is not None:
-                ranked = torch.where(window, positions.to(torch.float32), ranked)
-                priority[window] = 1
-            if sink is not None:
-                ranked = torch.where(sink, -positions.to(torch.float32), ranked)
-                priority[sink] = 2
-            ranked[rows[has_token], newest[has_token]] = float("inf")
-            priority[rows[has_token], newest[has_token]] = 3
-            order = ranked.argsort(dim=-1, descending=True, stable=True)  # within each group: its own order
-            order = order.gather(-1, priority.gather(-1, order).argsort(dim=-1, descending=True, stable=True))
-            rank = torch.empty_like(order)
-            rank.scatter_(-1, order, torch.arange(order.shape[-1], device=keep.device).expand_as(order))
-            keep &= rank < limit.unsqueeze(-1)
+            keep &= _ranks(keep, scores, positions, sink, window, special) < limit.unsqueeze(-1)
     return keep
+
+
+def _ranks(candidates: torch.Tensor, scores: torch.Tensor, positions: torch.Tensor, sink: torch.Tensor | None,
+           window: torch.Tensor | None, newest: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """`(N, S)` each candidate's rank in its row (0 = kept first): the newest token, then the sinks oldest first,
+    then the recent window newest first, then the rest by score. Non-candidates rank after every candidate."""
+    ranked = torch.where(candidates, scores.to(torch.float32), torch.full(scores.shape, float("-inf"), device=scores.device))
+    # groups: the newest (3), sinks oldest first (2), the window newest first (1), the rest by score (0)
+    priority = torch.zeros(candidates.shape, dtype=torch.int8, device=candidates.device)
+    if window is not None:
+        ranked = torch.where(window, positions.to(torch.float32), ranked)
+        priority[window] = 1
+    if sink is not None:
+        ranked = torch.where(sink, -positions.to(torch.float32), ranked)
+        priority[sink] = 2
+    ranked[newest] = float("inf")
+    priority[newest] = 3
+    priority[~candidates] = -1
+    order = ranked.argsort(dim=-1, descending=True, stable=True)  # within each group: its own order
+    order = order.gather(-1, priority.gather(-1, order).argsort(dim=-1, descending=True, stable=True))
+    rank = torch.empty_like(order)
+    rank.scatter_(-1, order, torch.arange(order.shape[-1], device=candidates.device).expand_as(order))
+    return rank
 
 
 def protected_tokens(valid: torch.Tensor, positions: torch.Tensor, *, sinks: int = 0, recent_window: int = 0) -> torch.Tensor | None:
