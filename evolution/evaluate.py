@@ -42,7 +42,7 @@ from namm_cache import CacheSpec
 from namm_cache.config import MAX_TOKEN_COUNT
 from namm_cache.policies import BASELINE_POLICIES
 from namm_cache.hub import load_scorer, weights_digest
-from namm_cache.tasks import HELDOUT_SEED, HELDOUT_TASKS, Example, heldout_examples
+from namm_cache.tasks import HELDOUT_SEED, Example, heldout_examples, heldout_tasks
 from namm_cache.validation import check_float, check_int
 
 from .fitness import ExampleResult, answers_correctly, evaluate_examples, mean_kept_fraction, score_and_answer
@@ -225,8 +225,8 @@ def evaluate_heldout(model, tokenizer, scorer_path: str, *, prompts_per_task: in
         mode = "threshold" if no_cap else (f"cap {config.max_tokens}" if config.max_tokens else "stored settings")
     if recent_window is not None:
         mode += f", {recent_window} recent"
-    if min_fraction is not None:
-        mode += f", floor {min_fraction:.0%}"
+    if budget is None and config.min_fraction is not None:  # given here or stored with the scorer
+        mode += f", floor {config.min_fraction:.0%}"
     namm = run(maker(CacheSpec(scorer=loaded.scorer, budget=budget, config=config)), f"NAMM ({mode})", "namm")
     bar.update(1)
     rows = [full, namm]
@@ -265,7 +265,7 @@ def evaluate_heldout(model, tokenizer, scorer_path: str, *, prompts_per_task: in
                                                          {t: full_scores[t] for t in row["scores"]}))
     result = {"scorer": str(scorer_path), "scorer_weights": weights_digest(loaded.scorer), "no_cap": no_cap,
               "budget": budget, "recent_window": recent_window, "min_fraction": min_fraction, "tokens": tokens,
-              "tasks": HELDOUT_TASKS, "prompts_per_task": prompts_per_task, "seed": HELDOUT_SEED,
+              "tasks": heldout_tasks(tokens), "prompts_per_task": prompts_per_task, "seed": HELDOUT_SEED,
               "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "rows": rows,
               "depths": evidence_depths(examples, tokenizer)}
     best = best_baseline(rows, baselines, protected_baselines)
@@ -388,8 +388,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget", help="run the scorer under a fraction budget in (0, 1] (its top F; no max_tokens)")
     parser.add_argument("--recent-window", help="replace the scorer's stored recent window (positions kept whatever "
                                                   "their score) by this many")
-    parser.add_argument("--min-fraction", help="with --no-cap: a floor under the threshold, in (0, 1] (keep at least "
-                        "the top F of the tokens seen; NAMMConfig.min_fraction)")
+    parser.add_argument("--min-fraction", help="a floor under the threshold, in (0, 1]: keep at least the top F of the "
+                        "tokens seen (NAMMConfig.min_fraction; not with --budget)")
     parser.add_argument("--tokens", default="1000", help="prompt length of the held-out suite (default 1000, the gate's)")
     parser.add_argument("--resamples", default=str(RESAMPLES), help=f"bootstrap resamples (default {RESAMPLES})")
     parser.add_argument("--bootstrap-seed", default="0", help="the bootstrap's numpy seed (default 0)")
@@ -413,8 +413,8 @@ def main(argv: list[str] | None = None) -> int:
         resamples = check_int("--resamples", _number("--resamples", args.resamples), minimum=1)
         floor = (None if args.min_fraction is None else
                  check_float("--min-fraction", _number("--min-fraction", args.min_fraction), above=0.0, maximum=1.0))
-        if floor is not None and not args.no_cap:
-            raise ValueError("--min-fraction is a floor under the threshold: give it with --no-cap.")
+        if floor is not None and args.budget is not None:
+            raise ValueError("--min-fraction is a floor under the threshold; --budget sets its own count.")
         tokens = check_int("--tokens", _number("--tokens", args.tokens), minimum=MIN_SUITE_TOKENS, maximum=MAX_TOKEN_COUNT)
         recent = (None if args.recent_window is None else
                   check_int("--recent-window", _number("--recent-window", args.recent_window), minimum=0,

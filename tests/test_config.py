@@ -39,6 +39,8 @@ def test_non_positive_or_non_finite_recency_frequency_is_refused(value):
         ({"max_tokens": -1}, r"max_tokens must be an integer or None, in \[1,"),
         ({"max_tokens": "abc"}, "got the string 'abc'"),
         ({"threshold": [0]}, "threshold must be a number or None"),
+        ({"min_fraction": 0.0}, r"min_fraction must be a number or None, in \(0, 1\]"),
+        ({"min_fraction": 0.3, "threshold": None}, "floor under the threshold, and threshold is None"),
     ],
 )
 def test_every_field_has_a_type_and_a_range(changes, message):

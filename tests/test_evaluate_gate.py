@@ -335,7 +335,7 @@ def test_the_table_reads_results_written_before_the_gate():
                                    ["--baselines", ""], ["--recent-window", "-1"], ["--recent-window", "8.5"],
                                    ["--recent-window", str(2**41)],
                                    ["--recent-window", "0", "--protected-baselines", "h2o", "--scorer-with-window"],
-                                   ["--min-fraction", "0.3"],  # a floor under the threshold needs --no-cap
+                                   ["--budget", "0.25", "--min-fraction", "0.3"],  # a floor under the threshold only
                                    ["--no-cap", "--min-fraction", "0"], ["--no-cap", "--min-fraction", "1.5"],
                                    ["--tokens", "100"], ["--tokens", "2000.5"]])
 def test_the_cli_refuses_bad_flags_with_one_error_line(flags, tmp_path, capsys, monkeypatch):

@@ -69,6 +69,10 @@ def test_model_card_is_rendered_from_the_metadata(tmp_path):
     assert "| passkey | 0.9 | 0.25 |" in card
     assert "4,172 parameters" in card and "0.8750" in card
     assert 'NAMMCache.from_pretrained("org/s"' in card
+    assert "at least the top" not in card
+    save_scorer(tmp_path / "f", calibrated_scorer(), NAMMConfig(min_fraction=0.3), METADATA, repo_id="org/f")
+    assert "keep score >= 0.0, at least the top 0.3 of the tokens seen" in (tmp_path / "f" / "README.md").read_text()
+    assert load_scorer(tmp_path / "f").config.min_fraction == 0.3  # saved and loaded with the scorer
 
 
 def build_hf_cache(cache_dir: Path, repo_id: str, source: Path, commit: str = "0123456789abcdef0123456789abcdef01234567"):

@@ -142,3 +142,7 @@ def test_protected_tokens_come_through_model_args():
         check_namm_args({"scorer": "namm-cache/keep-all", "recent_window": -1})
     with pytest.raises(ValueError, match="Did you mean 'sinks'"):
         check_namm_args({}, other_keys={"sink": 4})
+    assert check_namm_args({"scorer": "namm-cache/keep-all", "min_fraction": 0.3}).spec.config.min_fraction == 0.3
+    for other in ({"budget": 0.25}, {"policy": "h2o"}):  # a floor under the threshold would do nothing there
+        with pytest.raises(ValueError, match="min_fraction is a floor"):
+            check_namm_args({"min_fraction": 0.3, **other})

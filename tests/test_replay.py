@@ -53,6 +53,7 @@ def cache_kept(model, prompt, scorer, config, chunk, budget=None) -> torch.Tenso
     {"config": NAMMConfig(update_interval=32), "chunk": 20, "budget": 0.3},  # rounds fall inside chunks
     {"config": NAMMConfig(update_interval=32, max_tokens=40, sinks=3, recent_window=24), "chunk": 20},  # protected tokens
     {"config": NAMMConfig(update_interval=32, threshold=0.0, min_fraction=0.6, sinks=2), "chunk": 32},  # a floor
+    {"config": NAMMConfig(update_interval=32, threshold=0.0, min_fraction=0.6), "chunk": 20},  # a floor, rounds inside chunks
 ])
 def test_replay_evicts_exactly_what_the_cache_evicts_when_scores_do_not_read_attention(settings):
     model = tiny_model("llama")
@@ -67,6 +68,10 @@ def test_replay_evicts_exactly_what_the_cache_evicts_when_scores_do_not_read_att
     assert replayed.shape == real.shape == (4 * 2, 160)
     assert 0.1 < replayed.float().mean() < 0.9  # it evicts, and not everything
     assert torch.equal(replayed, real)
+    if config.min_fraction is not None:  # the floor binds: without it the threshold alone keeps fewer
+        unfloored = replay_kept(recording, scorer, config.replace(min_fraction=None), budget)
+        assert replayed.sum() > unfloored.sum()
+        assert replayed.sum(-1).min() >= math.ceil(0.6 * 160)  # the last round falls at 160 tokens
 
 
 def test_replay_follows_the_scorer_and_a_cap_holds():

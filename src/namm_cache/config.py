@@ -101,6 +101,9 @@ class NAMMConfig:
                 f"n_fft ({self.n_fft}) must be twice hop_length ({self.hop_length}): each token carries a tail of "
                 "hop_length attention values, which is exactly the overlap of two frames."
             )
+        if self.min_fraction is not None and self.threshold is None:
+            raise ValueError(f"min_fraction ({self.min_fraction}) is a floor under the threshold, and threshold is None: "
+                             "without a threshold nothing is evicted below the cap. Set a threshold or drop min_fraction.")
         if self.recency_dim % 2:
             raise ValueError(f"recency_dim must be a non-negative even number, got {self.recency_dim}.")
         if self.update_interval % self.hop_length:

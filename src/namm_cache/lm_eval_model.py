@@ -79,6 +79,9 @@ def check_namm_args(args: dict[str, Any], other_keys: Any = ()) -> NAMMArgs:
     prefill_chunk_size = check_int("prefill_chunk_size", args.get("prefill_chunk_size"), minimum=1, maximum=2**31 - 1, optional=True)
     overrides = {key: args[key] for key in CONFIG_ARGS if key in args}
     budget = parse_budget(args.get("budget"))
+    if args.get("min_fraction") is not None and (policy != "namm" or budget is not None):
+        raise ValueError("model_args: min_fraction is a floor under a NAMM scorer's threshold; it does nothing with "
+                         f"{'budget=' + str(args.get('budget')) if budget is not None else 'policy=' + policy}.")
     if policy == "namm":
         loaded = load_scorer(scorer or DEFAULT_SCORER)
         config = loaded.config.replace(**overrides)
