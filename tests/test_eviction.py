@@ -101,14 +101,15 @@ def test_kept_keys_are_the_original_post_rope_keys():
         torch.testing.assert_close(layer.keys[0, h][valid][old], reference[0, h, positions[old]])
 
 
-@pytest.mark.parametrize("family_name", ["llama", "gemma3"])
-def test_left_padded_batch_equals_each_row_alone(family_name):
+@pytest.mark.parametrize("family_name, limit", [("llama", {"max_tokens": 40}), ("gemma3", {"max_tokens": 40}),
+                                                ("llama", {"min_fraction": 0.7})])  # a floor counts each row's own tokens
+def test_left_padded_batch_equals_each_row_alone(family_name, limit):
     model = tiny_model(family_name, "sdpa")
     lengths = [100, 70, 41]
     prompts = [random_ids(n, seed=10 + i) for i, n in enumerate(lengths)]
 
     def make_cache():
-        return NAMMCache(model=model, scorer=random_scorer(1), update_interval=32, max_tokens=40)
+        return NAMMCache(model=model, scorer=random_scorer(1), update_interval=32, **limit)
 
     alone = [generate(model, p, make_cache())[0, p.shape[1] :] for p in prompts]
     width = max(lengths)
