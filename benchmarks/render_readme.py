@@ -197,6 +197,8 @@ RENDERERS = {
     "heldout_linear_protected": render_heldout("heldout_linear_protected"),
     "heldout_threshold15_threshold": render_heldout("heldout_threshold15_threshold"),
     "heldout_pooled_start_threshold": render_heldout("heldout_pooled_start_threshold"),
+    "heldout_threshold15_2000": render_heldout("heldout_threshold15_2000"),
+    "heldout_threshold15_2000_floor40": render_heldout("heldout_threshold15_2000_floor40"),
     "overhead_memory": render_overhead_memory,
     "policy_overhead": render_policy_overhead,
     "compare_smollm2": render_compare_smollm2,
