@@ -269,7 +269,6 @@ def test_a_recent_window_override_reaches_the_scorer_and_the_protected_baselines
             in render_readme.render_heldout("tiny")(narrow))
 
 
-
 def test_a_floor_and_a_prompt_length_reach_the_held_out_run(tmp_path, tiny_model_dir, monkeypatch):
     from helpers import random_scorer
 
@@ -298,6 +297,7 @@ def test_a_floor_and_a_prompt_length_reach_the_held_out_run(tmp_path, tiny_model
         {**runs[0.8], "date": "today"})
     with pytest.raises(ValueError, match="floor under the threshold"):
         evaluate_heldout(model, tokenizer, str(folder), prompts_per_task=1, budget=0.25, min_fraction=0.5)
+
 
 def test_the_best_baseline_is_the_highest_plain_or_protected_baseline_never_namm_full_or_oracle():
     from namm_cache.evolution.evaluate import best_baseline

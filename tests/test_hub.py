@@ -71,7 +71,8 @@ def test_model_card_is_rendered_from_the_metadata(tmp_path):
     assert 'NAMMCache.from_pretrained("org/s"' in card
     assert "at least the top" not in card
     save_scorer(tmp_path / "f", calibrated_scorer(), NAMMConfig(min_fraction=0.3), METADATA, repo_id="org/f")
-    assert "keep score >= 0.0, at least the top 0.3 of the tokens seen" in (tmp_path / "f" / "README.md").read_text()
+    floored = (tmp_path / "f" / "README.md").read_text()
+    assert "keep score >= 0.0, at least the top 0.3 of the tokens seen" in floored and floored.count("at least the top") == 1
     assert load_scorer(tmp_path / "f").config.min_fraction == 0.3  # saved and loaded with the scorer
 
 
