@@ -46,6 +46,9 @@ class RunState:
     numpy_rng: Any = None  # numpy's global generator (pycma draws from it in consistency checks)
     python_rng: Any = None
     torch_rng: Any = None
+    # The distribution mean of every validated generation (`validation_every`), so that any of them can be
+    # exported later (`namm-evolve --export F --generation G|best`), not only the latest.
+    validated: dict[int, np.ndarray] = field(default_factory=dict)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -66,6 +69,8 @@ def checkpoint_bytes(state: RunState) -> bytes:
     algorithm, key, position, has_gauss, cached_gaussian = state.numpy_rng
     arrays["numpy_rng/key"] = np.asarray(key, dtype=np.uint32)
     arrays["torch_rng"] = state.torch_rng.numpy().astype(np.uint8)
+    for generation, mean in state.validated.items():
+        arrays[f"validated/{generation}"] = np.asarray(mean, dtype=np.float64)
     version, internal, gauss_next = state.python_rng
     document = {
         "generation": state.generation,
@@ -157,6 +162,13 @@ def _state_from(document: dict[str, Any], arrays: dict[str, np.ndarray]) -> RunS
         raise ValueError("torch_rng must be a byte array")
     torch_state = torch.from_numpy(np.array(torch_rng))
     torch.Generator().set_state(torch_state)  # validates it
+    validated = {}  # absent from checkpoints written before validated means were kept
+    for name, array in arrays.items():
+        if name.startswith("validated/"):
+            generation = int(name[len("validated/"):])
+            if array.dtype != np.float64 or array.shape != (es.dim,) or not np.isfinite(array).all():
+                raise ValueError(f"the validated mean of generation {generation} is not {es.dim} finite float64 values")
+            validated[generation] = np.array(array)
     return RunState(
         generation=_count(document, "generation"),
         stage=_count(document, "stage"),
@@ -167,7 +179,24 @@ def _state_from(document: dict[str, Any], arrays: dict[str, np.ndarray]) -> RunS
         numpy_rng=numpy_state,
         python_rng=python_state,
         torch_rng=torch_state,
+        validated=dict(sorted(validated.items())),
     )
+
+
+def validated_generation(state: RunState, generation: int | str) -> int:
+    """The generation whose validated mean `--generation` names: an int that was validated, or "best", the
+    highest validation fitness (the earliest of equals). `CheckpointError` when there is none to choose."""
+    validated = {row["generation"]: row["validation"]["fitness"] for row in state.log
+                 if "validation" in row and row["generation"] in state.validated}
+    if not validated:
+        raise CheckpointError("this checkpoint keeps no validated means (written before they were kept, or no "
+                              "validation ran yet); export the latest mean without --generation.")
+    if generation == "best":
+        return max(validated, key=lambda g: (validated[g], -g))
+    if generation not in validated:
+        raise CheckpointError(f"generation {generation} has no validated mean in this checkpoint; validated: "
+                              f"{', '.join(str(g) for g in sorted(validated))} (or 'best').")
+    return int(generation)
 
 
 def locate_checkpoint(out_dir: str | Path, hint: str = "") -> Path:

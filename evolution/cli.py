@@ -4,10 +4,12 @@
     namm-evolve --config evolution/configs/smollm2.yaml --out runs/smollm2 --resume    # continue after a stop
     torchrun --nproc_per_node 2 -m namm_cache.evolution.cli --config ... --out ...     # shard members over ranks
     namm-evolve ... --set population=8 --set stages.0.generations=3                    # overrides
+    namm-evolve --config ... --out runs/smollm2 --export DIR [--generation G|best]     # write a scorer only
 
 Every generation is checkpointed atomically to OUT/checkpoint.safetensors (data only: arrays plus a JSON
 header), logged to OUT/log.jsonl and plotted to OUT/fitness.png; the final distribution mean is written as a
-loadable scorer folder OUT/scorer. A fresh start refuses a non-empty OUT (--resume continues the run in it,
+loadable scorer folder OUT/scorer. The checkpoint also keeps the mean of every validated generation, so
+`--export` can write the one that scored best on the fixed validation prompts (`--generation best`). A fresh start refuses a non-empty OUT (--resume continues the run in it,
 --overwrite starts it over); --resume without a checkpoint is an error. User errors (config, folder,
 checkpoint) exit with status 2 and one line on stderr.
 """
@@ -31,10 +33,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value (dotted keys, YAML values); repeatable")
     parser.add_argument("--export", metavar="FOLDER", help="only write the scorer of OUT's latest checkpoint to FOLDER")
+    parser.add_argument("--generation", metavar="G|best",
+                        help="with --export: the distribution mean validated at generation G, or 'best' (highest "
+                             "validation fitness), instead of the latest")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
+    generation = args.generation
+    if generation is not None:
+        if not args.export:
+            parser.error("--generation goes with --export")
+        if generation != "best":
+            if not generation.isdigit():
+                parser.error(f"--generation must be a generation number (0, 1, ...) or 'best', got {generation!r}")
+            generation = int(generation)
 
-    from .checkpoint import CheckpointError, check_run_folder, locate_checkpoint, read_checkpoint
+    from .checkpoint import CheckpointError, check_run_folder, locate_checkpoint, read_checkpoint, validated_generation
     from .config import EvolutionConfig
     from .run import EvolutionRun, World
 
@@ -46,7 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = EvolutionConfig.load(args.config, args.overrides)  # every config check happens here, before any work
         if args.export:
-            read_checkpoint(locate_checkpoint(args.out))  # missing or unusable: say so before loading the model
+            state = read_checkpoint(locate_checkpoint(args.out))  # missing or unusable: say so before loading the model
+            if generation is not None:
+                validated_generation(state, generation)
         elif os.environ.get("RANK", "0") == "0":
             check_run_folder(args.out, resume=args.resume, overwrite=args.overwrite)  # ... and the run folder
     except user_errors as error:
@@ -58,8 +73,9 @@ def main(argv: list[str] | None = None) -> int:
         return fail(error)
     try:
         if args.export:
-            folder = run.export_checkpoint(args.export)
-            print(f"exported the latest checkpoint of {args.out} to {folder}")
+            folder = run.export_checkpoint(args.export, generation)
+            which = "the latest checkpoint" if generation is None else f"the mean validated at generation {generation}"
+            print(f"exported {which} of {args.out} to {folder}")
             return 0
         state = run.run(resume=args.resume, overwrite=args.overwrite)
     except user_errors as error:  # the folder changed since the check above, or the checkpoint does not fit the config

@@ -30,7 +30,7 @@ from namm_cache.scorers import SCORER_KINDS, build_scorer
 from namm_cache.tasks import Example, build_task, token_ids
 
 from .checkpoint import (CHECKPOINT, LEGACY_CHECKPOINT, CheckpointError, RunState, atomic_write_bytes, check_run_folder,
-                         locate_checkpoint, read_checkpoint, write_checkpoint)
+                         locate_checkpoint, read_checkpoint, validated_generation, write_checkpoint)
 from .cmaes import CMAES, maximize_with_cma  # noqa: F401  (maximize_with_cma: re-exported)
 from .config import EvolutionConfig, check_fits_context, resolve_model_path
 from .fitness import evaluate_examples, mean_kept_fraction, normalized_task_scores
@@ -371,6 +371,7 @@ class EvolutionRun:
                 validation = self.validate_mean(members[-1], stage)
                 if self.world.is_main:
                     state.log[-1]["validation"] = validation
+                    state.validated[generation] = np.array(members[-1], dtype=np.float64)
             if self.world.is_main:
                 state.generation += 1
                 state.stage_generation += 1
@@ -393,40 +394,53 @@ class EvolutionRun:
                          self.config.separable)
         return True
 
-    def export_checkpoint(self, folder: str | Path | None = None) -> Path:
-        """Write the scorer of the latest checkpoint (distribution mean) without running; safe during a run."""
+    def export_checkpoint(self, folder: str | Path | None = None, generation: int | str | None = None) -> Path:
+        """Write a scorer of the latest checkpoint without running; safe during a run. `generation`: None for
+        the latest distribution mean, an int for the mean validated at that generation, or "best" for the
+        validated mean with the highest validation fitness (see `validated_generation`)."""
         state = read_checkpoint(locate_checkpoint(self.out_dir))
         if state.es.dim != self.dim:
             raise CheckpointError(f"{self.checkpoint_path()} evolves {state.es.dim} parameters, but the configured scorer has {self.dim}.")
         self.scorer.set_normalization(torch.tensor(state.normalization[0]), torch.tensor(state.normalization[1]))
-        return self.export(state, folder)
+        return self.export(state, folder, None if generation is None else validated_generation(state, generation))
 
-    def export(self, state: RunState, folder: str | Path | None = None) -> Path:
-        """Write the distribution mean as a scorer folder `out_dir/scorer` (config, weights, card, fitness plot)."""
-        self.scorer.set_flat_params(torch.as_tensor(state.es.mean, dtype=torch.float32))
-        last = state.log[-1] if state.log else {}
-        weight = self.config.stage_memory_weight(state.stage)
-        tasks = list(dict.fromkeys(name for row in state.log for name in row["tasks"]))
+    def export(self, state: RunState, folder: str | Path | None = None, generation: int | None = None) -> Path:
+        """Write a distribution mean as a scorer folder (config, weights, card, fitness plot; default
+        `out_dir/scorer`): the latest, or with `generation` the one validated at that generation (its card
+        then describes the run up to that generation)."""
+        if generation is None:
+            mean, log, stage, done = state.es.mean, state.log, state.stage, state.generation
+        else:
+            mean, log = state.validated[generation], [row for row in state.log if row["generation"] <= generation]
+            stage, done = log[-1]["stage"], generation + 1
+        self.scorer.set_flat_params(torch.as_tensor(mean, dtype=torch.float32))
+        last = log[-1] if log else {}
+        weight = self.config.stage_memory_weight(stage)
+        tasks = list(dict.fromkeys(name for row in log for name in row["tasks"]))
+        chosen = ""
+        if generation is not None:
+            chosen = (f" Exported: the distribution mean after generation {generation} (validation fitness "
+                      f"{last['validation']['fitness']:.4f} on {last['validation']['prompts']} fixed prompts), not the latest.")
         metadata = ScorerMetadata(
             base_models=[name for name in [model_card_name(self.config.model)] if name],
             training_tasks=tasks,
             fitness=last.get("fitness_distribution_mean"),
             description=(
                 f"Evolved with CMA-ES (population {self.config.population}, sigma0 {self.config.sigma0}"
-                f"{', separable' if self.config.separable else ''}) for {state.generation} generations over "
+                f"{', separable' if self.config.separable else ''}) for {done} generations over "
                 f"{len(self.config.stages)} stage(s); fitness = mean over tasks of the score normalised by the full cache"
                 f"{f' - {weight} x kept fraction' if weight else ''}. "
                 f"The distribution mean at the end of the run kept {last.get('kept_distribution_mean', float('nan')):.1%} "
-                "of tokens on the training prompts. `fitness.png` shows the curve."
+                f"of tokens on the training prompts. `fitness.png` shows the curve.{chosen}"
             ),
             results=[
                 {"generation": row["generation"], "fitness (mean)": round(row["fitness_distribution_mean"], 4),
                  "quality": round(row["quality_distribution_mean"], 4), "kept": round(row["kept_distribution_mean"], 4)}
-                for row in state.log[-5:]
+                for row in log[-5:]
             ],
-            extra={"evolution_config": self.config.to_dict()},
+            extra={"evolution_config": self.config.to_dict(), **({"generation": generation} if generation is not None else {})},
         )
-        folder = save_scorer(Path(folder) if folder else self.out_dir / SCORER, self.scorer, self.config.namm_config(state.stage), metadata, repo_id=f"namm-cache/{Path(self.out_dir).name}")
+        folder = save_scorer(Path(folder) if folder else self.out_dir / SCORER, self.scorer, self.config.namm_config(stage), metadata, repo_id=f"namm-cache/{Path(self.out_dir).name}")
         if (self.out_dir / PLOT).is_file():
             (folder / PLOT).write_bytes((self.out_dir / PLOT).read_bytes())
         return folder

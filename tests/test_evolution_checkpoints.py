@@ -124,10 +124,11 @@ def test_run_state_round_trip(tmp_path):
     log = [{"generation": 0, "stage": 0, "tasks": ["passkey"], "fitness_best": 0.25, "fitness_mean_population": 0.2,
             "fitness_distribution_mean": 0.3, "quality_distribution_mean": 0.4, "kept_distribution_mean": 0.5,
             "kept_best": 0.6, "per_task_distribution_mean": {"passkey": 1 / 3}}]
-    state = state_with(es, generation=3, stage=1, stage_generation=2, log=log)
+    state = state_with(es, generation=3, stage=1, stage_generation=2, log=log, validated={2: np.arange(5.0), 0: -np.ones(5)})
     write_checkpoint(tmp_path / "checkpoint.safetensors", state)
     back = read_checkpoint(tmp_path / "checkpoint.safetensors")
     assert (back.generation, back.stage, back.stage_generation, back.log) == (3, 1, 2, log)
+    assert list(back.validated) == [0, 2] and np.array_equal(back.validated[2], np.arange(5.0))
     assert back.normalization == ([0.5] * 17, [2.0] * 17)
     np.random.set_state(back.numpy_rng)
     random.setstate(back.python_rng)
@@ -221,6 +222,9 @@ CRAFTED.update({
     "a log row without its keys": lambda path, marker: rewrite(path, document=lambda s: s.update(log=[{}])),
     "NaN in the mean": lambda path, marker: rewrite(
         path, arrays=lambda a: a.update({"es/strategy.mean": np.full_like(a["es/strategy.mean"], np.nan)})),
+    "a validated mean of the wrong size": lambda path, marker: rewrite(path, arrays=lambda a: a.update({"validated/1": np.zeros(5)})),
+    "a validated mean with NaN": lambda path, marker: rewrite(path, arrays=lambda a: a.update({"validated/1": np.full(6, np.nan)})),
+    "a validated mean of no generation": lambda path, marker: rewrite(path, arrays=lambda a: a.update({"validated/x": np.zeros(6)})),
 })
 
 
@@ -354,6 +358,50 @@ def test_overwrite_starts_over_deleting_only_the_runs_own_files(tmp_path, tiny_m
     second = read_checkpoint(out / "checkpoint.safetensors")
     assert second.generation == 1 and len(second.log) == 1 and not np.array_equal(first.es.mean, second.es.mean)
     assert (out / "notes.txt").read_text() == "mine" and not (out / "scorer" / "extra.txt").exists()
+
+
+def test_every_validated_mean_is_kept_and_exported_by_generation_or_best(tmp_path, tiny_model_dir, capsys):
+    """The checkpoint keeps the mean each validation scored; `--export --generation G|best` writes that one."""
+    from namm_cache.hub import load_scorer
+
+    config = small_config(tmp_path / "run.yaml", tiny_model_dir, validation_prompts_per_task=1, validation_every=2,
+                          stages=[{"tasks": [{"name": "passkey", "tokens": 100}], "generations": 4}])
+    out = tmp_path / "out"
+    assert run_cli(capsys, "--config", config, "--out", out)[0] == 0
+    state = read_checkpoint(out / "checkpoint.safetensors")
+    validated = {row["generation"]: row["validation"]["fitness"] for row in state.log if "validation" in row}
+    assert sorted(state.validated) == sorted(validated) == [1, 3]
+    assert not np.array_equal(state.validated[1], state.validated[3])
+    assert not np.array_equal(state.validated[3], state.es.mean)  # what was validated, not the mean told since
+    best = max(validated, key=lambda g: (validated[g], -g))
+    for generation, expected in (("1", 1), ("3", 3), ("best", best)):
+        folder = tmp_path / f"export-{generation}"
+        assert run_cli(capsys, "--config", config, "--out", out, "--export", folder, "--generation", generation)[0] == 0
+        loaded = load_scorer(folder)
+        assert np.array_equal(loaded.scorer.get_flat_params().numpy(), state.validated[expected].astype(np.float32))
+        assert json.loads((folder / "config.json").read_text())["extra"]["generation"] == expected
+        assert f"after generation {expected}" in (folder / "README.md").read_text()
+    assert run_cli(capsys, "--config", config, "--out", out, "--export", tmp_path / "latest")[0] == 0
+    latest = load_scorer(tmp_path / "latest").scorer.get_flat_params().numpy()
+    assert np.array_equal(latest, state.es.mean.astype(np.float32))
+    assert "generation" not in json.loads((tmp_path / "latest" / "config.json").read_text())["extra"]
+    assert_one_line_error(*run_cli(capsys, "--config", config, "--out", out, "--export", tmp_path / "x", "--generation", "2"),
+                          "generation 2 has no validated mean", "1, 3")
+    assert not (tmp_path / "x").exists()
+    for args, message in ((["--generation", "best"], "--generation goes with --export"),
+                          (["--export", str(tmp_path / "y"), "--generation", "last"], "must be a generation number")):
+        with pytest.raises(SystemExit) as exit_:
+            namm_evolve(["--config", str(config), "--out", str(out), *args])
+        assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_checkpoint_without_validated_means_exports_its_latest_and_refuses_a_generation(tmp_path, tiny_model_dir, capsys):
+    config = small_config(tmp_path / "run.yaml", tiny_model_dir)  # no validation set: nothing validated
+    out = tmp_path / "out"
+    assert run_cli(capsys, "--config", config, "--out", out)[0] == 0
+    assert read_checkpoint(out / "checkpoint.safetensors").validated == {}
+    assert_one_line_error(*run_cli(capsys, "--config", config, "--out", out, "--export", tmp_path / "x", "--generation", "best"),
+                          "keeps no validated means")
 
 
 # ------------------------------------------------------------------------ the committed run, for real

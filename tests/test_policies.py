@@ -177,9 +177,34 @@ def test_namm_threshold_budget_and_full_policy_run_in_the_cache():
     run_generate(model, ids, full)
     assert full.stats()["evicted_tokens"] == 0
     assert not full.namm_layers[0].observing
+    assert full.stats()["budget"] == "none (full cache)"
     namm = make_cache(model, "namm", "threshold")
     run_generate(model, ids, namm)
-    assert namm.stats()["budget"] == "score threshold"
+    assert namm.stats()["budget"] == "score threshold 0"
+    floored = NAMMCache(model=model, update_interval=32, min_fraction=0.5, max_tokens=80)
+    assert floored.stats()["budget"] == "score threshold 0, at most 80 tokens, at least 50% of tokens seen"
+    keep_all = NAMMCache(model=model, update_interval=32, threshold=None)
+    run_generate(model, ids, keep_all)
+    assert keep_all.stats()["evicted_tokens"] == 0 and "keeps every token" in keep_all.stats()["budget"]
+
+
+def test_settings_a_budget_or_policy_would_ignore_are_refused():
+    from namm_cache import CacheSpec
+
+    model = tiny_model("llama", "sdpa")
+    with pytest.raises(ValueError, match=r"min_fraction applies to the scorer's threshold, but the budget \(25% of tokens seen\)"):
+        NAMMCache(model=model, budget=0.25, min_fraction=0.5)
+    with pytest.raises(ValueError, match=r"threshold applies .* budget \(64 tokens\)"):
+        NAMMCache(model=model, policy="h2o", budget=64, threshold=5.0)
+    with pytest.raises(ValueError, match="min_fraction=0.5 is a floor under a NAMM scorer's threshold"):
+        NAMMCache(model=model, policy="full", min_fraction=0.5)
+    with pytest.raises(ValueError, match="min_fraction applies"):
+        CacheSpec(policy="h2o", budget=0.25, overrides={"min_fraction": 0.5}).build(model)
+    with pytest.raises(ValueError, match="threshold and min_fraction applies"):
+        NAMMCache.from_pretrained("namm-cache/keep-all", model=model, budget=0.25, threshold=1.0, min_fraction=0.5)
+    # Under the threshold both settings act; a budget with neither given is fine.
+    assert NAMMCache(model=model, budget="threshold", min_fraction=0.5).namm_config.min_fraction == 0.5
+    assert NAMMCache(model=model, budget=0.25, threshold=None).budget.fraction == 0.25
 
 
 def test_policies_that_need_no_attention_do_not_observe():

@@ -70,6 +70,11 @@ def test_specs_pickle_and_compare_as_data():
     ({"overrides": {"threshold": float("nan")}}, "threshold"),
     ({"scorer": 3}, "scorer must be"),
     ({"policy_kwargs": {"window": 8}}, "policy_kwargs"),
+    ({"policy": "h2o"}, "no calibrated score threshold"),
+    ({"policy": "full", "budget": 0.25}, "takes no budget"),
+    ({"policy": "h2o", "budget": 0.25, "overrides": {"min_fraction": 0.5}}, r"min_fraction applies .* budget \(25% of"),
+    ({"budget": 64, "overrides": {"threshold": 1.0}}, r"threshold applies .* budget \(64 tokens\)"),
+    ({"policy": "full", "overrides": {"min_fraction": 0.5}}, "floor under a NAMM scorer's threshold"),
 ])
 def test_bad_specs_are_refused_when_written(kwargs, message):
     with pytest.raises(ValueError, match=message):

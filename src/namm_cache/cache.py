@@ -9,7 +9,7 @@ from torch import nn
 from transformers.cache_utils import DYNAMIC_LAYER_TYPE_MAPPING, Cache, get_layer_types_and_kwargs
 
 from .attention import install_attention
-from .budgets import parse_budget
+from .budgets import ThresholdBudget, parse_budget, refuse_ignored_settings
 from .config import NAMMConfig
 from .layer import FeatureObserver, NAMMLayer
 from .ledger import KeyNormLedger
@@ -117,6 +117,7 @@ class NAMMCache(Cache):
         self.namm_config = namm_config
         self.scorer = scorer
         self.budget = self.policy.check_budget(parse_budget(budget))
+        refuse_ignored_settings(self.budget, overrides, isinstance(self.policy, NAMMPolicy))
         self.feature_observer: FeatureObserver | None = None
         layers = []
         for idx, (layer_type, kwargs) in enumerate(zip(layer_types, layer_kwargs)):
@@ -160,6 +161,8 @@ class NAMMCache(Cache):
         """
         from .hub import DEFAULT_SCORER, load_scorer
 
+        parsed = parse_budget(budget)  # a bad budget or a setting it would override is refused before loading
+        refuse_ignored_settings(parsed, overrides, True)
         loaded = load_scorer(name_or_path or DEFAULT_SCORER, revision=revision, token=token, cache_dir=cache_dir)
         config = loaded.config.replace(**overrides) if overrides else loaded.config
         cache = cls(model=model, scorer=loaded.scorer, config=config, budget=budget)
@@ -265,6 +268,18 @@ class NAMMCache(Cache):
         kept = sum(int(layer.token_valid[rows].sum()) for layer in namm)
         return kept / real_seen if real_seen else 1.0
 
+    def _budget_label(self) -> str:
+        """What decides eviction, in words: the budget, or that nothing does (full policy, no threshold, no cap)."""
+        if isinstance(self.policy, FullCachePolicy):
+            return "none (full cache)"
+        if isinstance(self.budget, ThresholdBudget):
+            rules = ([f"score threshold {self.namm_config.threshold:g}"] if self.namm_config.threshold is not None else []) + (
+                [f"at most {self.namm_config.max_tokens} tokens"] if self.namm_config.max_tokens is not None else [])
+            if self.namm_config.min_fraction is not None and self.namm_config.threshold is not None:
+                rules.append(f"at least {self.namm_config.min_fraction:.0%} of tokens seen")
+            return ", ".join(rules) if rules else "none (threshold=None and no max_tokens: keeps every token)"
+        return self.budget.describe()
+
     def stats(self) -> dict[str, Any]:
         """Tokens seen and kept, per layer and head, and the memory held versus a full cache.
 
@@ -288,7 +303,7 @@ class NAMMCache(Cache):
         return {
             "policy": self.policy.name,
             "policy_settings": self.policy.settings(),
-            "budget": self.budget.describe(),
+            "budget": self._budget_label(),
             "tokens_seen": self.get_seq_length(),
             "kept_per_layer": {layer.layer_idx: layer.kept_per_head().tolist() for layer in namm},
             "mean_kept_fraction": kept_fraction,
