@@ -35,16 +35,21 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
 
+    if not 0.0 <= args.depth <= 1.0:
+        parser.error(f"--depth must be in [0, 1], got {args.depth}")
     print("Loading SmolLM2-135M-Instruct (offline GGUF, converted once to safetensors)...")
     model, tokenizer = load_offline_model()
-    prompt = passkey_prompt(tokenizer, args.tokens, depth=args.depth, seed=args.seed)
+    try:  # a user's setting the prompt or the cache cannot take: one line, no traceback
+        prompt = passkey_prompt(tokenizer, args.tokens, depth=args.depth, seed=args.seed)
+        namm = NAMMCache.from_pretrained(model=model, update_interval=args.update_interval, max_tokens=args.max_tokens)
+    except ValueError as error:
+        parser.error(str(error).replace("n_tokens=", "--tokens "))
     inputs = tokenizer(prompt.text, return_tensors="pt", add_special_tokens=False)
     n_prompt = inputs.input_ids.shape[1]
     print(f"Prompt: {n_prompt} tokens, pass key {prompt.passkey} at depth {args.depth:.0%}.")
 
     # The package's default scorer: evolved with CMA-ES on SmolLM2-135M; it keeps the tokens it scores above
     # its threshold (no cap unless --max-tokens is given).
-    namm = NAMMCache.from_pretrained(model=model, update_interval=args.update_interval, max_tokens=args.max_tokens)
     cap = f"cap {args.max_tokens}" if args.max_tokens else "threshold"
     runs = {
         "full cache (DynamicCache)": DynamicCache(config=model.config),

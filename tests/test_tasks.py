@@ -71,6 +71,14 @@ def test_the_heldout_suite_is_the_one_the_readme_tables_were_measured_on(tokeniz
     assert fingerprint(p.text + p.passkey for p in prompts) == "6a98b38be1cadd4f"
 
 
+def test_a_pass_key_prompt_too_short_for_its_question_is_refused(tokenizer):
+    shortest = len(tokenizer(passkey_prompt(tokenizer, 400, seed=1).text, add_special_tokens=False)["input_ids"])
+    assert shortest <= 400
+    for bad, message in ((10, "too short for a pass-key prompt"), (0, "n_tokens"), (-5, "n_tokens"), (2.5, "n_tokens")):
+        with pytest.raises(ValueError, match=message):
+            passkey_prompt(tokenizer, bad)
+
+
 def test_training_and_heldout_texts_stay_apart(tiny_model_dir):
     from namm_cache.evolution import EvolutionConfig
 

@@ -45,7 +45,7 @@ class NAMMCache(Cache):
 
     Example:
         >>> cache = NAMMCache(model=model, scorer=BAMScorer(), update_interval=512)
-        >>> out = model.generate(**inputs, past_key_values=cache, prefill_chunk_size=512, max_new_tokens=64)
+        >>> out = model.generate(**inputs, cache=cache, prefill_chunk_size=512, max_new_tokens=64)
         >>> cache.stats()["kv_bytes"]
     """
 

@@ -2,7 +2,7 @@
 
     from namm_cache.profiling import profile_phases
     with profile_phases() as phases:
-        model.generate(..., past_key_values=cache)
+        model.generate(..., cache=cache)
     phases.seconds   # {"attention": 1.9, "mask": 0.1, "observe": 0.4, "score": 0.3, ...}
 
 The phases do not nest, so their times add up; whatever the model does outside them (projections,

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from ..validation import check_int
 from .base import is_correct
 
 FILLER = (
@@ -129,11 +130,17 @@ def passkey_prompt(
 ) -> PasskeyPrompt:
     """A pass-key prompt of at most `n_tokens` tokens with the key at `depth` (the `passkey` task's rendering).
 
-    The key is drawn from `seed` unless given; `haystack` is the filler text."""
+    The key is drawn from `seed` unless given; `haystack` is the filler text. `ValueError` when `n_tokens` is
+    not a positive integer or is too short to hold the prompt's question and key without any haystack."""
+    n_tokens = check_int("n_tokens", n_tokens, minimum=1)
     if not 0.0 <= depth <= 1.0:
         raise ValueError(f"depth must be in [0, 1], got {depth}.")
     passkey = passkey or str(random.Random(seed).randint(10000, 99999))
     fields = passkey_fields(passkey, depth)
     del fields["answer"]
     text = haystack_prompt(tokenizer, n_tokens, haystack=haystack, **fields)
+    length = len(tokenizer(text, add_special_tokens=False)["input_ids"])
+    if length > n_tokens:
+        raise ValueError(f"n_tokens={n_tokens} is too short for a pass-key prompt: its question and key alone take "
+                         f"{length} tokens; ask for more.")
     return PasskeyPrompt(text=text, passkey=passkey, depth=depth)
