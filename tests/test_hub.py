@@ -267,6 +267,10 @@ def test_a_name_that_resolves_nowhere_leaves_the_model_untouched():
     with pytest.raises(ScorerLoadError, match="Cannot find scorer 'nobody/nothing'.*no bundled scorer"):
         NAMMCache.from_pretrained("nobody/nothing", model=model)
     assert model.config._attn_implementation == "sdpa"  # nothing half-done
+    with pytest.raises(ScorerLoadError, match="not a Hub repository id .*a bundled scorer is named 'namm-cache/keep-all'"):
+        NAMMCache.from_pretrained("keep-all", model=model)
+    with pytest.raises(ScorerLoadError, match="not a Hub repository id .*bundled: .*namm-cache/smollm2-135m-linear"):
+        NAMMCache.from_pretrained("nothing-like-it", model=model)
 
 
 def test_overrides_cannot_break_the_scorer(saved):

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from .hub import bundled_names, describe, load_scorer, push_scorer
@@ -35,6 +36,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"pushed {args.path} to {args.repo_id}: {getattr(info, 'commit_url', info)}")
         else:
             print("\n".join(bundled_names()))
+    except BrokenPipeError:  # the reader went away (`namm-cache info X | head`): not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second complaint at exit
+        return 0
     except (ValueError, OSError) as error:  # ScorerLoadError is a ValueError; OSError: files, network
         print(f"namm-cache: error: {' '.join(str(error).split())}", file=sys.stderr)
         return 2

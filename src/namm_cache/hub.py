@@ -273,6 +273,10 @@ def resolve(name_or_path: str | os.PathLike, *, revision=None, token=None, cache
                 )
             return bundled, f"bundled scorer {name}"
         tried.append(f"no bundled scorer {name!r} (bundled: {', '.join(bundled_names()) or 'none'})")
+    else:
+        similar = [bundled for bundled in bundled_names() if bundled.split("/")[-1] == name.strip("/").split("/")[-1]]
+        tried.append(f"not a Hub repository id (owner/name)"
+                     + (f"; a bundled scorer is named {similar[0]!r}" if similar else f"; bundled: {', '.join(bundled_names()) or 'none'}"))
     raise ScorerLoadError(f"Cannot find scorer {name!r}: " + "; ".join(tried) + ".")
 
 
