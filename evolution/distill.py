@@ -26,9 +26,8 @@ from __future__ import annotations
 import argparse
 import random
 import sys
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -37,9 +36,10 @@ from tqdm.auto import tqdm
 
 from namm_cache import NAMMCache, NAMMConfig
 from namm_cache.features import log_norms, token_features, with_extra_inputs
-from namm_cache.policies import Observation, Policy
 from namm_cache.scorers import Scorer
 from namm_cache.selection import protected_tokens
+
+from .replay import RecordingPolicy
 
 
 @dataclass
@@ -61,20 +61,6 @@ class Round:
     valid: torch.Tensor
     target: torch.Tensor
     log_norms: torch.Tensor | None = None
-
-
-@dataclass(frozen=True)
-class RecordingPolicy(Policy):
-    """Keeps every token and records, per eviction round, what a NAMM scorer would have read."""
-
-    name: ClassVar[str] = "recording"
-    needs: ClassVar[frozenset[str]] = frozenset({"spectrogram"})
-    supports_threshold: ClassVar[bool] = True
-    records: list = field(default_factory=list, repr=False, compare=False)
-
-    def score(self, observation: Observation) -> torch.Tensor:
-        self.records.append((observation.layer_idx, observation))
-        return torch.ones(observation.valid.shape, device=observation.keys.device)
 
 
 @torch.no_grad()
@@ -219,7 +205,7 @@ def fit_scorer(scorer: Scorer, rounds: list[Round], config: NAMMConfig, *, keep_
 # ---------------------------------------------------------------------------------------------- command line
 def main(argv: list[str] | None = None) -> int:
     """`python -m namm_cache.evolution.distill --out DIR`: distil a warm-start scorer on training haystacks."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m namm_cache.evolution.distill", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True, help="scorer folder to write (config.json, model.safetensors, card)")
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--tasks", default="passkey,needle", help="training tasks (namm_cache.tasks names)")

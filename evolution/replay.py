@@ -33,8 +33,8 @@ from __future__ import annotations
 
 import copy
 import math
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -43,11 +43,23 @@ from namm_cache import NAMMCache, NAMMConfig
 from namm_cache.budgets import Budget, FractionBudget, ThresholdBudget
 from namm_cache.features import log_norms, token_features, with_extra_inputs
 from namm_cache.layer import NAMMLayer
+from namm_cache.policies import Observation, Policy
 from namm_cache.ledger import z_scored_rows
 from namm_cache.scorers import Scorer
 from namm_cache.selection import compaction_indices, select_tokens
 
-from .distill import RecordingPolicy
+@dataclass(frozen=True)
+class RecordingPolicy(Policy):
+    """Keeps every token and records, per eviction round, what a NAMM scorer would have read."""
+
+    name: ClassVar[str] = "recording"
+    needs: ClassVar[frozenset[str]] = frozenset({"spectrogram"})
+    supports_threshold: ClassVar[bool] = True
+    records: list = field(default_factory=list, repr=False, compare=False)
+
+    def score(self, observation: Observation) -> torch.Tensor:
+        self.records.append((observation.layer_idx, observation))
+        return torch.ones(observation.valid.shape, device=observation.keys.device)
 
 
 @dataclass
