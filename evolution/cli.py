@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.export:
             state = read_checkpoint(locate_checkpoint(args.out))  # missing or unusable: say so before loading the model
             if generation is not None:
-                validated_generation(state, generation)
+                generation = validated_generation(state, generation)  # "best" becomes its generation
         elif os.environ.get("RANK", "0") == "0":
             check_run_folder(args.out, resume=args.resume, overwrite=args.overwrite)  # ... and the run folder
     except user_errors as error:

@@ -376,7 +376,8 @@ def test_every_validated_mean_is_kept_and_exported_by_generation_or_best(tmp_pat
     best = max(validated, key=lambda g: (validated[g], -g))
     for generation, expected in (("1", 1), ("3", 3), ("best", best)):
         folder = tmp_path / f"export-{generation}"
-        assert run_cli(capsys, "--config", config, "--out", out, "--export", folder, "--generation", generation)[0] == 0
+        assert namm_evolve(["--config", str(config), "--out", str(out), "--export", str(folder), "--generation", generation]) == 0
+        assert f"the mean validated at generation {expected} of" in capsys.readouterr().out
         loaded = load_scorer(folder)
         assert np.array_equal(loaded.scorer.get_flat_params().numpy(), state.validated[expected].astype(np.float32))
         assert json.loads((folder / "config.json").read_text())["extra"]["generation"] == expected
