@@ -5,7 +5,7 @@
 #
 #   bash benchmarks/gpu_check.sh            # results in benchmarks/results/*_gpu*.json (copied to $OUT if set), logs in ./gpu_check_logs
 #
-# A machine without transformers >= 5.23 can bring wheels: put them in .whl/ and they are installed into
+# A machine without transformers >= 5.24 can bring wheels: put them in .whl/ and they are installed into
 # /tmp/site first. Each step runs even if an earlier one failed; the exit status is the number of failed steps.
 set -uo pipefail
 cd "$(dirname "$0")/.."

@@ -14,6 +14,7 @@ import json
 import math
 import os
 import random
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -163,9 +164,13 @@ def _state_from(document: dict[str, Any], arrays: dict[str, np.ndarray]) -> RunS
     torch_state = torch.from_numpy(np.array(torch_rng))
     torch.Generator().set_state(torch_state)  # validates it
     validated = {}  # absent from checkpoints written before validated means were kept
+    done = _count(document, "generation")
     for name, array in arrays.items():
         if name.startswith("validated/"):
-            generation = int(name[len("validated/"):])
+            number = name[len("validated/"):]
+            if not re.fullmatch(r"0|[1-9][0-9]*", number) or int(number) >= done:
+                raise ValueError(f"{name!r} names no generation this run has evaluated (0 to {done - 1})")
+            generation = int(number)
             if array.dtype != np.float64 or array.shape != (es.dim,) or not np.isfinite(array).all():
                 raise ValueError(f"the validated mean of generation {generation} is not {es.dim} finite float64 values")
             validated[generation] = np.array(array)
@@ -184,19 +189,27 @@ def _state_from(document: dict[str, Any], arrays: dict[str, np.ndarray]) -> RunS
 
 
 def validated_generation(state: RunState, generation: int | str) -> int:
-    """The generation whose validated mean `--generation` names: an int that was validated, or "best", the
-    highest validation fitness (the earliest of equals). `CheckpointError` when there is none to choose."""
-    validated = {row["generation"]: row["validation"]["fitness"] for row in state.log
-                 if "validation" in row and row["generation"] in state.validated}
-    if not validated:
+    """The generation whose validated mean `--generation` names: an int whose mean the checkpoint keeps, or
+    "best": the highest validation fitness among the kept means of the last stage that has any (each stage has
+    its own validation prompts, tasks and memory term, so scores of different stages do not compare; the
+    earliest of equals wins). `CheckpointError` when there is none to choose."""
+    rows = {row["generation"]: row for row in state.log if "validation" in row and row["generation"] in state.validated}
+    if not rows:
         raise CheckpointError("this checkpoint keeps no validated means (written before they were kept, or no "
                               "validation ran yet); export the latest mean without --generation.")
     if generation == "best":
-        return max(validated, key=lambda g: (validated[g], -g))
-    if generation not in validated:
-        raise CheckpointError(f"generation {generation} has no validated mean in this checkpoint; validated: "
-                              f"{', '.join(str(g) for g in sorted(validated))} (or 'best').")
+        stage = max(row["stage"] for row in rows.values())
+        fitness = {g: row["validation"]["fitness"] for g, row in rows.items() if row["stage"] == stage}
+        return max(fitness, key=lambda g: (fitness[g], -g))
+    if generation not in rows:
+        raise CheckpointError(f"generation {generation} has no validated mean in this checkpoint; kept: "
+                              f"{', '.join(str(g) for g in sorted(rows))} (or 'best').")
     return int(generation)
+
+
+def unkept_validations(state: RunState) -> list[int]:
+    """Validated generations whose mean the checkpoint does not keep (validated before means were kept)."""
+    return [row["generation"] for row in state.log if "validation" in row and row["generation"] not in state.validated]
 
 
 def locate_checkpoint(out_dir: str | Path, hint: str = "") -> Path:

@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--export", metavar="FOLDER", help="only write the scorer of OUT's latest checkpoint to FOLDER")
     parser.add_argument("--generation", metavar="G|best",
                         help="with --export: the distribution mean validated at generation G, or 'best' (highest "
-                             "validation fitness), instead of the latest")
+                             "validation fitness in the last validated stage), instead of the latest")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     generation = args.generation
@@ -43,11 +43,11 @@ def main(argv: list[str] | None = None) -> int:
         if not args.export:
             parser.error("--generation goes with --export")
         if generation != "best":
-            if not generation.isdigit():
+            if not (generation.isascii() and generation.isdigit()):
                 parser.error(f"--generation must be a generation number (0, 1, ...) or 'best', got {generation!r}")
             generation = int(generation)
 
-    from .checkpoint import CheckpointError, check_run_folder, locate_checkpoint, read_checkpoint, validated_generation
+    from .checkpoint import CheckpointError, check_run_folder, locate_checkpoint, read_checkpoint, unkept_validations, validated_generation
     from .config import EvolutionConfig
     from .run import EvolutionRun, World
 
@@ -61,7 +61,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.export:
             state = read_checkpoint(locate_checkpoint(args.out))  # missing or unusable: say so before loading the model
             if generation is not None:
-                generation = validated_generation(state, generation)  # "best" becomes its generation
+                chosen = validated_generation(state, generation)  # "best" becomes its generation
+                unkept = unkept_validations(state)
+                if generation == "best" and unkept:
+                    print(f"namm-evolve: note: 'best' chose among the means this checkpoint keeps; generations "
+                          f"{', '.join(map(str, unkept))} were validated before means were kept", file=sys.stderr)
+                generation = chosen
         elif os.environ.get("RANK", "0") == "0":
             check_run_folder(args.out, resume=args.resume, overwrite=args.overwrite)  # ... and the run folder
     except user_errors as error:

@@ -411,16 +411,18 @@ class EvolutionRun:
         if generation is None:
             mean, log, stage, done = state.es.mean, state.log, state.stage, state.generation
         else:
+            # The mean evaluated (and validated) in generation G: G updates made it, G's own came after.
             mean, log = state.validated[generation], [row for row in state.log if row["generation"] <= generation]
-            stage, done = log[-1]["stage"], generation + 1
+            stage, done = log[-1]["stage"], generation
         self.scorer.set_flat_params(torch.as_tensor(mean, dtype=torch.float32))
         last = log[-1] if log else {}
         weight = self.config.stage_memory_weight(stage)
         tasks = list(dict.fromkeys(name for row in log for name in row["tasks"]))
         chosen = ""
         if generation is not None:
-            chosen = (f" Exported: the distribution mean after generation {generation} (validation fitness "
-                      f"{last['validation']['fitness']:.4f} on {last['validation']['prompts']} fixed prompts), not the latest.")
+            chosen = (f" Exported: the distribution mean evaluated in generation {generation}, before that generation's "
+                      f"update (validation fitness {last['validation']['fitness']:.4f} on {last['validation']['prompts']} "
+                      "fixed prompts), not the run's latest.")
         metadata = ScorerMetadata(
             base_models=[name for name in [model_card_name(self.config.model)] if name],
             training_tasks=tasks,
@@ -430,7 +432,8 @@ class EvolutionRun:
                 f"{', separable' if self.config.separable else ''}) for {done} generations over "
                 f"{len(self.config.stages)} stage(s); fitness = mean over tasks of the score normalised by the full cache"
                 f"{f' - {weight} x kept fraction' if weight else ''}. "
-                f"The distribution mean at the end of the run kept {last.get('kept_distribution_mean', float('nan')):.1%} "
+                f"The distribution mean {'at the end of the run' if generation is None else 'exported'} kept "
+                f"{last.get('kept_distribution_mean', float('nan')):.1%} "
                 f"of tokens on the training prompts. `fitness.png` shows the curve.{chosen}"
             ),
             results=[

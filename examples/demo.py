@@ -43,7 +43,10 @@ def main() -> None:
         prompt = passkey_prompt(tokenizer, args.tokens, depth=args.depth, seed=args.seed)
         namm = NAMMCache.from_pretrained(model=model, update_interval=args.update_interval, max_tokens=args.max_tokens)
     except ValueError as error:
-        parser.error(str(error).replace("n_tokens=", "--tokens "))
+        message = str(error)
+        for name, flag in (("n_tokens", "--tokens"), ("update_interval", "--update-interval"), ("max_tokens", "--max-tokens")):
+            message = message.replace(f"{name}=", f"{flag} ").replace(f"{name} ", f"{flag} ")
+        parser.error(message)
     inputs = tokenizer(prompt.text, return_tensors="pt", add_special_tokens=False)
     n_prompt = inputs.input_ids.shape[1]
     print(f"Prompt: {n_prompt} tokens, pass key {prompt.passkey} at depth {args.depth:.0%}.")

@@ -225,6 +225,8 @@ CRAFTED.update({
     "a validated mean of the wrong size": lambda path, marker: rewrite(path, arrays=lambda a: a.update({"validated/1": np.zeros(5)})),
     "a validated mean with NaN": lambda path, marker: rewrite(path, arrays=lambda a: a.update({"validated/1": np.full(6, np.nan)})),
     "a validated mean of no generation": lambda path, marker: rewrite(path, arrays=lambda a: a.update({"validated/x": np.zeros(6)})),
+    "a validated mean of a generation not run": lambda path, marker: rewrite(path, arrays=lambda a: a.update({"validated/2": np.zeros(6)})),
+    "a validated mean with a padded number": lambda path, marker: rewrite(path, arrays=lambda a: a.update({"validated/01": np.zeros(6)})),
 })
 
 
@@ -381,7 +383,7 @@ def test_every_validated_mean_is_kept_and_exported_by_generation_or_best(tmp_pat
         loaded = load_scorer(folder)
         assert np.array_equal(loaded.scorer.get_flat_params().numpy(), state.validated[expected].astype(np.float32))
         assert json.loads((folder / "config.json").read_text())["extra"]["generation"] == expected
-        assert f"after generation {expected}" in (folder / "README.md").read_text()
+        assert f"evaluated in generation {expected}, before" in (folder / "README.md").read_text()
     assert run_cli(capsys, "--config", config, "--out", out, "--export", tmp_path / "latest")[0] == 0
     latest = load_scorer(tmp_path / "latest").scorer.get_flat_params().numpy()
     assert np.array_equal(latest, state.es.mean.astype(np.float32))
@@ -394,6 +396,39 @@ def test_every_validated_mean_is_kept_and_exported_by_generation_or_best(tmp_pat
         with pytest.raises(SystemExit) as exit_:
             namm_evolve(["--config", str(config), "--out", str(out), *args])
         assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_best_compares_validations_of_the_last_validated_stage_only():
+    from namm_cache.evolution.checkpoint import unkept_validations, validated_generation
+
+    def row(generation, stage, fitness=None):
+        base = {"generation": generation, "stage": stage, "tasks": ["passkey"], "fitness_best": 0.0,
+                "fitness_mean_population": 0.0, "fitness_distribution_mean": 0.0, "quality_distribution_mean": 0.0,
+                "kept_distribution_mean": 0.5, "kept_best": 0.5}
+        return base if fitness is None else {**base, "validation": {"fitness": fitness, "prompts": 2}}
+
+    # Stage 0's validation prompts are easier (no memory term): its 0.9 must not beat stage 1's 0.4.
+    log = [row(0, 0, 0.8), row(1, 0, 0.9), row(2, 1), row(3, 1, 0.3), row(4, 1, 0.4), row(5, 1, 0.4), row(6, 1, 0.7)]
+    state = state_with(CMAES(np.zeros(3), 0.3, 4, 0, True), generation=7, log=log,
+                       validated={g: np.full(3, float(g)) for g in (0, 1, 3, 4, 5)})  # 6 validated before means were kept
+    assert validated_generation(state, "best") == 4  # the earliest of stage 1's equal best kept means
+    assert validated_generation(state, 1) == 1 and unkept_validations(state) == [6]
+    with pytest.raises(CheckpointError, match="generation 6 has no validated mean .* kept: 0, 1, 3, 4, 5"):
+        validated_generation(state, 6)
+    assert read_checkpoint_of(state, "best") == 4
+
+
+def read_checkpoint_of(state: RunState, generation) -> int:
+    """`validated_generation` on `state` after a write and a read (the means survive the checkpoint)."""
+    import tempfile
+
+    from namm_cache.evolution.checkpoint import validated_generation
+
+    with tempfile.TemporaryDirectory() as folder:
+        write_checkpoint(Path(folder) / "checkpoint.safetensors", state)
+        back = read_checkpoint(Path(folder) / "checkpoint.safetensors")
+    assert all(np.array_equal(back.validated[g], state.validated[g]) for g in state.validated)
+    return validated_generation(back, generation)
 
 
 def test_a_checkpoint_without_validated_means_exports_its_latest_and_refuses_a_generation(tmp_path, tiny_model_dir, capsys):

@@ -143,6 +143,10 @@ def test_protected_tokens_come_through_model_args():
     with pytest.raises(ValueError, match="Did you mean 'sinks'"):
         check_namm_args({}, other_keys={"sink": 4})
     assert check_namm_args({"scorer": "namm-cache/keep-all", "min_fraction": 0.3}).spec.config.min_fraction == 0.3
-    for other in ({"budget": 0.25}, {"policy": "h2o"}):  # a floor under the threshold would do nothing there
-        with pytest.raises(ValueError, match="min_fraction is a floor"):
-            check_namm_args({"min_fraction": 0.3, **other})
+    assert check_namm_args({"budget": "threshold", "min_fraction": 0.3}).spec.namm_config().min_fraction == 0.3
+    for given, message in (({"min_fraction": 0.3, "budget": 0.25}, r"model_args: min_fraction applies .* \(25% of"),
+                           ({"min_fraction": 0.3, "policy": "h2o", "budget": 64}, r"min_fraction applies .* \(64 tokens\)"),
+                           ({"threshold": 1.0, "budget": 0.25}, "threshold applies"),  # as the Python API: never ignored
+                           ({"min_fraction": 0.3, "policy": "full"}, "'full' policy keeps every token")):
+        with pytest.raises(ValueError, match=message):
+            check_namm_args(given)

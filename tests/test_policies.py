@@ -178,6 +178,12 @@ def test_namm_threshold_budget_and_full_policy_run_in_the_cache():
     assert full.stats()["evicted_tokens"] == 0
     assert not full.namm_layers[0].observing
     assert full.stats()["budget"] == "none (full cache)"
+    # A full cache built from a config that carries a threshold, a floor and a cap still keeps every token.
+    strict = NAMMCache(model=model, policy="full", config=NAMMConfig(update_interval=32, threshold=0.5, min_fraction=0.1, max_tokens=8))
+    run_generate(model, ids, strict)
+    assert strict.stats()["evicted_tokens"] == 0 and strict.kept_fraction() == 1.0
+    capped = NAMMCache(model=model, policy="h2o", budget=0.25, max_tokens=20)
+    assert capped.stats()["budget"] == "25% of tokens seen, at most 20 tokens"
     namm = make_cache(model, "namm", "threshold")
     run_generate(model, ids, namm)
     assert namm.stats()["budget"] == "score threshold 0"
@@ -196,11 +202,12 @@ def test_settings_a_budget_or_policy_would_ignore_are_refused():
         NAMMCache(model=model, budget=0.25, min_fraction=0.5)
     with pytest.raises(ValueError, match=r"threshold applies .* budget \(64 tokens\)"):
         NAMMCache(model=model, policy="h2o", budget=64, threshold=5.0)
-    with pytest.raises(ValueError, match="min_fraction=0.5 is a floor under a NAMM scorer's threshold"):
-        NAMMCache(model=model, policy="full", min_fraction=0.5)
+    for setting in ({"min_fraction": 0.5}, {"threshold": 0.5}, {"max_tokens": 8}):
+        with pytest.raises(ValueError, match="'full' policy keeps every token"):
+            NAMMCache(model=model, policy="full", **setting)
     with pytest.raises(ValueError, match="min_fraction applies"):
         CacheSpec(policy="h2o", budget=0.25, overrides={"min_fraction": 0.5}).build(model)
-    with pytest.raises(ValueError, match="threshold and min_fraction applies"):
+    with pytest.raises(ValueError, match="threshold and min_fraction apply .* would ignore them"):
         NAMMCache.from_pretrained("namm-cache/keep-all", model=model, budget=0.25, threshold=1.0, min_fraction=0.5)
     # Under the threshold both settings act; a budget with neither given is fine.
     assert NAMMCache(model=model, budget="threshold", min_fraction=0.5).namm_config.min_fraction == 0.5

@@ -74,7 +74,8 @@ def test_specs_pickle_and_compare_as_data():
     ({"policy": "full", "budget": 0.25}, "takes no budget"),
     ({"policy": "h2o", "budget": 0.25, "overrides": {"min_fraction": 0.5}}, r"min_fraction applies .* budget \(25% of"),
     ({"budget": 64, "overrides": {"threshold": 1.0}}, r"threshold applies .* budget \(64 tokens\)"),
-    ({"policy": "full", "overrides": {"min_fraction": 0.5}}, "floor under a NAMM scorer's threshold"),
+    ({"policy": "full", "overrides": {"min_fraction": 0.5}}, "'full' policy keeps every token"),
+    ({"policy": "full", "overrides": {"threshold": 0.5}}, "'full' policy keeps every token"),
 ])
 def test_bad_specs_are_refused_when_written(kwargs, message):
     with pytest.raises(ValueError, match=message):

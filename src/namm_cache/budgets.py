@@ -110,17 +110,18 @@ def parse_budget(budget: object) -> Budget | None:
     raise ValueError(f"Cannot read budget {budget!r}: {HOW_TO_WRITE}.")
 
 
-def refuse_ignored_settings(budget: Budget | None, overrides: Mapping[str, Any], namm: bool) -> None:
+def refuse_ignored_settings(budget: Budget | None, overrides: Mapping[str, Any], full: bool = False) -> None:
     """`ValueError` for settings given by name that a cache would silently ignore: `threshold` or `min_fraction`
-    with a token or fraction budget (the budget alone then decides what is kept), and `min_fraction` for a
-    policy other than NAMM's scorer (the floor is part of the scorer's threshold rule). Only what the caller
-    passes is checked: a floor stored in a scorer's or a run's `NAMMConfig` is not an error under a budget
+    with a token or fraction budget (the budget alone then decides what is kept), and `threshold`,
+    `min_fraction` or `max_tokens` for the full policy (`full`: it keeps every token). Only what the caller
+    passes is checked: settings stored in a scorer's or a run's `NAMMConfig` are not errors under a budget
     that was asked for (the budget decides, as documented)."""
     given = [name for name in ("threshold", "min_fraction") if overrides.get(name) is not None]
     if given and budget is not None and not isinstance(budget, ThresholdBudget):
-        raise ValueError(f"{' and '.join(given)} applies to the scorer's threshold, but the budget ({budget.describe()}) "
-                         f"decides alone what is kept and would ignore it; drop {' and '.join(f'{name}=' for name in given)} "
-                         "or the budget.")
-    if overrides.get("min_fraction") is not None and not namm:
-        raise ValueError(f"min_fraction={overrides['min_fraction']} is a floor under a NAMM scorer's threshold; this "
-                         "cache's policy is not NAMM, so it would be ignored. Drop min_fraction=.")
+        raise ValueError(f"{' and '.join(given)} {'apply' if len(given) > 1 else 'applies'} to the scorer's threshold, "
+                         f"but the budget ({budget.describe()}) decides alone what is kept and would ignore "
+                         f"{'them' if len(given) > 1 else 'it'}; drop {' and '.join(f'{name}=' for name in given)} or the budget.")
+    given = [name for name in ("threshold", "min_fraction", "max_tokens") if overrides.get(name) is not None]
+    if given and full:
+        raise ValueError(f"The 'full' policy keeps every token, so {' and '.join(f'{name}=' for name in given)} would be "
+                         "ignored; drop it, or use a scorer or another policy.")

@@ -112,12 +112,12 @@ class NAMMCache(Cache):
             if device is not None:
                 scorer.to(device)
         self.policy = policy if policy is not None else NAMMPolicy(scorer)
-        if isinstance(self.policy, FullCachePolicy):
-            namm_config = namm_config.replace(max_tokens=None)  # a full cache is never capped
+        if isinstance(self.policy, FullCachePolicy):  # a full cache never evicts: no cap, no threshold, no floor
+            namm_config = namm_config.replace(max_tokens=None, min_fraction=None, threshold=None)
         self.namm_config = namm_config
         self.scorer = scorer
         self.budget = self.policy.check_budget(parse_budget(budget))
-        refuse_ignored_settings(self.budget, overrides, isinstance(self.policy, NAMMPolicy))
+        refuse_ignored_settings(self.budget, overrides, isinstance(self.policy, FullCachePolicy))
         self.feature_observer: FeatureObserver | None = None
         layers = []
         for idx, (layer_type, kwargs) in enumerate(zip(layer_types, layer_kwargs)):
@@ -162,7 +162,7 @@ class NAMMCache(Cache):
         from .hub import DEFAULT_SCORER, load_scorer
 
         parsed = parse_budget(budget)  # a bad budget or a setting it would override is refused before loading
-        refuse_ignored_settings(parsed, overrides, True)
+        refuse_ignored_settings(parsed, overrides)
         loaded = load_scorer(name_or_path or DEFAULT_SCORER, revision=revision, token=token, cache_dir=cache_dir)
         config = loaded.config.replace(**overrides) if overrides else loaded.config
         cache = cls(model=model, scorer=loaded.scorer, config=config, budget=budget)
@@ -272,13 +272,13 @@ class NAMMCache(Cache):
         """What decides eviction, in words: the budget, or that nothing does (full policy, no threshold, no cap)."""
         if isinstance(self.policy, FullCachePolicy):
             return "none (full cache)"
+        cap = [f"at most {self.namm_config.max_tokens} tokens"] if self.namm_config.max_tokens is not None else []
         if isinstance(self.budget, ThresholdBudget):
-            rules = ([f"score threshold {self.namm_config.threshold:g}"] if self.namm_config.threshold is not None else []) + (
-                [f"at most {self.namm_config.max_tokens} tokens"] if self.namm_config.max_tokens is not None else [])
+            rules = ([f"score threshold {self.namm_config.threshold:g}"] if self.namm_config.threshold is not None else []) + cap
             if self.namm_config.min_fraction is not None and self.namm_config.threshold is not None:
                 rules.append(f"at least {self.namm_config.min_fraction:.0%} of tokens seen")
             return ", ".join(rules) if rules else "none (threshold=None and no max_tokens: keeps every token)"
-        return self.budget.describe()
+        return ", ".join([self.budget.describe(), *cap])  # the cap clamps a budget too
 
     def stats(self) -> dict[str, Any]:
         """Tokens seen and kept, per layer and head, and the memory held versus a full cache.

@@ -30,18 +30,20 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.command == "info":
-            print(describe(load_scorer(args.name, revision=args.revision)))
+            text = describe(load_scorer(args.name, revision=args.revision))
         elif args.command == "push":
             info = push_scorer(args.path, args.repo_id, private=args.private or None, create_pr=args.create_pr, commit_message=args.message)
-            print(f"pushed {args.path} to {args.repo_id}: {getattr(info, 'commit_url', info)}")
+            text = f"pushed {args.path} to {args.repo_id}: {getattr(info, 'commit_url', info)}"
         else:
-            print("\n".join(bundled_names()))
-    except BrokenPipeError:  # the reader went away (`namm-cache info X | head`): not an error of ours
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second complaint at exit
-        return 0
+            text = "\n".join(bundled_names())
     except (ValueError, OSError) as error:  # ScorerLoadError is a ValueError; OSError: files, network
         print(f"namm-cache: error: {' '.join(str(error).split())}", file=sys.stderr)
         return 2
+    try:
+        print(text)
+        sys.stdout.flush()
+    except BrokenPipeError:  # the reader went away (`namm-cache info X | head`): not an error of ours
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second complaint at exit
     return 0
 
 

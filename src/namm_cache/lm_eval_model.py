@@ -25,7 +25,7 @@ import torch
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 
-from .budgets import parse_budget
+from .budgets import parse_budget, refuse_ignored_settings
 from .cache import NAMMCache
 from .config import NAMMConfig
 from .hub import DEFAULT_SCORER, load_scorer
@@ -79,9 +79,10 @@ def check_namm_args(args: dict[str, Any], other_keys: Any = ()) -> NAMMArgs:
     prefill_chunk_size = check_int("prefill_chunk_size", args.get("prefill_chunk_size"), minimum=1, maximum=2**31 - 1, optional=True)
     overrides = {key: args[key] for key in CONFIG_ARGS if key in args}
     budget = parse_budget(args.get("budget"))
-    if args.get("min_fraction") is not None and (policy != "namm" or budget is not None):
-        raise ValueError("model_args: min_fraction is a floor under a NAMM scorer's threshold; it does nothing with "
-                         f"{'budget=' + str(args.get('budget')) if budget is not None else 'policy=' + policy}.")
+    try:  # the Python API's rule: nothing given is silently ignored
+        refuse_ignored_settings(budget, overrides, policy == "full")
+    except ValueError as error:
+        raise ValueError(f"model_args: {error}") from None
     if policy == "namm":
         loaded = load_scorer(scorer or DEFAULT_SCORER)
         config = loaded.config.replace(**overrides)

@@ -58,7 +58,7 @@ class CacheSpec:
             raise ValueError(f"config must be a NAMMConfig, got {type(self.config).__name__}.")
         budget = parse_budget(self.budget)  # refuse a bad budget now, not at the first build
         (self.config or NAMMConfig()).replace(**self.overrides)  # ... and bad settings
-        refuse_ignored_settings(budget, self.overrides, self.policy == "namm")  # ... and settings nothing would read
+        refuse_ignored_settings(budget, self.overrides, self.policy == "full")  # ... and settings nothing would read
         if self.policy == "full" and budget is not None and not isinstance(budget, ThresholdBudget):
             raise ValueError("The 'full' policy keeps every token; it takes no budget (drop budget=...).")
         if (budget is None or isinstance(budget, ThresholdBudget)) and not POLICIES[self.policy].supports_threshold:
