@@ -112,6 +112,15 @@ def test_offline_model_names_become_folders_for_lm_eval():
     assert resolved[:2] == argv[:2] and resolved[3:] == argv[3:]
 
 
+def test_namm_lm_eval_without_arguments_prints_its_own_usage(capsys):
+    from namm_cache.lm_eval_cli import main
+    from namm_cache.lm_eval_model import NAMM_ARGS
+
+    assert main([]) == 2
+    out = capsys.readouterr().out
+    assert out.startswith("usage: namm-lm-eval run --model namm") and all(arg in out for arg in NAMM_ARGS)
+
+
 def test_longbench_pack_task_reads_local_jsonl_and_scores_with_the_official_metric(tmp_path):
     import sys as _sys
 

@@ -37,6 +37,20 @@ def one_line(error: BaseException) -> str:
     return text if isinstance(error, (ValueError, OSError)) else f"{type(error).__name__}: {text}"
 
 
+def usage(namm_args: tuple[str, ...]) -> str:
+    """What `namm-lm-eval` adds to lm-eval's CLI, printed before lm-eval's help (and alone without arguments)."""
+    return (
+        "usage: namm-lm-eval run --model namm --model_args pretrained=MODEL[,ARG=VALUE...] --tasks TASKS [lm-eval options]\n\n"
+        "lm-eval's CLI with the `namm` model registered and the namm-cache task pack included (namm_passkey, ...).\n"
+        f"The namm model's own model_args: {', '.join(namm_args)}; e.g.\n"
+        "  namm-lm-eval run --model namm --model_args pretrained=smollm2-135m-instruct,policy=h2o,budget=0.25 "
+        "--tasks namm_passkey --limit 10\n"
+        "  namm-lm-eval run --model namm --model_args pretrained=smollm2-135m-instruct,scorer=namm-cache/smollm2-135m-linear "
+        "--tasks namm_passkey\n"
+        "`namm-lm-eval run --help` lists lm-eval's options.\n"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run lm-eval's CLI; argument errors (bad model_args, a missing scorer or model, ...) print one line and
     return 2 instead of a traceback (set NAMM_TRACEBACK=1 to see it). The `namm` model's own arguments are
@@ -47,6 +61,10 @@ def main(argv: list[str] | None = None) -> int:
         sys.argv = [sys.argv[0], *argv]
     from . import lm_eval_model  # registers the "namm" model
 
+    if len(sys.argv) == 1 or sys.argv[1] in ("-h", "--help"):  # ours first, then lm-eval's own help
+        print(usage(lm_eval_model.NAMM_ARGS))
+        if len(sys.argv) == 1:
+            return 2
     if "--include_path" not in sys.argv:
         sys.argv += ["--include_path", lm_eval_model.TASK_PACK]
     try:
