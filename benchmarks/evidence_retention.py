@@ -41,7 +41,8 @@ from tqdm import tqdm
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import provenance  # noqa: E402
 
-TASKS = ("passkey", "needle")
+TASKS = ("passkey", "needle")  # the default --tasks; variable_tracking also carries evidence (its statements)
+EVIDENCE_TASKS = ("passkey", "needle", "variable_tracking")
 DEPTH_BINS = 5
 
 
@@ -162,6 +163,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--budget", default=None,
                         help="a fraction budget for every cache (default: the scorer's cap, as a token budget)")
     parser.add_argument("--prompts-per-task", default="8")
+    parser.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated, from {', '.join(EVIDENCE_TASKS)} (default: {','.join(TASKS)})")
     parser.add_argument("--tokens", default="1200")
     parser.add_argument("--haystack", default="kjv_genesis", help="the haystack text (default: the training text)")
     parser.add_argument("--seed", default="evidence-retention")
@@ -191,7 +193,10 @@ def main(argv: list[str] | None = None) -> dict:
         out = Path(args.out)
         if out.is_dir() or not out.parent.is_dir():
             raise ValueError(f"--out {args.out!r} must be a file in an existing folder.")
-        task_specs = [{"name": task, "tokens": tokens, "haystack": args.haystack} for task in TASKS]
+        tasks = tuple(dict.fromkeys(name.strip() for name in args.tasks.split(",") if name.strip()))
+        if not tasks or set(tasks) - set(EVIDENCE_TASKS):
+            raise ValueError(f"--tasks must name some of {', '.join(EVIDENCE_TASKS)}, got {args.tasks!r}.")
+        task_specs = [{"name": task, "tokens": tokens, "haystack": args.haystack} for task in tasks]
         for spec in task_specs:
             build_task(spec)
         loaded = load_scorer(args.scorer)
@@ -247,22 +252,22 @@ def main(argv: list[str] | None = None) -> dict:
                        evidence_retention=_share(by_layer.nanmean()), base_rate=_share(base.nanmean()),
                        held_by_group={name: _share(torch.tensor(values).nanmean()) for name, values in layers.items()})
         row["normalized"] = normalized_task_scores(results, full_results, examples)
-        row["greedy"] = {task: sum(c for c, e in zip(correct, examples) if e.task == task) for task in TASKS}
+        row["greedy"] = {task: sum(c for c, e in zip(correct, examples) if e.task == task) for task in tasks}
         rows.append(row)
 
     result = {**provenance(__file__, argv), "scorer": args.scorer, "model": args.model, "memory": memory,
-              "tasks": list(TASKS), "tokens": tokens, "haystack": args.haystack, "seed": args.seed,
+              "tasks": list(tasks), "tokens": tokens, "haystack": args.haystack, "seed": args.seed,
               "prompts": len(examples), "prompts_per_task": prompts_per_task, "rows": rows}
     namm_kept, baseline_kept = rows[1]["kept_fraction"], [row["kept_fraction"] for row in rows[2:]]
     if baseline_kept and namm_kept < min(baseline_kept) - 0.02:
         print(f"note: NAMM held {namm_kept:.1%}, less than the baselines' {min(baseline_kept):.1%}: its threshold kept "
               "fewer tokens than its cap allows, so the baselines had more memory.", file=sys.stderr)
-    print(f"| cache | kept | evidence held | other decided tokens held | lift | normalised {' / '.join(TASKS)} | greedy |")
+    print(f"| cache | kept | evidence held | other decided tokens held | lift | normalised {' / '.join(tasks)} | greedy |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for row in rows[1:]:
         lift = row["evidence_retention"] / row["base_rate"] if row["evidence_retention"] is not None and row["base_rate"] else float("nan")
-        normalized = " / ".join(f"{row['normalized'][t]:.3f}" for t in TASKS)
-        greedy = " / ".join(f"{row['greedy'][t]}/{prompts_per_task}" for t in TASKS)
+        normalized = " / ".join(f"{row['normalized'][t]:.3f}" for t in tasks)
+        greedy = " / ".join(f"{row['greedy'][t]}/{prompts_per_task}" for t in tasks)
         print(f"| {row['label']} | {row['kept_fraction']:.0%} | {_cell(row['evidence_retention'])} | {_cell(row['base_rate'])} | "
               f"{lift:.2f}x | {normalized} | {greedy} |")
     names = list(rows[1]["held_by_group"])

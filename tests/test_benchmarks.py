@@ -209,6 +209,13 @@ def test_evidence_retention_counts_what_each_cache_holds_of_the_needle(tmp_path,
     assert shares["depth 80-100%"] is None  # none decided: the last round's window covers the prompt's end
     assert all(0.0 <= share <= 1.0 for name, share in shares.items() if name != "depth 80-100%")
     assert rows["full"]["normalized"] == {"passkey": 1.0, "needle": 1.0}
+    assert result["tasks"] == ["passkey", "needle"]  # the default --tasks
+    tracked = evidence_retention.main(["--scorer", str(folder), "--model", str(tiny_model_dir), "--baselines", "streaming_llm",
+                                       "--tasks", "variable_tracking", "--prompts-per-task", "1", "--tokens", "300",
+                                       "--out", str(tmp_path / "tracking.json")])
+    tracked_rows = {row["policy"]: row for row in tracked["rows"]}
+    assert tracked["tasks"] == ["variable_tracking"] and tracked_rows["full"]["normalized"] == {"variable_tracking": 1.0}
+    assert tracked_rows["oracle"]["evidence_retention"] == 1.0  # its statements are the evidence, all held
     layers = 2
     # The oracle holds every evidence token in every head (4 sinks + 32 recent + the needle fit in 96 tokens).
     assert rows["oracle"]["evidence_by_layer"] == [1.0] * layers and rows["oracle"]["evidence_retention"] == 1.0
@@ -278,7 +285,8 @@ def test_held_shares_count_each_head_s_own_tokens_and_skip_empty_slots():
 
 @pytest.mark.parametrize("flags", [["--baselines", "nope"], ["--baselines", "full"], ["--prompts-per-task", "0"],
                                    ["--threads", "0"], ["--budget", "2"], ["--tokens", "x"], ["--haystack", "nowhere"],
-                                   ["--scorer", "/nonexistent/scorer"], ["--out", "/nonexistent/dir/out.json"]])
+                                   ["--scorer", "/nonexistent/scorer"], ["--out", "/nonexistent/dir/out.json"],
+                                   ["--tasks", "long_text"], ["--tasks", ","]])
 def test_evidence_retention_refuses_bad_flags_with_one_error_line_before_loading_the_model(flags, tmp_path, capsys, monkeypatch):
     import evidence_retention
     from helpers import random_scorer
