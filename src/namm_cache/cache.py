@@ -283,7 +283,8 @@ class NAMMCache(Cache):
     def stats(self) -> dict[str, Any]:
         """Tokens seen and kept, per layer and head, and the memory held versus a full cache.
 
-        Returns a dict with `policy` (its name), `policy_settings` (its constructor settings), `budget`,
+        Returns a dict with `policy` (its name), `policy_settings` (its constructor settings), `budget` (what
+        decides eviction, in words: e.g. "25% of tokens seen, at most 512 tokens", "score threshold 0"),
         `tokens_seen`, `kept_per_layer` (`{layer: (B, H) list}`, NAMM layers), `mean_kept_fraction` (kept
         real tokens / real tokens seen, NAMM layers), `kv_bytes` (allocated now, all layers),
         `reserved_kv_bytes` (of which free slots reserved for the tokens until each layer's next eviction round),
