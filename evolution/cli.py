@@ -9,9 +9,9 @@
 Every generation is checkpointed atomically to OUT/checkpoint.safetensors (data only: arrays plus a JSON
 header), logged to OUT/log.jsonl and plotted to OUT/fitness.png; the final distribution mean is written as a
 loadable scorer folder OUT/scorer. The checkpoint also keeps the mean of every validated generation, so
-`--export` can write the one that scored best on the fixed validation prompts (`--generation best`). A fresh start refuses a non-empty OUT (--resume continues the run in it,
---overwrite starts it over); --resume without a checkpoint is an error. User errors (config, folder,
-checkpoint) exit with status 2 and one line on stderr.
+`--export` can write the one that scored best on the fixed validation prompts (`--generation best`). A fresh
+start refuses a non-empty OUT (--resume continues the run in it, --overwrite starts it over); --resume without
+a checkpoint is an error. User errors (config, folder, checkpoint) exit with status 2 and one line on stderr.
 """
 
 from __future__ import annotations
@@ -47,7 +47,8 @@ def main(argv: list[str] | None = None) -> int:
                 parser.error(f"--generation must be a generation number (0, 1, ...) or 'best', got {generation!r}")
             generation = int(generation)
 
-    from .checkpoint import CheckpointError, check_run_folder, locate_checkpoint, read_checkpoint, unkept_validations, validated_generation
+    from .checkpoint import (CheckpointError, check_run_folder, locate_checkpoint, read_checkpoint, unkept_validations,
+                             validated_generation)
     from .config import EvolutionConfig
     from .run import EvolutionRun, World
 
