@@ -31,7 +31,6 @@ from .config import NAMMConfig
 from .hub import DEFAULT_SCORER, load_scorer
 from .offline import OFFLINE_MODELS, ensure_converted
 from .policies import ALIASES, POLICIES, build_policy
-from .policies.namm import NAMMPolicy
 from .spec import CacheSpec
 from .validation import check_int, did_you_mean
 
@@ -86,11 +85,10 @@ def check_namm_args(args: dict[str, Any], other_keys: Any = ()) -> NAMMArgs:
     if policy == "namm":
         loaded = load_scorer(scorer or DEFAULT_SCORER)
         config = loaded.config.replace(**overrides)
-        NAMMPolicy(loaded.scorer).check_budget(budget)
         spec = CacheSpec(scorer=loaded.scorer, budget=budget, config=config)
     else:
         config = NAMMConfig().replace(**overrides)
-        build_policy(policy).check_budget(budget)
+        build_policy(policy)  # one that cannot be built from its name alone is refused here; CacheSpec checks the budget
         spec = CacheSpec(policy=policy, budget=budget, config=config)
     return NAMMArgs(spec=spec, prefill_chunk_size=prefill_chunk_size or config.update_interval)
 

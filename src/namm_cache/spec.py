@@ -16,7 +16,7 @@ from typing import Any, Mapping
 
 from torch import nn
 
-from .budgets import ThresholdBudget, parse_budget, refuse_ignored_settings
+from .budgets import parse_budget, refuse_ignored_settings
 from .config import NAMMConfig
 from .policies import ALIASES, POLICIES
 from .scorers import Scorer
@@ -59,11 +59,7 @@ class CacheSpec:
         budget = parse_budget(self.budget)  # refuse a bad budget now, not at the first build
         (self.config or NAMMConfig()).replace(**self.overrides)  # ... and bad settings
         refuse_ignored_settings(budget, self.overrides, self.policy == "full")  # ... and settings nothing would read
-        if self.policy == "full" and budget is not None and not isinstance(budget, ThresholdBudget):
-            raise ValueError("The 'full' policy keeps every token; it takes no budget (drop budget=...).")
-        if (budget is None or isinstance(budget, ThresholdBudget)) and not POLICIES[self.policy].supports_threshold:
-            raise ValueError(f"Policy {self.policy!r} has no calibrated score threshold; give it a token budget "
-                             "(budget=512) or a fraction of tokens seen (budget=0.25).")
+        POLICIES[self.policy].check_budget(budget)  # ... and a budget the policy cannot run with
         object.__setattr__(self, "overrides", dict(self.overrides))  # a private copy: the caller's dict may change
         object.__setattr__(self, "policy_kwargs", dict(self.policy_kwargs))
 

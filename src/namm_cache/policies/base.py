@@ -121,12 +121,14 @@ class Policy:
         """
         return None
 
-    def check_budget(self, budget: Budget | None) -> Budget:
-        """Return the budget to use, or raise `ValueError` if this policy cannot run with it."""
+    @classmethod
+    def check_budget(cls, budget: Budget | None) -> Budget:
+        """Return the budget to use, or raise `ValueError` if this kind of policy cannot run with it (a class
+        method: `CacheSpec` checks a policy given by name before one is built)."""
         if budget is None or isinstance(budget, ThresholdBudget):
-            if not self.supports_threshold:
+            if not cls.supports_threshold:
                 raise ValueError(
-                    f"Policy {self.name!r} has no calibrated score threshold; give it a token budget "
+                    f"Policy {cls.name!r} has no calibrated score threshold; give it a token budget "
                     "(budget=512) or a fraction of tokens seen (budget=0.25)."
                 )
             return budget or ThresholdBudget()

@@ -20,7 +20,8 @@ class FullCachePolicy(Policy):
     def constant_score(self) -> float | None:
         return 0.0
 
-    def check_budget(self, budget: Budget | None) -> Budget:
+    @classmethod
+    def check_budget(cls, budget: Budget | None) -> Budget:
         if budget is not None and not isinstance(budget, ThresholdBudget):
             raise ValueError("The 'full' policy keeps every token; it takes no budget (drop budget=...).")
         return ThresholdBudget()
