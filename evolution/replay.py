@@ -41,7 +41,7 @@ from torch import nn
 
 from namm_cache import NAMMCache, NAMMConfig
 from namm_cache.budgets import Budget, FractionBudget, ThresholdBudget
-from namm_cache.features import log_norms, token_features, with_extra_inputs
+from namm_cache.features import LEDGER_INPUTS, log_norms, token_features, with_extra_inputs
 from namm_cache.layer import NAMMLayer
 from namm_cache.policies import Observation, Policy
 from namm_cache.ledger import z_scored_rows
@@ -75,7 +75,8 @@ class ReplayRound:
         now: position of the newest token processed at the round.
         log_norms: `(L*H, S, 2)` log key and value norm of every token (for scorers that read them).
         pooled: `(L*H, S)` each row's pooled key norm (`namm_cache.ledger`: over the rows of its layer and
-            the layers before it, tokens up to `now`), computed by `prepare` for scorers that read it.
+            the layers before it, or over every layer's, tokens up to `now`), computed by `prepare` for scorers
+            that read it; `pooled_input` names which of the two it is.
     """
 
     spectrogram: torch.Tensor | None
@@ -86,6 +87,7 @@ class ReplayRound:
     log_norms: torch.Tensor | None = None
     features: torch.Tensor | None = None
     pooled: torch.Tensor | None = None
+    pooled_input: str | None = None
 
 
 @dataclass
@@ -103,6 +105,8 @@ class PromptRecording:
         refeed_start: the answer pass feeds the recorded tokens from this position on again, through each
             member's kept tokens (`tokens`: none are).
         layers_at_refeed: the recording's other (non-NAMM) cache layers, as they were at `refeed_start`.
+        chunk: the prefill chunk the members' caches are fed in (what the layers after a scoring one have
+            seen at its round depends on it: `replay_pooled_all_layers`).
     """
 
     rounds: list[ReplayRound]
@@ -114,18 +118,27 @@ class PromptRecording:
     fed: torch.Tensor | None = None
     refeed_start: int | None = None
     layers_at_refeed: dict[int, Any] | None = None
+    chunk: int | None = None
 
     def prepare(self, scorer: Scorer, config: NAMMConfig) -> None:
         """Turn every round's raw spectrograms into scorer features with `scorer`'s normalisation (once), and
         compute the pooled key norm if `scorer` reads it."""
-        if "pooled_key_norm" in scorer.extra_inputs:
+        pooled_input = next((name for name in scorer.extra_inputs if name in LEDGER_INPUTS), None)
+        if pooled_input is not None:
             others = [i for i, layer in enumerate(self.cache.layers) if not isinstance(layer, NAMMLayer)]
             if others:
                 raise ValueError(f"The replay fitness cannot give the pooled key norm on this model: layers {others} are not "
                                  "full-attention layers and their keys are not recorded. Use fitness: exact.")
+            if pooled_input == "all_layer_key_norm" and self.chunk is None:
+                raise ValueError("This recording does not say the chunk its prompt is fed in; record it with record_prompt.")
             for round_ in self.rounds:
-                if round_.pooled is None:
-                    round_.pooled = replay_pooled(round_.log_norms[..., 0], round_.arrived, self.heads)
+                if round_.pooled_input != pooled_input:
+                    if pooled_input == "all_layer_key_norm":
+                        round_.pooled = replay_pooled_all_layers(round_.log_norms[..., 0], round_.arrived, round_.now,
+                                                                 self.chunk, self.heads)
+                    else:
+                        round_.pooled = replay_pooled(round_.log_norms[..., 0], round_.arrived, self.heads)
+                    round_.pooled_input = pooled_input
         for round_ in self.rounds:
             if round_.features is None:
                 round_.features = token_features(round_.spectrogram, round_.age, scorer.spectrogram_mean,
@@ -142,6 +155,27 @@ def replay_pooled(log_key_norms: torch.Tensor, arrived: torch.Tensor, heads: int
     sums = z.view(rows // heads, heads, -1).sum(1).cumsum(0)  # (L, S): over the rows of layers 0..i
     means = sums / (heads * torch.arange(1, rows // heads + 1, dtype=z.dtype)).unsqueeze(-1)
     return means.repeat_interleave(heads, dim=0)
+
+
+def replay_pooled_all_layers(log_key_norms: torch.Tensor, arrived: torch.Tensor, now: int, chunk: int, heads: int) -> torch.Tensor:
+    """`(L*H, S)`: what each NAMM layer's rows read as all-layer key norm (`KeyNormLedger.pooled_all_layers`) at a
+    round at position `now`, in a cache of a model whose layers are all full-attention ones, fed in chunks of
+    `chunk` tokens from position 0. A round whose point ends a chunk runs when the next chunk reaches the layer:
+    every layer has seen every token up to `now`. A round inside a chunk runs before the layers after the scoring
+    one have seen that chunk: they count for the tokens before it only. Each token's value is the mean of its
+    z-scores over the rows that have seen it. `log_key_norms` `(L*H, S)` layer-major; `arrived` `(S,)` the
+    tokens up to `now`."""
+    rows, tokens = log_key_norms.shape
+    layers = rows // heads
+    later_seen = now + 1 if (now + 1) % chunk == 0 else now - now % chunk  # tokens the layers after the scoring one hold
+    seen_by_later = arrived & (torch.arange(tokens) < later_seen)
+    everything = z_scored_rows(log_key_norms, arrived).view(layers, heads, tokens).sum(1)  # (L, S)
+    lagged = z_scored_rows(log_key_norms, seen_by_later).view(layers, heads, tokens).sum(1)  # (L, S)
+    up_to = everything.cumsum(0)  # rows of layers 0..i
+    after = lagged.flip(0).cumsum(0).flip(0) - lagged  # rows of layers i+1..L-1
+    index = torch.arange(layers, dtype=everything.dtype).unsqueeze(-1)
+    count = heads * ((index + 1) + (layers - 1 - index) * seen_by_later.to(everything.dtype))
+    return ((up_to + after) / count).repeat_interleave(heads, dim=0)
 
 
 @torch.no_grad()
@@ -196,7 +230,7 @@ def record_prompt(model: nn.Module, prompt_ids: torch.Tensor, answer_ids: torch.
         ))
     queries = torch.cat([prompt_ids[:, -1:], answer_ids[:, :-1]], dim=1)
     return PromptRecording(rounds=rounds, tokens=fed.shape[1], queries=queries, answer=answer_ids, cache=cache, heads=heads,
-                           fed=fed, refeed_start=start, layers_at_refeed=layers_at_refeed)
+                           fed=fed, refeed_start=start, layers_at_refeed=layers_at_refeed, chunk=chunk)
 
 
 @torch.no_grad()

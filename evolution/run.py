@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from namm_cache import CacheSpec, NAMMCache
 from namm_cache.budgets import FractionBudget, TokenBudget, parse_budget
 from namm_cache.calibration import calibrate_normalization
+from namm_cache.features import reads_ledger
 from namm_cache.hub import ScorerMetadata, save_scorer
 from namm_cache.scorers import SCORER_KINDS, build_scorer
 from namm_cache.tasks import Example, build_task, token_ids
@@ -107,7 +108,7 @@ class EvolutionRun:
         self.dim = self.scorer.num_parameters()
         layer_types = getattr(self.model.config.get_text_config(decoder=True), "layer_types", None) or []
         hybrid = sorted({layer_type for layer_type in layer_types if layer_type != "full_attention"})
-        if "pooled_key_norm" in self.scorer.extra_inputs and config.fitness == "replay" and hybrid:
+        if reads_ledger(self.scorer.extra_inputs) and config.fitness == "replay" and hybrid:
             raise ValueError(f"fitness 'replay' cannot give a {kind} scorer its pooled key norm on {config.model}: its "
                              f"{'/'.join(hybrid)} layers are not recorded. Use fitness: exact, or another scorer kind.")
         self._validation: dict[int, tuple[list[Example], torch.Tensor, dict[str, dict[str, float]]]] = {}

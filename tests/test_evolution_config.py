@@ -30,7 +30,7 @@ BAD_CONFIG_VALUES = [
     ("threads=0", "threads must be an integer in [1, inf), got 0"),
     ("stages=[]", "Give at least one stage"),
     ("stages.0.tasks=[]", "stages[0] must have at least one task"),
-    ("scorer.kind=transformer", "scorer.kind must be one of ['bam', 'bam_norms', 'linear', 'linear_pooled', 'mlp']"),
+    ("scorer.kind=transformer", "scorer.kind must be one of ['bam', 'bam_norms', 'linear', 'linear_all_layers', 'linear_pooled', 'mlp']"),
     ("stages.7.generations=1", "'7' is not an index of a list of 1 item(s)"),
     ("population=[8", "is not valid YAML"),
 ]

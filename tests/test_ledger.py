@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from typing import ClassVar
+
 import pytest
 import torch
 from conftest import random_ids, tiny_model
@@ -9,7 +12,8 @@ from conftest import random_ids, tiny_model
 from namm_cache import NAMMCache, NAMMConfig
 from namm_cache.evolution.replay import record_prompt, replay_kept
 from namm_cache.ledger import pooled_key_norm
-from namm_cache.scorers import LinearPooledScorer
+from namm_cache.policies import Policy
+from namm_cache.scorers import LinearAllLayersScorer, LinearPooledScorer
 
 
 def pooled_only_scorer(weight: float = 1.0, bias: float = 0.0) -> LinearPooledScorer:
@@ -256,3 +260,143 @@ def test_an_evolution_run_refuses_to_replay_the_pooled_key_norm_of_a_hybrid_mode
     with pytest.raises(ValueError, match="sliding_attention layers are not recorded"):
         EvolutionRun(EvolutionConfig.from_dict(spec), tmp_path / "out", progress=False)
     EvolutionRun(EvolutionConfig.from_dict({**spec, "fitness": "exact"}), tmp_path / "out", progress=False)  # the cache can
+
+
+# ---------------------------------------------------------------- every layer's key norm (`linear_all_layers`)
+@dataclass(frozen=True)
+class AllLayerProbe(Policy):
+    """Keeps every token and records, per round, the all-layer key norm each layer was given."""
+
+    name: ClassVar[str] = "all_layer_probe"
+    supports_threshold: ClassVar[bool] = True
+    reads_pooled_key_norm: ClassVar[bool] = True
+    pools_every_layer: ClassVar[bool] = True
+    seen: list = field(default_factory=list, compare=False)
+
+    def score(self, observation):
+        self.seen.append((observation.layer_idx, observation.positions.clone(), observation.valid.clone(),
+                          observation.pooled_key_norm.clone()))
+        return torch.ones(observation.valid.shape)
+
+
+def all_layers_only_scorer(weight: float = 1.0, bias: float = 0.0) -> LinearAllLayersScorer:
+    scorer = LinearAllLayersScorer()
+    with torch.no_grad():
+        scorer.readout.weight[0, -1] = weight
+        scorer.readout.bias[0] = bias
+    return scorer
+
+
+@pytest.mark.parametrize("chunk", [32, 20, 1000])
+def test_the_all_layer_key_norm_pools_every_layer_that_has_seen_a_token_and_the_replay_agrees(chunk):
+    """A round between chunks (32-token chunks: it runs when the next chunk arrives) reads every layer. A round
+    inside a chunk (20 and 1000) runs before the layers after l have seen that chunk: they count for the tokens
+    before it only, and the chunk's own tokens get the rows of layers 0..l. The replay, told the chunk, gives every
+    round exactly what the cache gave (a keep-all cache: the keys are the recording's)."""
+    model = tiny_model("llama")
+    prompt, answer = random_ids(161), random_ids(3, seed=1)
+    config = NAMMConfig(update_interval=32, max_tokens=None, threshold=0.0)
+    probe = AllLayerProbe()
+    cache = NAMMCache(model=model, policy=probe, config=config)
+    with torch.no_grad():
+        for part in prompt[:, :-1].split(chunk, dim=1):
+            model(input_ids=part, cache=cache, use_cache=True)
+    by_layer = {layer: [seen for seen in probe.seen if seen[0] == layer] for layer in range(4)}
+    assert all(len(rounds) == 4 for rounds in by_layer.values())  # rounds at 31, 63, 95, 127
+    # By hand, layer 1's round at 95: its z-scores per (layer, head) row over the tokens each row has seen.
+    full = NAMMCache(model=model, policy="full", config=config)
+    with torch.no_grad():
+        model(input_ids=prompt[:, :-1], cache=full, use_cache=True)
+    norms = torch.cat([layer.keys[0].float().norm(dim=-1).log() for layer in full.namm_layers])  # (8 rows, 160)
+    now = 95
+    later_seen = {32: 96, 20: 80, 1000: 0}[chunk]
+    sums, counts = torch.zeros(96), torch.zeros(96)
+    for row in range(8):
+        seen = now + 1 if row // 2 <= 1 else later_seen
+        if seen:
+            x = norms[row, :seen]
+            sums[:seen] += (x - x.mean()) / x.std(unbiased=False)
+            counts[:seen] += 1
+    _, positions, valid, given = by_layer[1][2]
+    torch.testing.assert_close(given[0][valid[0]], (sums / counts)[positions[0][valid[0]]], rtol=1e-4, atol=1e-4)
+    assert (counts == 8).sum() == later_seen and (counts == 4).sum() == 96 - later_seen
+    # The replay's value of every round and layer.
+    recording = record_prompt(model, prompt, answer, config, chunk)
+    recording.prepare(all_layers_only_scorer(), config)
+    assert len(recording.rounds) == 4
+    for index, round_ in enumerate(recording.rounds):
+        for layer in range(4):
+            _, positions, valid, given = by_layer[layer][index]
+            for head in range(2):
+                row = 2 * layer + head
+                replayed = round_.pooled[row, positions[head][valid[head]]]
+                torch.testing.assert_close(given[head][valid[head]], replayed, rtol=1e-4, atol=1e-4)
+
+
+def test_a_scorer_reading_every_layers_key_norm_evicts_by_it_live_and_in_the_replay(tmp_path):
+    model = tiny_model("llama")
+    config = NAMMConfig(update_interval=32, max_tokens=40)
+    prompt, answer = random_ids(161), random_ids(3, seed=1)
+    cache = NAMMCache(model=model, scorer=all_layers_only_scorer(), config=config)
+    assert cache.ledger is not None and cache.policy.pools_every_layer
+    with torch.no_grad():
+        for part in prompt[:, :-1].split(32, dim=1):
+            model(input_ids=part, cache=cache, use_cache=True)
+    live = held(cache)
+    recording = record_prompt(model, prompt, answer, config, 32)
+    recording.prepare(all_layers_only_scorer(), config)
+    replayed = replay_kept(recording, all_layers_only_scorer(), config)
+    # Evictions change the deeper layers' keys a little (the replay's approximation).
+    assert (replayed == live).float().mean() > 0.9
+    # It is not the layers-0..l value: a scorer reading that keeps other tokens in layer 0.
+    pooled = NAMMCache(model=model, scorer=pooled_only_scorer(), config=config)
+    with torch.no_grad():
+        for part in prompt[:, :-1].split(32, dim=1):
+            model(input_ids=part, cache=pooled, use_cache=True)
+    assert not torch.equal(held(pooled)[:2], live[:2])
+    # Saved and loaded by kind; 29 parameters.
+    cache.save_pretrained(tmp_path / "all-layers")
+    loaded = NAMMCache.from_pretrained(tmp_path / "all-layers", model=model)
+    assert loaded.scorer.kind == "linear_all_layers" and loaded.scorer.num_parameters() == 29
+    assert loaded.policy.pools_every_layer and loaded.ledger is not None
+
+
+def test_widen_scorer_keeps_a_linear_scorers_weights_and_adds_the_new_input_at_the_given_weight(tmp_path, capsys):
+    import sys
+    from pathlib import Path
+
+    from namm_cache.hub import ScorerMetadata, load_scorer, save_scorer
+    from namm_cache.scorers import LinearScorer
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
+    import widen_scorer
+
+    source = LinearScorer()
+    source.set_flat_params(torch.linspace(-1, 1, 28))
+    source.set_normalization(torch.arange(17.0), torch.arange(1.0, 18.0))
+    config = NAMMConfig(update_interval=64, recent_window=16, sinks=2)
+    save_scorer(tmp_path / "linear", source, config, ScorerMetadata(training_tasks=["passkey", "needle"]))
+    assert widen_scorer.main([str(tmp_path / "linear"), "linear_all_layers", str(tmp_path / "wide"), "--weight", "-0.5"]) == 0
+    wide = load_scorer(tmp_path / "wide")
+    assert wide.scorer.kind == "linear_all_layers" and wide.config == config
+    assert wide.metadata.training_tasks == ["passkey", "needle"]
+    flat = source.get_flat_params()
+    torch.testing.assert_close(wide.scorer.get_flat_params(), torch.cat([flat[:27], torch.tensor([-0.5]), flat[27:]]))
+    torch.testing.assert_close(wide.scorer.spectrogram_std, source.spectrogram_std)
+    # At weight 0 it scores as the source: the new column reads nothing.
+    assert widen_scorer.main([str(tmp_path / "linear"), "linear_pooled", str(tmp_path / "zero")]) == 0
+    zero = load_scorer(tmp_path / "zero").scorer
+    features, positions, valid = torch.randn(3, 10, 28), torch.arange(10).repeat(3, 1), torch.ones(3, 10, dtype=torch.bool)
+    torch.testing.assert_close(zero(features, positions, valid), source(features[..., :27], positions, valid))
+    capsys.readouterr()
+    for argv, message in (
+        ([str(tmp_path / "linear"), "bam", str(tmp_path / "x")], "a bam scorer does not read what a linear scorer reads plus one input"),
+        ([str(tmp_path / "wide"), "linear_pooled", str(tmp_path / "x")], "does not read what a linear_all_layers scorer reads"),
+        ([str(tmp_path / "linear"), "transformer", str(tmp_path / "x")], "unknown scorer kind 'transformer'"),
+        ([str(tmp_path / "linear"), "linear_pooled", str(tmp_path / "wide")], "exists and is not empty"),
+        ([str(tmp_path / "linear"), "linear_pooled", str(tmp_path / "x"), "--weight", "nan"], "--weight must be a finite number"),
+        ([str(tmp_path / "nowhere"), "linear_pooled", str(tmp_path / "x")], "nowhere"),
+    ):
+        assert widen_scorer.main(argv) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()

@@ -205,25 +205,34 @@ def norm_features(keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor)
 # The extra inputs a scorer may read, in the order they follow the paper's features.
 NORM_INPUTS = ("key_norm", "value_norm")
 POOLED_INPUTS = ("key_norm", "value_norm", "pooled_key_norm")
+ALL_LAYER_INPUTS = ("key_norm", "value_norm", "all_layer_key_norm")
+# The inputs that need a value pooled over layers (`namm_cache.ledger`), which one layer alone cannot compute.
+LEDGER_INPUTS = ("pooled_key_norm", "all_layer_key_norm")
+
+
+def reads_ledger(extra_inputs: tuple[str, ...]) -> bool:
+    """Whether a scorer with these `extra_inputs` reads a key norm pooled over layers (`namm_cache.ledger`)."""
+    return any(name in LEDGER_INPUTS for name in extra_inputs)
 
 
 def with_extra_inputs(extra_inputs: tuple[str, ...], features: torch.Tensor, token_log_norms: torch.Tensor | None,
                       valid: torch.Tensor, pooled: torch.Tensor | None = None) -> torch.Tensor:
     """`features` `(N, S, F)` followed by what a scorer's `extra_inputs` name: the key and value norms
-    (`token_log_norms` `(N, S, 2)` from `log_norms`) and, for `POOLED_INPUTS`, the pooled key norm (`pooled`
-    `(N, S)`, `namm_cache.ledger`), each standardised over the row's `valid` tokens.
+    (`token_log_norms` `(N, S, 2)` from `log_norms`) and, for `POOLED_INPUTS` / `ALL_LAYER_INPUTS`, the key norm
+    pooled over layers (`pooled` `(N, S)`: `namm_cache.ledger`, over the layers up to the scoring one or over
+    every layer), each standardised over the row's `valid` tokens.
     The one place the cache's policy, the replay fitness and distillation append them."""
     if not extra_inputs:
         return features
     extra_inputs = tuple(extra_inputs)
-    if extra_inputs not in (NORM_INPUTS, POOLED_INPUTS):
-        raise ValueError(f"Unknown scorer inputs {extra_inputs}; known: {NORM_INPUTS} and {POOLED_INPUTS}.")
+    if extra_inputs not in (NORM_INPUTS, POOLED_INPUTS, ALL_LAYER_INPUTS):
+        raise ValueError(f"Unknown scorer inputs {extra_inputs}; known: {NORM_INPUTS}, {POOLED_INPUTS} and {ALL_LAYER_INPUTS}.")
     if token_log_norms is None:
         raise ValueError("This scorer reads key and value norms, but none were recorded.")
     inputs = token_log_norms
-    if extra_inputs == POOLED_INPUTS:
+    if reads_ledger(extra_inputs):
         if pooled is None:
-            raise ValueError("This scorer reads the pooled key norm of every layer (namm_cache.ledger), but none was given: "
+            raise ValueError("This scorer reads the pooled key norm of several layers (namm_cache.ledger), but none was given: "
                              "it is computed by a NAMMCache or by the replay fitness, not from one layer alone.")
         inputs = torch.cat([token_log_norms, pooled.unsqueeze(-1).to(token_log_norms.dtype)], dim=-1)
     return torch.cat([features, standardize_rows(inputs, valid)], dim=-1)

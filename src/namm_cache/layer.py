@@ -382,7 +382,11 @@ class NAMMLayer(CacheLayerMixin):
         budget = None if budgets[0] is None else torch.tensor(budgets, device=positions.device).repeat_interleave(heads)
         pooled = None
         if self.ledger is not None and self.policy.reads_pooled_key_norm:
-            per_row = self.ledger.pooled(index, now, self.layer_idx).to(positions.device).repeat_interleave(heads, dim=0)
+            if self.policy.pools_every_layer:
+                per_row = self.ledger.pooled_all_layers(index, now)
+            else:
+                per_row = self.ledger.pooled(index, now, self.layer_idx)
+            per_row = per_row.to(positions.device).repeat_interleave(heads, dim=0)
             pooled = per_row.gather(1, positions.clamp(0, now)) * valid
         return Observation(
             layer_idx=self.layer_idx,

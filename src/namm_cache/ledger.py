@@ -104,6 +104,31 @@ class KeyNormLedger:
         norms = torch.cat([self.norms[layer][..., : now + 1].index_select(0, index) for layer in layers], dim=1)
         return pooled_key_norm(norms, self.real[:, : now + 1].index_select(0, index))
 
+    def pooled_all_layers(self, rows: torch.Tensor, now: int) -> torch.Tensor:
+        """`(len(rows), now + 1)`: `pooled_all_layers` of batch `rows` at a round at position `now`: every layer
+        recorded so far contributes, each row z-scored over the real tokens it has seen up to `now`, and each
+        token's value is the mean over the rows that have seen it (0 at padding positions).
+
+        A round whose point ends a chunk runs when the next chunk reaches the layer: every layer has seen every
+        token up to `now`. At a round inside a chunk, the layers after `l` have seen the tokens before the chunk
+        only: those tokens get every layer's rows, the chunk's own the rows of layers `0..l`. The value therefore
+        depends on the chunking (`evolution.replay.replay_pooled_all_layers` reproduces it for a given chunk)."""
+        index = rows.to(self.real.device)
+        real = self.real[:, : now + 1].index_select(0, index)
+        total = torch.zeros(real.shape, dtype=torch.float32, device=real.device)
+        count = torch.zeros(now + 1, dtype=torch.float32, device=real.device)
+        for layer in sorted(self.norms):
+            seen = min(self.lengths[layer], now + 1)
+            if seen == 0:
+                continue
+            norms = self.norms[layer][..., :seen].index_select(0, index)
+            total[:, :seen] += z_scored_rows(norms, real[:, :seen]).sum(-2)
+            count[:seen] += norms.shape[-2]
+        if not bool((count > 0).all()):
+            raise RuntimeError(f"The key-norm ledger has no keys up to position {now}: the cache must record every layer's "
+                               "keys before a layer scores.")
+        return total / count
+
     def select_rows(self, index: torch.Tensor) -> None:
         """Keep batch rows `index` (beam reordering, repeat-interleave, batch selection)."""
         if self.real is None:

@@ -94,12 +94,15 @@ class Policy:
         supports_threshold: whether scores have a calibrated zero, so a threshold budget makes sense.
         reads_pooled_key_norm: whether `score` reads `observation.pooled_key_norm` (the cache then keeps a
             `namm_cache.ledger.KeyNormLedger` of every layer's key norms).
+        pools_every_layer: with `reads_pooled_key_norm`, whether that value pools every layer's rows
+            (`KeyNormLedger.pooled_all_layers`) instead of those of the scoring layer and the layers before it.
     """
 
     name: ClassVar[str] = "policy"
     needs: ClassVar[frozenset[str]] = frozenset()
     supports_threshold: ClassVar[bool] = False
     reads_pooled_key_norm: ClassVar[bool] = False
+    pools_every_layer: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         check_needs(self)

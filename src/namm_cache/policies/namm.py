@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..features import log_norms, token_features, with_extra_inputs
+from ..features import log_norms, reads_ledger, token_features, with_extra_inputs
 from ..scorers import Scorer
 from .base import Observation, Policy
 
@@ -38,7 +38,11 @@ class NAMMPolicy(Policy):
 
     @property
     def reads_pooled_key_norm(self) -> bool:  # type: ignore[override]
-        return "pooled_key_norm" in self.scorer.extra_inputs
+        return reads_ledger(self.scorer.extra_inputs)
+
+    @property
+    def pools_every_layer(self) -> bool:  # type: ignore[override]
+        return "all_layer_key_norm" in self.scorer.extra_inputs
 
     def constant_score(self) -> float | None:
         return self.scorer.constant_score()

@@ -6,11 +6,11 @@ import torch
 
 from .bam import BAMNormsScorer, BAMScorer
 from .base import Scorer
-from .linear import LinearPooledScorer, LinearScorer
+from .linear import LinearAllLayersScorer, LinearPooledScorer, LinearScorer
 from .mlp import MLPScorer
 
 SCORER_KINDS: dict[str, type[Scorer]] = {"bam": BAMScorer, "bam_norms": BAMNormsScorer, "mlp": MLPScorer, "linear": LinearScorer,
-                                     "linear_pooled": LinearPooledScorer}
+                                     "linear_pooled": LinearPooledScorer, "linear_all_layers": LinearAllLayersScorer}
 
 
 def build_scorer(kind: str, **kwargs) -> Scorer:
@@ -43,4 +43,4 @@ def keep_all_observing_scorer(input_dim: int = 25, n_bins: int = 17) -> BAMScore
     return scorer
 
 
-__all__ = ["keep_all_observing_scorer", "Scorer", "BAMScorer", "BAMNormsScorer", "MLPScorer", "LinearScorer", "LinearPooledScorer", "SCORER_KINDS", "build_scorer", "attention_mass_scorer"]
+__all__ = ["keep_all_observing_scorer", "Scorer", "BAMScorer", "BAMNormsScorer", "MLPScorer", "LinearScorer", "LinearPooledScorer", "LinearAllLayersScorer", "SCORER_KINDS", "build_scorer", "attention_mass_scorer"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..features import POOLED_INPUTS
+from ..features import ALL_LAYER_INPUTS, POOLED_INPUTS
 from .base import Scorer, zero_linear
 
 
@@ -39,6 +39,28 @@ class LinearPooledScorer(LinearScorer):
 
     kind = "linear_pooled"
     extra_inputs = POOLED_INPUTS
+
+    def __init__(self, input_dim: int = 28, n_bins: int = 17):
+        super().__init__(input_dim=input_dim, n_bins=n_bins)
+
+
+class LinearAllLayersScorer(LinearScorer):
+    """`LinearScorer` that also reads each token's key norm pooled over **every** layer
+    (`namm_cache.ledger.KeyNormLedger.pooled_all_layers`): each (layer, KV head) row's z-scored log key norm,
+    averaged over the rows that have seen the token, standardised over the tokens a row holds. 28 inputs and
+    29 parameters at the paper's sizes.
+
+    `LinearPooledScorer` reads layers `0..l` only, so that a round inside a chunk needs nothing the forward pass
+    has not computed yet; its input ranks variable-tracking statements among the haystack at AUC 0.67 on SmolLM2
+    at 2,400 tokens, every layer's at 0.89 (`benchmarks/needle_features.py`). A round whose point ends a chunk
+    runs when the next chunk reaches the layer, when every layer has seen every token it scores: so with
+    prefill chunks of `update_interval` tokens (as the evolution and the benchmarks feed prompts) and in
+    decoding, every round reads every layer. A round inside a chunk (a longer prefill chunk) reads every layer
+    for the tokens before that chunk and layers `0..l` for the chunk's own.
+    Zero-initialised like `LinearScorer`."""
+
+    kind = "linear_all_layers"
+    extra_inputs = ALL_LAYER_INPUTS
 
     def __init__(self, input_dim: int = 28, n_bins: int = 17):
         super().__init__(input_dim=input_dim, n_bins=n_bins)
