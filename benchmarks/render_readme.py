@@ -98,12 +98,12 @@ def render_compare_gemma3(result: dict) -> str:
 
 def baseline_flags(result: dict) -> str:
     """The evaluate flags that chose the result's baseline rows (read from the rows, so older files render too)."""
-    from namm_cache.evolution.evaluate import BASELINES
+    from namm_cache.evolution.evaluate import ACCEPTED_BASELINES, BASELINES
 
     policies = [row.get("policy") for row in result["rows"]]
     if None in policies:  # written before rows named their policy: every baseline, as then
         return ""
-    plain = [policy for policy in policies if policy in BASELINES]
+    plain = [policy for policy in policies if policy in ACCEPTED_BASELINES]
     protected = [policy.removesuffix("+protected") for policy in policies if policy.endswith("+protected")]
     flags = "" if plain == BASELINES else f" --baselines {','.join(plain) or repr('')}"
     flags += f" --protected-baselines {','.join(protected)}" if protected else ""

@@ -400,3 +400,31 @@ def test_widen_scorer_keeps_a_linear_scorers_weights_and_adds_the_new_input_at_t
         assert widen_scorer.main(argv) == 2
         assert message in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_the_pooled_key_norm_policy_keeps_the_same_quietest_tokens_in_every_layer_and_head():
+    """One round (at 63, run when the 65th token arrives): every layer reads every layer's rows, so all 8
+    (layer, head) rows keep the same 20 tokens: the newest and the 19 of lowest pooled value."""
+    from namm_cache.policies import COMPARABLE_POLICIES, BASELINE_POLICIES, build_policy
+
+    assert "pooled_key_norm" in COMPARABLE_POLICIES and "pooled_key_norm" not in BASELINE_POLICIES
+    model = tiny_model("llama")
+    prompt = random_ids(65)
+    cache = NAMMCache(model=model, policy=build_policy("pooled_key_norm"), budget=20, update_interval=64)
+    assert cache.ledger is not None
+    with torch.no_grad():
+        model(input_ids=prompt[:, :64], cache=cache, use_cache=True)
+        model(input_ids=prompt[:, 64:], cache=cache, use_cache=True)
+    kept = held(cache, tokens=65)[:, :64]
+    assert (kept.sum(-1) == 20).all() and (kept == kept[0]).all()
+    value = cache.ledger.pooled_all_layers(torch.tensor([0]), 63)[0]
+    expected = torch.zeros(64, dtype=torch.bool)
+    expected[63] = True
+    expected[value[:63].topk(19, largest=False).indices] = True
+    assert torch.equal(kept[0], expected)
+    # The per-head key-norm rule keeps different tokens in different rows.
+    per_head = NAMMCache(model=model, policy="key_norm", budget=20, update_interval=64)
+    with torch.no_grad():
+        model(input_ids=prompt[:, :64], cache=per_head, use_cache=True)
+        model(input_ids=prompt[:, 64:], cache=per_head, use_cache=True)
+    assert not (held(per_head, tokens=65)[:, :64] == kept[0]).all()

@@ -1,8 +1,10 @@
 """Eviction policies behind one contract: `score(observation) -> (N, S)`, higher = keep.
 
 `build_policy(name, ...)` builds one by name, so benchmarks and lm-eval switch policy with a string;
-`BASELINE_POLICIES` lists the registered baselines (every policy but `namm`, `full` and the `oracle` ceiling,
-which needs each prompt's evidence positions: `build_policy("oracle", positions=[...])`).
+`BASELINE_POLICIES` lists the published methods NAMM is compared with (every policy but `namm`, `full`, the
+`oracle` ceiling, which needs each prompt's evidence positions: `build_policy("oracle", positions=[...])`, and
+this project's own rule `pooled_key_norm`); `COMPARABLE_POLICIES` adds that rule: the policies a benchmark's
+`--baselines` accepts.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from .h2o import H2OPolicy
 from .key_norm import KeyNormPolicy
 from .namm import NAMMPolicy
 from .oracle import OraclePolicy
+from .pooled_key_norm import PooledKeyNormPolicy
 from .random_policy import RandomPolicy
 from .snapkv import SnapKVPolicy
 from .streaming_llm import StreamingLLMPolicy
@@ -28,6 +31,7 @@ POLICIES: dict[str, type[Policy]] = {
     "snapkv": SnapKVPolicy,
     "tova": TOVAPolicy,
     "random": RandomPolicy,
+    "pooled_key_norm": PooledKeyNormPolicy,
     "full": FullCachePolicy,
     "oracle": OraclePolicy,
 }
@@ -36,7 +40,9 @@ ALIASES = {"l2": "key_norm", "knorm": "key_norm", "streamingllm": "streaming_llm
 # The methods NAMM is compared with: every registered policy but NAMM itself and the two references, the full
 # cache and the oracle (a ceiling told where the evidence is, which no method can know).
 BASELINE_POLICIES: tuple[str, ...] = tuple(name for name, cls in POLICIES.items()
-                                           if cls not in (NAMMPolicy, FullCachePolicy, OraclePolicy))
+                                           if cls not in (NAMMPolicy, FullCachePolicy, OraclePolicy, PooledKeyNormPolicy))
+# What a benchmark may run beside NAMM under the same budget: the published baselines and this project's rule.
+COMPARABLE_POLICIES: tuple[str, ...] = BASELINE_POLICIES + ("pooled_key_norm",)
 
 
 def baseline_names() -> list[str]:
@@ -61,6 +67,7 @@ __all__ = [
     "POLICIES",
     "ALIASES",
     "BASELINE_POLICIES",
+    "COMPARABLE_POLICIES",
     "baseline_names",
     "build_policy",
     "NAMMPolicy",
@@ -72,4 +79,5 @@ __all__ = [
     "RandomPolicy",
     "FullCachePolicy",
     "OraclePolicy",
+    "PooledKeyNormPolicy",
 ]
