@@ -216,7 +216,8 @@ def test_settings_a_budget_or_policy_would_ignore_are_refused():
 
 def test_policies_that_need_no_attention_do_not_observe():
     model = tiny_model("llama", "sdpa")
-    for name, observes in [("key_norm", False), ("streaming_llm", False), ("random", False), ("h2o", True), ("tova", True), ("snapkv", True)]:
+    for name, observes in [("key_norm", False), ("streaming_llm", False), ("random", False), ("pooled_key_norm", False),
+                           ("h2o", True), ("tova", True), ("snapkv", True)]:
         cache = NAMMCache(model=model, policy=name, budget=16, update_interval=16)
         run_generate(model, random_ids(40), cache)
         assert cache.namm_layers[0].observing is observes, name

@@ -98,7 +98,7 @@ class NAMMLM(HFLM):
     """`HFLM` with a NAMM (or baseline-policy) cache on every request.
 
     Extra model_args (removed and checked before the model loads): `scorer` (name or path, NAMM policy
-    only), `policy` (namm, h2o, key_norm, streaming_llm, snapkv, tova, random, full), `budget` (a token
+    only), `policy` (namm, h2o, key_norm, streaming_llm, snapkv, tova, random, pooled_key_norm, full), `budget` (a token
     count such as 512, a fraction such as 0.25 or 25%, or "threshold"; 1 is refused as ambiguous: write
     100% or 1.0 for a full budget), `update_interval`, `max_tokens`, `min_fraction`, `threshold`, `sinks`, `recent_window`,
     `prefill_chunk_size`
