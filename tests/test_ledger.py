@@ -428,3 +428,23 @@ def test_the_pooled_key_norm_policy_keeps_the_same_quietest_tokens_in_every_laye
         model(input_ids=prompt[:, :64], cache=per_head, use_cache=True)
         model(input_ids=prompt[:, 64:], cache=per_head, use_cache=True)
     assert not (held(per_head, tokens=65)[:, :64] == kept[0]).all()
+
+
+def test_the_all_layer_value_is_computed_once_per_round_and_follows_row_moves_and_padding():
+    from namm_cache.ledger import KeyNormLedger
+
+    generator = torch.Generator().manual_seed(0)
+    ledger = KeyNormLedger()
+    for layer in range(3):
+        ledger.append(layer, torch.randn(2, 2, 10, 4, generator=generator) * (layer + 1))
+    rows = torch.tensor([0, 1])
+    first = ledger.pooled_all_layers(rows, 9)
+    assert ledger.pooled_all_layers(rows, 9) is first  # the next layer of the same round reuses it
+    by_hand = pooled_key_norm(torch.cat([ledger.norms[i][:, :, :10] for i in range(3)], dim=1), torch.ones(2, 10, dtype=torch.bool))
+    torch.testing.assert_close(first, by_hand)
+    ledger.select_rows(torch.tensor([1, 0]))
+    torch.testing.assert_close(ledger.pooled_all_layers(rows, 9), first[[1, 0]])
+    ledger.mark_padding(0, torch.tensor([[True, False], [False, False]]))
+    padded = ledger.pooled_all_layers(rows, 9)
+    assert padded[0, 0] == 0 and not torch.allclose(padded[0, 1:], first[1, 1:])
+    torch.testing.assert_close(padded[1], first[0])

@@ -60,9 +60,12 @@ class KeyNormLedger:
         self.norms: dict[int, torch.Tensor] = {}
         self.lengths: dict[int, int] = {}
         self.real: torch.Tensor | None = None
+        # The last `pooled_all_layers` result and what it read: at rounds between chunks every layer reads the
+        # same value, so one round of a model computes it once instead of once per layer.
+        self._all_layers: tuple[tuple, torch.Tensor] | None = None
 
     def reset(self) -> None:
-        self.norms, self.lengths, self.real = {}, {}, None
+        self.norms, self.lengths, self.real, self._all_layers = {}, {}, None, None
 
     def append(self, layer_idx: int, key_states: torch.Tensor) -> None:
         """Add the log key norms of the chunk `key_states` `(B, H, q, D)` that layer `layer_idx` just received."""
@@ -91,6 +94,8 @@ class KeyNormLedger:
     def mark_padding(self, start: int, is_padding: torch.Tensor) -> None:
         """Flag padding tokens `(B, q)` at positions `start .. start + q - 1`: they count in no statistic."""
         self.real[:, start:start + is_padding.shape[-1]] &= ~is_padding.to(self.real.device)
+        if self._all_layers is not None and start <= self._all_layers[0][0]:
+            self._all_layers = None
 
     def pooled(self, rows: torch.Tensor, now: int, up_to_layer: int) -> torch.Tensor:
         """`(len(rows), now + 1)`: `pooled_key_norm` of batch `rows` over the layers `<= up_to_layer`, for the
@@ -114,11 +119,14 @@ class KeyNormLedger:
         only: those tokens get every layer's rows, the chunk's own the rows of layers `0..l`. The value therefore
         depends on the chunking (`evolution.replay.replay_pooled_all_layers` reproduces it for a given chunk)."""
         index = rows.to(self.real.device)
+        seen_by_layer = tuple((layer, min(self.lengths[layer], now + 1)) for layer in sorted(self.norms))
+        key = (now, seen_by_layer, tuple(index.tolist()))
+        if self._all_layers is not None and self._all_layers[0] == key:
+            return self._all_layers[1]
         real = self.real[:, : now + 1].index_select(0, index)
         total = torch.zeros(real.shape, dtype=torch.float32, device=real.device)
         count = torch.zeros(now + 1, dtype=torch.float32, device=real.device)
-        for layer in sorted(self.norms):
-            seen = min(self.lengths[layer], now + 1)
+        for layer, seen in seen_by_layer:
             if seen == 0:
                 continue
             norms = self.norms[layer][..., :seen].index_select(0, index)
@@ -127,13 +135,16 @@ class KeyNormLedger:
         if not bool((count > 0).all()):
             raise RuntimeError(f"The key-norm ledger has no keys up to position {now}: the cache must record every layer's "
                                "keys before a layer scores.")
-        return total / count
+        value = total / count
+        self._all_layers = (key, value)
+        return value
 
     def select_rows(self, index: torch.Tensor) -> None:
         """Keep batch rows `index` (beam reordering, repeat-interleave, batch selection)."""
         if self.real is None:
             return
         index = index.to(self.real.device)
+        self._all_layers = None
         self.norms = {layer: tensor.index_select(0, index) for layer, tensor in self.norms.items()}
         self.real = self.real.index_select(0, index)
 
