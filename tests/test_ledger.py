@@ -359,6 +359,8 @@ def test_a_scorer_reading_every_layers_key_norm_evicts_by_it_live_and_in_the_rep
     loaded = NAMMCache.from_pretrained(tmp_path / "all-layers", model=model)
     assert loaded.scorer.kind == "linear_all_layers" and loaded.scorer.num_parameters() == 29
     assert loaded.policy.pools_every_layer and loaded.ledger is not None
+    card = (tmp_path / "all-layers" / "README.md").read_text()
+    assert "input 28 features (8 recency + 17 spectrogram bins + key_norm, value_norm, all_layer_key_norm)" in card
 
 
 def test_widen_scorer_keeps_a_linear_scorers_weights_and_adds_the_new_input_at_the_given_weight(tmp_path, capsys):

@@ -137,6 +137,7 @@ def render_card(scorer: Scorer, config: NAMMConfig, metadata: ScorerMetadata, re
         num_parameters=f"{scorer.num_parameters():,}",
         input_dim=scorer.input_dim,
         n_bins=scorer.n_bins,
+        extra_inputs=", ".join(scorer.extra_inputs),
         base_models=", ".join(metadata.base_models) or "not recorded",
         training_tasks=", ".join(metadata.training_tasks) or "none (not evolved)",
         fitness=None if metadata.fitness is None else f"{metadata.fitness:.4f}",
