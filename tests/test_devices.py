@@ -15,7 +15,7 @@ from transformers import DynamicCache
 from namm_cache import NAMMCache
 from namm_cache.config import NAMMConfig
 from namm_cache.features import SpectrogramState, fold_attention
-from namm_cache.scorers import LinearPooledScorer
+from namm_cache.scorers import LinearAllLayersScorer, LinearPooledScorer
 
 CUDA = torch.cuda.is_available()
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not CUDA, reason="no CUDA device"))]
@@ -61,7 +61,7 @@ def test_observing_keep_all_matches_dynamic_cache(device, dtype):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("policy", ["namm", "h2o", "key_norm", "streaming_llm", "snapkv", "tova", "random"])
+@pytest.mark.parametrize("policy", ["namm", "h2o", "key_norm", "streaming_llm", "snapkv", "tova", "random", "pooled_key_norm"])
 def test_evicting_caches_run_and_free_memory(device, dtype, policy):
     model = model_on(device, dtype, "qwen3")
     ids = random_ids(160).to(device)
@@ -99,10 +99,11 @@ def test_evicting_namm_decides_the_same_on_the_device_as_on_cpu(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_a_pooled_key_norm_cache_decides_the_same_on_the_device_as_on_cpu(device):
-    """The key-norm ledger lives on the model's device: a `linear_pooled` scorer with random weights (the pooled
-    weight large, so the ledger drives the choice) keeps on the device what it keeps on CPU."""
-    scorer = LinearPooledScorer()
+@pytest.mark.parametrize("kind", [LinearPooledScorer, LinearAllLayersScorer], ids=lambda kind: kind.kind)
+def test_a_pooled_key_norm_cache_decides_the_same_on_the_device_as_on_cpu(device, kind):
+    """The key-norm ledger lives on the model's device: a `linear_pooled` / `linear_all_layers` scorer with random
+    weights (the pooled weight large, so the ledger drives the choice) keeps on the device what it keeps on CPU."""
+    scorer = kind()
     generator = torch.Generator().manual_seed(3)
     scorer.set_flat_params(torch.randn(scorer.num_parameters(), generator=generator) * 0.3)
     with torch.no_grad():
@@ -116,6 +117,7 @@ def test_a_pooled_key_norm_cache_decides_the_same_on_the_device_as_on_cpu(device
         kept[where] = [{(h, int(p)) for h in range(layer.keys.shape[1]) for p in layer.positions[0, h][layer.token_valid[0, h]]}
                        for layer in cache.namm_layers]
     assert ledgers[device].pooled(torch.tensor([0]), now=100, up_to_layer=1).device.type == device
+    assert ledgers[device].pooled_all_layers(torch.tensor([0]), now=100).device.type == device
     overlap = [len(a & b) / len(a) for a, b in zip(kept["cpu"], kept[device])]
     assert min(overlap) >= 0.97
 
