@@ -187,11 +187,11 @@ class EvolutionConfig:
             raise ValueError(f"replay_refeed ({self.replay_refeed}) applies to fitness: replay only; the config sets fitness: {self.fitness}.")
         self.validation_prompts_per_task = check_int("validation_prompts_per_task", self.validation_prompts_per_task, minimum=0)
         self.validation_every = check_int("validation_every", self.validation_every, minimum=1)
-        from namm_cache.policies import BASELINE_POLICIES
+        from namm_cache.policies import COMPARABLE_POLICIES
 
         if not isinstance(self.validation_baselines, list):
             raise ValueError(f"validation_baselines must be a list of baseline policies, got {self.validation_baselines!r}.")
-        self.validation_baselines = [check_choice("validation_baselines", name, sorted(BASELINE_POLICIES))
+        self.validation_baselines = [check_choice("validation_baselines", name, sorted(COMPARABLE_POLICIES))
                                      for name in self.validation_baselines]
         self.namm = check_mapping("namm", self.namm)
         if not self.stages or not all(isinstance(stage, Stage) for stage in self.stages):

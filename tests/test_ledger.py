@@ -378,6 +378,7 @@ def test_widen_scorer_keeps_a_linear_scorers_weights_and_adds_the_new_input_at_t
     source.set_normalization(torch.arange(17.0), torch.arange(1.0, 18.0))
     config = NAMMConfig(update_interval=64, recent_window=16, sinks=2)
     save_scorer(tmp_path / "linear", source, config, ScorerMetadata(training_tasks=["passkey", "needle"]))
+    save_scorer(tmp_path / "bam_norms", __import__("namm_cache").scorers.BAMNormsScorer(), config)  # same inputs as linear
     assert widen_scorer.main([str(tmp_path / "linear"), "linear_all_layers", str(tmp_path / "wide"), "--weight", "-0.5"]) == 0
     wide = load_scorer(tmp_path / "wide")
     assert wide.scorer.kind == "linear_all_layers" and wide.config == config
@@ -392,8 +393,9 @@ def test_widen_scorer_keeps_a_linear_scorers_weights_and_adds_the_new_input_at_t
     torch.testing.assert_close(zero(features, positions, valid), source(features[..., :27], positions, valid))
     capsys.readouterr()
     for argv, message in (
-        ([str(tmp_path / "linear"), "bam", str(tmp_path / "x")], "a bam scorer does not read what a linear scorer reads plus one input"),
-        ([str(tmp_path / "wide"), "linear_pooled", str(tmp_path / "x")], "does not read what a linear_all_layers scorer reads"),
+        ([str(tmp_path / "linear"), "bam", str(tmp_path / "x")], "a bam scorer is not a linear scorer plus one input"),
+        ([str(tmp_path / "wide"), "linear_pooled", str(tmp_path / "x")], "is not a linear_all_layers scorer plus one input"),
+        ([str(tmp_path / "bam_norms"), "linear_all_layers", str(tmp_path / "x")], "is not a bam_norms scorer plus one input"),
         ([str(tmp_path / "linear"), "transformer", str(tmp_path / "x")], "unknown scorer kind 'transformer'"),
         ([str(tmp_path / "linear"), "linear_pooled", str(tmp_path / "wide")], "exists and is not empty"),
         ([str(tmp_path / "linear"), "linear_pooled", str(tmp_path / "x"), "--weight", "nan"], "--weight must be a finite number"),
@@ -450,3 +452,37 @@ def test_the_all_layer_value_is_computed_once_per_round_and_follows_row_moves_an
     padded = ledger.pooled_all_layers(rows, 9)
     assert padded[0, 0] == 0 and not torch.allclose(padded[0, 1:], first[1, 1:])
     torch.testing.assert_close(padded[1], first[0])
+
+
+@pytest.mark.parametrize("policy", ["pooled_key_norm", "linear_all_layers"])
+def test_every_layer_readers_refuse_a_left_padded_batch_and_take_a_right_padded_one(policy):
+    """Left padding moves a row's rounds inside chunks, where the layers after the scoring one have not seen the
+    chunk: the row would evict differently from its prompt alone, so it is refused. Right padding (lm-eval's
+    log-likelihood batches) leaves every row's rounds where they are."""
+    model = tiny_model("llama")
+
+    def cache():
+        if policy == "pooled_key_norm":
+            return NAMMCache(model=model, policy=policy, budget=40, update_interval=32)
+        return NAMMCache(model=model, scorer=all_layers_only_scorer(), update_interval=32, max_tokens=40)
+
+    prompts = [random_ids(100, seed=10), random_ids(61, seed=11)]
+    left = torch.zeros(2, 100, dtype=torch.long)
+    mask = torch.zeros(2, 100, dtype=torch.long)
+    left[0], mask[0] = prompts[0][0], 1
+    left[1, 39:], mask[1, 39:] = prompts[1][0], 1
+    with pytest.raises(ValueError, match="left-padded batch .* one at a time"):
+        model.generate(left, attention_mask=mask, cache=cache(), max_new_tokens=4, do_sample=False, prefill_chunk_size=32,
+                       pad_token_id=0)
+    # Right-padded, fed in 32-token chunks: row 1's logits and kept tokens are those of its prompt alone.
+    right = torch.zeros(2, 100, dtype=torch.long)
+    right_mask = torch.zeros(2, 100, dtype=torch.long)
+    right[0], right_mask[0] = prompts[0][0], 1
+    right[1, :61], right_mask[1, :61] = prompts[1][0], 1
+    batched, alone = cache(), cache()
+    with torch.no_grad():
+        logits = [model(input_ids=right[:, i:i + 32], attention_mask=right_mask[:, :i + 32], cache=batched, use_cache=True).logits
+                  for i in range(0, 100, 32)]
+        solo = [model(input_ids=part, cache=alone, use_cache=True).logits for part in prompts[1].split(32, dim=1)]
+    torch.testing.assert_close(torch.cat(logits, 1)[1, :61], torch.cat(solo, 1)[0], rtol=1e-4, atol=1e-4)
+    assert torch.equal(held(batched, row=1, tokens=100)[:, :61], held(alone, tokens=61))

@@ -29,8 +29,12 @@ def widen(source, kind: str, weight: float):
     if kind not in SCORER_KINDS:
         raise ValueError(f"unknown scorer kind {kind!r}; known: {sorted(SCORER_KINDS)}.")
     target_class = SCORER_KINDS[kind]
-    if tuple(target_class.extra_inputs[:-1]) != tuple(source.extra_inputs) or not isinstance(getattr(source, "readout", None), nn.Linear):
-        raise ValueError(f"a {kind} scorer does not read what a {source.kind} scorer reads plus one input; "
+    # The source must be exactly the target's parent kind: a read-out alone (BAM's sits behind an attention
+    # block) is not the scorer, and a copied one would not score as the source did.
+    parent = target_class.__mro__[1]
+    if type(source) is not parent or tuple(target_class.extra_inputs[:-1]) != tuple(source.extra_inputs) \
+            or not isinstance(getattr(source, "readout", None), nn.Linear):
+        raise ValueError(f"a {kind} scorer is not a {source.kind} scorer plus one input; "
                          "widen a linear scorer to linear_pooled or linear_all_layers.")
     target = target_class(input_dim=source.input_dim + 1, n_bins=source.n_bins)
     with torch.no_grad():

@@ -292,6 +292,8 @@ class NAMMLayer(CacheLayerMixin):
             if self.checks_positions:
                 check_chunk_positions(kwargs.get("position_ids"), new_is_padding, self.real_tokens_seen, self.tokens_seen)
             self.mark_padding(new_is_padding)
+            if self.policy.pools_every_layer:
+                self._refuse_left_padding(new_is_padding, q_length)
             ends = segment_ends(new_is_padding, q_length, self.real_tokens_seen, self.next_eviction, self.config.update_interval)
         if not self.observing and len(ends) == 1 and self.holds_every_token():
             # Nothing evicted, no padding, no observation needed: transformers' own mask is exactly right.
@@ -323,6 +325,29 @@ class NAMMLayer(CacheLayerMixin):
         if len(outputs) == 1:
             return outputs[0], weights
         return torch.cat(outputs, dim=1), None
+
+    def _refuse_left_padding(self, new_is_padding: torch.Tensor | None, q_length: int) -> None:
+        """Refuse a row whose real tokens come after padding, for a policy that pools every layer's key norm.
+
+        Such a policy reads, at a round inside a chunk, only the layers up to this one for the chunk's tokens
+        (`KeyNormLedger.pooled_all_layers`). Left padding moves a row's rounds off the chunk boundaries where the
+        prompt alone has them, so its evictions would differ from the prompt's alone: refused rather than silently
+        different. Right padding (after every real token, as in lm-eval's log-likelihood batches) is fine."""
+        before = self.tokens_seen - q_length
+        padded_before = [b for b in range(self.batch_size) if self.real_tokens_seen[b] < before]
+        if new_is_padding is None:
+            late_real = bool(padded_before)
+        else:
+            real = ~new_is_padding
+            after_padding = real & new_is_padding.to(torch.int8).cummax(dim=-1).values.bool()
+            late_real = bool(after_padding.any()) or any(bool(real[b].any()) for b in padded_before)
+        if late_real:
+            raise ValueError(
+                f"The {self.policy.name} policy reads every layer's key norms (pooled_key_norm, or a linear_all_layers "
+                "scorer), so where a round falls between or inside prefill chunks changes what it reads. A left-padded "
+                "batch moves its rows' rounds inside chunks, and they would evict differently from the same prompts "
+                "alone. Run these prompts one at a time (batch size 1)."
+            )
 
     # ------------------------------------------------------------------ observation -> statistics
     def observe(self, weights: torch.Tensor | None, new_is_padding: torch.Tensor | None, q_length: int) -> None:

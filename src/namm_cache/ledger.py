@@ -15,6 +15,12 @@ Definition (shared with the replay fitness through `pooled_key_norm`): at a roun
 round inside a chunk sees exactly what it would see between chunks). The last layer reads all rows (the
 0.92 above); the first reads its own heads only.
 
+Every layer (`pooled_all_layers`, read by the `pooled_key_norm` policy and `linear_all_layers` scorers): each
+token's value is the mean of its z-scores over every row that has seen it, each row z-scored over the real
+tokens it has seen up to `now`. Rounds between chunks (and in decoding) read every layer for every token;
+a round inside a chunk runs before the later layers have seen that chunk, so this value depends on the
+chunking, and a left-padded batch (whose rows' rounds fall inside chunks) is refused by those policies.
+
 Cost: one float32 per (layer, KV head) and token seen, per batch row, in storage that doubles when full
 (so up to twice that is allocated): for SmolLM2, 360 bytes per token against 23 KB per token of a
 bfloat16 full cache (1.6%). It grows with the tokens seen, evicted or not.
@@ -110,9 +116,10 @@ class KeyNormLedger:
         return pooled_key_norm(norms, self.real[:, : now + 1].index_select(0, index))
 
     def pooled_all_layers(self, rows: torch.Tensor, now: int) -> torch.Tensor:
-        """`(len(rows), now + 1)`: `pooled_all_layers` of batch `rows` at a round at position `now`: every layer
-        recorded so far contributes, each row z-scored over the real tokens it has seen up to `now`, and each
-        token's value is the mean over the rows that have seen it (0 at padding positions).
+        """`(len(rows), now + 1)`: the key norm of batch `rows` pooled over every layer, at a round at position
+        `now`: each (layer, KV head) row recorded so far is z-scored over the real tokens it has seen up to
+        `now`, and each token's value is the mean of its z-scores over the rows that have seen it (0 at padding
+        positions).
 
         A round whose point ends a chunk runs when the next chunk reaches the layer: every layer has seen every
         token up to `now`. At a round inside a chunk, the layers after `l` have seen the tokens before the chunk
