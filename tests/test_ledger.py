@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -393,9 +394,11 @@ def test_widen_scorer_keeps_a_linear_scorers_weights_and_adds_the_new_input_at_t
     torch.testing.assert_close(zero(features, positions, valid), source(features[..., :27], positions, valid))
     capsys.readouterr()
     for argv, message in (
-        ([str(tmp_path / "linear"), "bam", str(tmp_path / "x")], "a bam scorer is not a linear scorer plus one input"),
-        ([str(tmp_path / "wide"), "linear_pooled", str(tmp_path / "x")], "is not a linear_all_layers scorer plus one input"),
-        ([str(tmp_path / "bam_norms"), "linear_all_layers", str(tmp_path / "x")], "is not a bam_norms scorer plus one input"),
+        ([str(tmp_path / "linear"), "bam", str(tmp_path / "x")], "only a linear scorer widens"),
+        ([str(tmp_path / "wide"), "linear_pooled", str(tmp_path / "x")], "got a linear_all_layers scorer and kind linear_pooled"),
+        ([str(tmp_path / "bam_norms"), "linear_all_layers", str(tmp_path / "x")], "got a bam_norms scorer"),
+        ([str(tmp_path / "linear"), "linear_pooled", str(tmp_path / "x"), "--weight", "1e300"], "within +-1e6"),
+        ([str(tmp_path / "linear"), "linear_pooled", "/proc/widened"], "cannot write /proc/widened"),
         ([str(tmp_path / "linear"), "transformer", str(tmp_path / "x")], "unknown scorer kind 'transformer'"),
         ([str(tmp_path / "linear"), "linear_pooled", str(tmp_path / "wide")], "exists and is not empty"),
         ([str(tmp_path / "linear"), "linear_pooled", str(tmp_path / "x"), "--weight", "nan"], "--weight must be a finite number"),
@@ -471,7 +474,7 @@ def test_every_layer_readers_refuse_a_left_padded_batch_and_take_a_right_padded_
     mask = torch.zeros(2, 100, dtype=torch.long)
     left[0], mask[0] = prompts[0][0], 1
     left[1, 39:], mask[1, 39:] = prompts[1][0], 1
-    with pytest.raises(ValueError, match="left-padded batch .* one at a time"):
+    with pytest.raises(ValueError, match="left-padded batch .* one at a time .* cache.reset"):
         model.generate(left, attention_mask=mask, cache=cache(), max_new_tokens=4, do_sample=False, prefill_chunk_size=32,
                        pad_token_id=0)
     # Right-padded, fed in 32-token chunks: row 1's logits and kept tokens are those of its prompt alone.
@@ -486,3 +489,17 @@ def test_every_layer_readers_refuse_a_left_padded_batch_and_take_a_right_padded_
         solo = [model(input_ids=part, cache=alone, use_cache=True).logits for part in prompts[1].split(32, dim=1)]
     torch.testing.assert_close(torch.cat(logits, 1)[1, :61], torch.cat(solo, 1)[0], rtol=1e-4, atol=1e-4)
     assert torch.equal(held(batched, row=1, tokens=100)[:, :61], held(alone, tokens=61))
+
+
+def test_a_round_inside_a_chunk_warns_that_every_layer_readers_read_fewer_layers():
+    model = tiny_model("llama")
+    cache = NAMMCache(model=model, policy="pooled_key_norm", budget=40, update_interval=32)
+    with pytest.warns(UserWarning, match="inside a prefill chunk"):
+        with torch.no_grad():
+            model(input_ids=random_ids(100), cache=cache, use_cache=True)
+    between = NAMMCache(model=model, policy="pooled_key_norm", budget=40, update_interval=32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with torch.no_grad():
+            for part in random_ids(100).split(32, dim=1):
+                model(input_ids=part, cache=between, use_cache=True)

@@ -69,6 +69,10 @@ def test_bad_model_args_fail_clearly(tiny_model_dir):
         make(tiny_model_dir, policy="tova")
     with pytest.raises(ValueError, match="scorer= applies to policy=namm only"):
         make(tiny_model_dir, policy="h2o", budget=8, scorer="namm-cache/keep-all")
+    # Every-layer key norms refuse left-padded generation batches: refused when the model is built, not mid-run.
+    with pytest.raises(ValueError, match="run it with batch_size=1 \\(got 2\\)"):
+        make(tiny_model_dir, policy="pooled_key_norm", budget=0.5, batch_size=2)
+    assert make(tiny_model_dir, policy="pooled_key_norm", budget=0.5).batch_size == 1
 
 
 RULER_TASKS = ["namm_ruler_niah_single_1", "namm_ruler_niah_multikey_2", "namm_ruler_niah_multikey_3",

@@ -34,8 +34,8 @@ def widen(source, kind: str, weight: float):
     parent = target_class.__mro__[1]
     if type(source) is not parent or tuple(target_class.extra_inputs[:-1]) != tuple(source.extra_inputs) \
             or not isinstance(getattr(source, "readout", None), nn.Linear):
-        raise ValueError(f"a {kind} scorer is not a {source.kind} scorer plus one input; "
-                         "widen a linear scorer to linear_pooled or linear_all_layers.")
+        raise ValueError(f"only a linear scorer widens, to linear_pooled or linear_all_layers; got a {source.kind} "
+                         f"scorer and kind {kind}.")
     target = target_class(input_dim=source.input_dim + 1, n_bins=source.n_bins)
     with torch.no_grad():
         target.readout.weight[:, : source.input_dim] = source.readout.weight
@@ -58,8 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     from namm_cache.hub import ScorerLoadError, ScorerMetadata, load_scorer, save_scorer
 
     try:
-        if not math.isfinite(args.weight):
-            raise ValueError(f"--weight must be a finite number, got {args.weight}.")
+        if not math.isfinite(args.weight) or abs(args.weight) > 1e6:
+            raise ValueError(f"--weight must be a finite number within +-1e6, got {args.weight}.")
         if Path(args.out).exists() and any(Path(args.out).iterdir()):
             raise ValueError(f"{args.out} exists and is not empty; choose a new folder.")
         loaded = load_scorer(args.source)
@@ -71,7 +71,11 @@ def main(argv: list[str] | None = None) -> int:
                                         f"({scorer.extra_inputs[-1]}) has weight {args.weight:g}.")
     metadata = ScorerMetadata(base_models=loaded.metadata.base_models, training_tasks=loaded.metadata.training_tasks,
                               license=loaded.metadata.license, description=description)
-    save_scorer(args.out, scorer, loaded.config, metadata)
+    try:
+        save_scorer(args.out, scorer, loaded.config, metadata)
+    except OSError as error:
+        print(f"widen_scorer: error: cannot write {args.out}: {error}", file=sys.stderr)
+        return 2
     print(f"wrote {args.out}: {scorer.kind}, {scorer.num_parameters()} parameters, new input weight {args.weight:g}")
     return 0
 

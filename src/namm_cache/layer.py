@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable
 
 import torch
@@ -319,6 +320,12 @@ class NAMMLayer(CacheLayerMixin):
                 self.observe(weights if self.observing else None, segment_padding, end - start)
             if end < q_length:
                 # A row reached its eviction point inside this chunk: evict now, as it would between chunks.
+                if self.policy.pools_every_layer:
+                    warnings.warn(
+                        "An eviction round ran inside a prefill chunk, before the later layers saw the chunk: every-layer "
+                        "key norms (pooled_key_norm, linear_all_layers) then read only the earlier layers for its tokens. "
+                        "Feed prompts in chunks of update_interval tokens (generate(..., prefill_chunk_size=...)) for "
+                        "rounds that read every layer.", stacklevel=2)
                 self.evict_due_rows(now=chunk_start + end - 1)
             outputs.append(output)
             start = end
@@ -342,11 +349,12 @@ class NAMMLayer(CacheLayerMixin):
             after_padding = real & new_is_padding.to(torch.int8).cummax(dim=-1).values.bool()
             late_real = bool(after_padding.any()) or any(bool(real[b].any()) for b in padded_before)
         if late_real:
+            reader = "A linear_all_layers scorer" if self.policy.name == "namm" else f"The {self.policy.name} policy"
             raise ValueError(
-                f"The {self.policy.name} policy reads every layer's key norms (pooled_key_norm, or a linear_all_layers "
-                "scorer), so where a round falls between or inside prefill chunks changes what it reads. A left-padded "
-                "batch moves its rows' rounds inside chunks, and they would evict differently from the same prompts "
-                "alone. Run these prompts one at a time (batch size 1)."
+                f"{reader} reads every layer's key norms, so where a round falls between or inside prefill chunks "
+                "changes what it reads. A left-padded batch moves its rows' rounds inside chunks, and they would evict "
+                "differently from the same prompts alone. Run these prompts one at a time (batch size 1) or right-pad "
+                "them, and call cache.reset() before using this cache again."
             )
 
     # ------------------------------------------------------------------ observation -> statistics

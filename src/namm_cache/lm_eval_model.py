@@ -11,6 +11,8 @@ earlier chunks really are missing when later tokens (and the continuation) are s
 rolling log-likelihood all go through `_model_call`, generation through `_model_generate`.
 Batches > 1 work: log-likelihood batches are right-padded (padding comes after every real token, so it
 cannot change their logits) and generation batches are left-padded with a mask (the cache evicts per row).
+Caches that read every layer's key norms (`pooled_key_norm`, `linear_all_layers` scorers) take batch_size=1
+only: a left-padded row would evict differently from its prompt alone.
 """
 
 from __future__ import annotations
@@ -116,6 +118,11 @@ class NAMMLM(HFLM):
         self.prefill_chunk_size = namm_args.prefill_chunk_size
         self.cache_counters = {"caches": 0, "evicted_tokens": 0, "evictions": 0, "kept_fraction_sum": 0.0}
         self._template = self.make_cache()  # check the model side (and install the attention wrapper) now
+        if self._template.policy.pools_every_layer and str(self.batch_size) != "1":
+            raise ValueError(
+                f"This cache reads every layer's key norms (the pooled_key_norm policy or a linear_all_layers scorer), "
+                f"which refuses left-padded generation batches; run it with batch_size=1 (got {self.batch_size})."
+            )
 
     def make_cache(self) -> NAMMCache:
         """A fresh cache for one request; the scorer was loaded once, in `__init__`."""
