@@ -17,13 +17,17 @@ from namm_cache.policies import Policy
 from namm_cache.scorers import LinearAllLayersScorer, LinearPooledScorer
 
 
-def pooled_only_scorer(weight: float = 1.0, bias: float = 0.0) -> LinearPooledScorer:
-    """Scores = weight x (standardised pooled key norm) + bias: blind to attention and age."""
-    scorer = LinearPooledScorer()
+def last_input_only(kind=LinearPooledScorer, weight: float = 1.0, bias: float = 0.0):
+    """Scores = weight x (the scorer's last input, a standardised pooled key norm) + bias: blind to attention and age."""
+    scorer = kind()
     with torch.no_grad():
         scorer.readout.weight[0, -1] = weight
         scorer.readout.bias[0] = bias
     return scorer
+
+
+def pooled_only_scorer(weight: float = 1.0, bias: float = 0.0) -> LinearPooledScorer:
+    return last_input_only(LinearPooledScorer, weight, bias)
 
 
 def held(cache: NAMMCache, row: int = 0, tokens: int | None = None) -> torch.Tensor:
@@ -281,11 +285,7 @@ class AllLayerProbe(Policy):
 
 
 def all_layers_only_scorer(weight: float = 1.0, bias: float = 0.0) -> LinearAllLayersScorer:
-    scorer = LinearAllLayersScorer()
-    with torch.no_grad():
-        scorer.readout.weight[0, -1] = weight
-        scorer.readout.bias[0] = bias
-    return scorer
+    return last_input_only(LinearAllLayersScorer, weight, bias)
 
 
 @pytest.mark.parametrize("chunk", [32, 20, 1000])
