@@ -346,8 +346,11 @@ class NAMMLayer(CacheLayerMixin):
             late_real = bool(padded_before)
         else:
             real = ~new_is_padding
-            after_padding = real & new_is_padding.to(torch.int8).cummax(dim=-1).values.bool()
-            late_real = bool(after_padding.any()) or any(bool(real[b].any()) for b in padded_before)
+            late_real = any(bool(real[b].any()) for b in padded_before)
+            if not late_real and q_length > 1:  # one query (a decode step) cannot hold padding before a real token:
+                # no tensor reduction, and no host sync on an accelerator, on every layer of every step
+                after_padding = real & new_is_padding.to(torch.int8).cummax(dim=-1).values.bool()
+                late_real = bool(after_padding.any())
         if late_real:
             reader = "A linear_all_layers scorer" if self.policy.name == "namm" else f"The {self.policy.name} policy"
             raise ValueError(
