@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", required=True, help="results JSON (the PNG is written beside it)")
     args = parser.parse_args(argv)
     from namm_cache import CacheSpec
-    from namm_cache.evolution.evaluate import _number, check_baselines
+    from namm_cache.evolution.evaluate import _number, check_baselines, protected_label
     from namm_cache.evolution.fitness import ExampleResult, mean_kept_fraction, normalized_task_scores, score_and_answer
     from namm_cache.evolution.run import load_model
     from namm_cache.hub import load_scorer
@@ -223,7 +223,7 @@ def main(argv: list[str] | None = None) -> dict:
     caches = {"full": ("full cache", lambda e, i: CacheSpec(policy="full", config=protection))}
     caches["namm"] = (f"NAMM ({memory})", lambda e, i: CacheSpec(
         scorer=loaded.scorer, config=config.replace(max_tokens=None) if fraction is not None else config, budget=fraction))
-    protected = f"{config.sinks} sinks, {config.recent_window} recent"
+    protected = protected_label(config)
     for policy in baselines:
         caches[policy] = (f"{policy} + {protected}",
                           lambda e, i, policy=policy: CacheSpec(policy=policy, budget=budget, config=protection))

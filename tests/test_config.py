@@ -41,6 +41,8 @@ def test_non_positive_or_non_finite_recency_frequency_is_refused(value):
         ({"threshold": [0]}, "threshold must be a number or None"),
         ({"min_fraction": 0.0}, r"min_fraction must be a number or None, in \(0, 1\]"),
         ({"min_fraction": 0.3, "threshold": None}, "floor under the threshold, and threshold is None"),
+        ({"neighbours": -1}, r"neighbours must be an integer in \[0, 1024\]"),
+        ({"neighbours": 2.5}, "not a whole number"),
     ],
 )
 def test_every_field_has_a_type_and_a_range(changes, message):
@@ -63,3 +65,9 @@ def test_from_dict_refuses_non_objects_and_suggests_field_names():
         NAMMConfig.from_dict({"update_intervall": 64})
     with pytest.raises(ValueError, match="Did you mean 'threshold'"):
         NAMMConfig().replace(treshold=0.5)
+
+
+def test_neighbours_are_written_only_when_set_and_read_back():
+    assert "neighbours" not in NAMMConfig().to_dict()  # files stay readable by versions without the field
+    config = NAMMConfig(neighbours=4)
+    assert config.to_dict()["neighbours"] == 4 and NAMMConfig.from_dict(config.to_dict()) == config

@@ -238,6 +238,31 @@ def test_heldout_evaluation_keeps_per_prompt_scores_and_gates_against_the_best_b
     assert "Greedy answers correct by needle depth" in text
 
 
+def test_the_scorers_neighbours_reach_its_protected_baselines_and_not_the_published_ones(tmp_path, tiny_model_dir):
+    from helpers import random_scorer
+
+    from namm_cache.evolution.evaluate import evaluate_heldout
+    from namm_cache.evolution.run import load_model
+    from namm_cache.hub import ScorerMetadata, save_scorer
+
+    model, tokenizer = load_model(str(tiny_model_dir))
+    runs = {}
+    for neighbours in (0, 3):
+        folder = tmp_path / f"scorer{neighbours}"
+        save_scorer(folder, random_scorer(seed=3), NAMMConfig(update_interval=128, threshold=0.0, sinks=4, recent_window=16,
+                                                              neighbours=neighbours), ScorerMetadata(description="test"))
+        runs[neighbours] = evaluate_heldout(model, tokenizer, str(folder), prompts_per_task=1, policies=["h2o"],
+                                            protected_policies=["h2o"], progress=False, budget=0.25, oracle=False,
+                                            resamples=10)
+    plain, spread = ({row["policy"]: row for row in runs[n]["rows"]} for n in (0, 3))
+    assert spread["h2o+protected"]["label"].startswith("h2o + 4 sinks, 16 recent, 3 neighbours (budget ")
+    assert spread["h2o+protected"]["protected"] == {"sinks": 4, "recent_window": 16, "neighbours": 3}
+    assert plain["h2o+protected"]["protected"] == {"sinks": 4, "recent_window": 16}
+    assert spread["h2o"]["scores"] == plain["h2o"]["scores"]  # the published rule runs as published
+    assert spread["h2o+protected"]["scores"] != plain["h2o+protected"]["scores"]
+    assert spread["namm"]["scores"] != plain["namm"]["scores"]
+
+
 def test_a_recent_window_override_reaches_the_scorer_and_the_protected_baselines(tmp_path, tiny_model_dir, monkeypatch):
     from helpers import random_scorer
 

@@ -22,6 +22,7 @@ from namm_cache.hub import (
     ScorerMetadata,
     bundled_names,
     bundled_root,
+    describe,
     load_folder,
     load_scorer,
     save_scorer,
@@ -74,6 +75,12 @@ def test_model_card_is_rendered_from_the_metadata(tmp_path):
     floored = (tmp_path / "f" / "README.md").read_text()
     assert "keep score >= 0.0, at least the top 0.3 of the tokens seen" in floored and floored.count("at least the top") == 1
     assert load_scorer(tmp_path / "f").config.min_fraction == 0.3  # saved and loaded with the scorer
+    assert "held tokens on either side" not in card
+    save_scorer(tmp_path / "n", calibrated_scorer(), NAMMConfig(sinks=4, neighbours=4), METADATA, repo_id="org/n")
+    spread = (tmp_path / "n" / "README.md").read_text()
+    assert "the first 4 tokens (sinks); a token kept keeps the 4 held tokens on either side |" in spread
+    loaded = load_scorer(tmp_path / "n")
+    assert loaded.config.neighbours == 4 and "neighbours 4" in describe(loaded)
 
 
 def build_hf_cache(cache_dir: Path, repo_id: str, source: Path, commit: str = "0123456789abcdef0123456789abcdef01234567"):

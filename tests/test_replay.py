@@ -54,6 +54,8 @@ def cache_kept(model, prompt, scorer, config, chunk, budget=None) -> torch.Tenso
     {"config": NAMMConfig(update_interval=32, max_tokens=40, sinks=3, recent_window=24), "chunk": 20},  # protected tokens
     {"config": NAMMConfig(update_interval=32, threshold=0.0, min_fraction=0.6, sinks=2), "chunk": 32},  # a floor
     {"config": NAMMConfig(update_interval=32, threshold=0.0, min_fraction=0.6), "chunk": 20},  # a floor, rounds inside chunks
+    {"config": NAMMConfig(update_interval=32, threshold=0.0, neighbours=1), "chunk": 32},  # scores spread to neighbours
+    {"config": NAMMConfig(update_interval=32, neighbours=3, sinks=2, recent_window=8), "chunk": 20, "budget": 0.3},
 ])
 def test_replay_evicts_exactly_what_the_cache_evicts_when_scores_do_not_read_attention(settings):
     model = tiny_model("llama")
@@ -68,6 +70,8 @@ def test_replay_evicts_exactly_what_the_cache_evicts_when_scores_do_not_read_att
     assert replayed.shape == real.shape == (4 * 2, 160)
     assert 0.1 < replayed.float().mean() < 0.9  # it evicts, and not everything
     assert torch.equal(replayed, real)
+    if config.neighbours:  # the spreading changes what is kept
+        assert not torch.equal(replay_kept(recording, scorer, config.replace(neighbours=0), budget), replayed)
     if config.min_fraction is not None:  # the floor binds: without it the threshold alone keeps fewer
         unfloored = replay_kept(recording, scorer, config.replace(min_fraction=None), budget)
         assert replayed.sum() > unfloored.sum()

@@ -141,3 +141,27 @@ def test_compaction_keeps_chronological_order_and_marks_padding():
     assert order[0].tolist() == [0, 2, 3]
     assert order[1, 0].item() == 1
     assert slot_valid.tolist() == [[True, True, True], [True, False, False]]
+
+
+def test_neighbours_spread_a_score_over_the_held_tokens_on_either_side_in_position_order():
+    from namm_cache.selection import spread_scores
+
+    scores = torch.tensor([[0.0, 5.0, 7.0, 0.0, 0.0, 0.0, 9.0, 0.0]])
+    valid = torch.tensor([[True, True, False, True, True, True, True, True]])
+    positions = torch.tensor([[7, 6, 5, 4, 3, 2, 1, 0]])  # slots newest first; slot 2 is not held
+    spread = spread_scores(scores, valid, positions, 1)
+    # slot 1 (position 6) reaches positions 7 and 4 across the empty slot; the empty slot neither gives its 7
+    # nor takes anything; position 1's 9 reaches positions 2 and 0.
+    assert spread.tolist() == [[5.0, 5.0, 7.0, 5.0, 0.0, 9.0, 9.0, 9.0]]
+    assert spread_scores(scores, valid, positions, 2)[0, 4].item() == 9.0  # position 3 sees position 1
+
+
+def test_with_neighbours_a_kept_token_keeps_its_phrase_under_a_threshold_and_a_cap():
+    scores = torch.tensor([[-1.0, -1.0, -1.0, 2.0, -1.0, -1.0, -1.0, -1.0, -1.0, -1.0]])
+    valid = torch.ones(1, 10, dtype=torch.bool)
+    positions = torch.arange(10)[None]
+    assert select_tokens(scores, valid, positions).nonzero()[:, 1].tolist() == [3, 9]
+    assert select_tokens(scores, valid, positions, neighbours=2).nonzero()[:, 1].tolist() == [1, 2, 3, 4, 5, 9]
+    capped = select_tokens(scores, valid, positions, threshold=None, max_tokens=4, neighbours=1)
+    assert capped.nonzero()[:, 1].tolist() == [2, 3, 4, 9]  # the newest, then the phrase around the best score
+    assert select_tokens(scores, valid, positions, neighbours=0).equal(select_tokens(scores, valid, positions))

@@ -16,6 +16,7 @@ from .validation import check_float, check_int, check_mapping, did_you_mean
 MAX_HOP_LENGTH = 4096
 MAX_RECENCY_DIM = 1024
 MAX_TOKEN_COUNT = 2**40  # update_interval, max_tokens: larger than any context window
+MAX_NEIGHBOURS = 1024  # a wider window than this keeps whole chapters around one token: not a phrase
 
 
 @dataclass
@@ -46,6 +47,9 @@ class NAMMConfig:
             Protected tokens count toward `max_tokens` and any budget (a cap below their number keeps the
             newest token, then the sinks, then the newest of the window). With both 0 (the paper's setting) the
             scorer decides alone; with them, it decides only what to keep beyond sinks and local context.
+        neighbours: each token is ranked by the highest score among itself and this many held tokens on
+            either side of it (`namm_cache.selection.spread_scores`), so a kept token keeps its phrase
+            (default 0: each token by its own score). Applies to the threshold, the cap and budgets alike.
     """
 
     n_fft: int = 32
@@ -59,6 +63,7 @@ class NAMMConfig:
     min_fraction: float | None = None
     sinks: int = 0
     recent_window: int = 0
+    neighbours: int = 0
 
     def __post_init__(self) -> None:
         self.validate()
@@ -96,6 +101,7 @@ class NAMMConfig:
         self.min_fraction = check_float("min_fraction", self.min_fraction, above=0.0, maximum=1.0, optional=True)
         self.sinks = check_int("sinks", self.sinks, minimum=0, maximum=MAX_TOKEN_COUNT)
         self.recent_window = check_int("recent_window", self.recent_window, minimum=0, maximum=MAX_TOKEN_COUNT)
+        self.neighbours = check_int("neighbours", self.neighbours, minimum=0, maximum=MAX_NEIGHBOURS)
         if self.n_fft != 2 * self.hop_length:
             raise ValueError(
                 f"n_fft ({self.n_fft}) must be twice hop_length ({self.hop_length}): each token carries a tail of "
@@ -119,7 +125,7 @@ class NAMMConfig:
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
-        for name in ("sinks", "recent_window", "min_fraction"):  # written only when set, so files stay readable by versions without them
+        for name in ("sinks", "recent_window", "min_fraction", "neighbours"):  # written only when set, so files stay readable by versions without them
             if not data[name]:
                 del data[name]
         return data

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 
 def select_tokens(
@@ -15,6 +16,7 @@ def select_tokens(
     min_tokens: int | torch.Tensor | None = None,
     sinks: int = 0,
     recent_window: int = 0,
+    neighbours: int = 0,
 ) -> torch.Tensor:
     """Decide which tokens to keep.
 
@@ -34,6 +36,9 @@ def select_tokens(
             token but the newest; if a cap is smaller than a row's protected tokens, it keeps the newest, then
             the sinks (oldest first), then the recent window (newest first), as StreamingLLM would: a small
             fraction budget early in a prompt must not trade the attention sinks for a score.
+        neighbours: with `k > 0`, each valid token is ranked by the highest score among itself and the `k`
+            valid tokens on either side of it in position order (`spread_scores`), so that a token worth
+            keeping keeps the words around it: a fact survives as a phrase, not as scattered tokens.
 
     Returns:
         `(N, S)` bool keep mask (a subset of `valid`).
@@ -46,6 +51,8 @@ def select_tokens(
             "The scorer returned NaN or inf scores for real tokens; refusing to evict on them. Check the scorer's "
             "parameters and normalisation statistics (std must be > 0)."
         )
+    if neighbours:
+        scores = spread_scores(scores, valid, positions, neighbours)
     keep = valid.clone() if threshold is None else valid & (scores >= threshold)
     has_token = valid.any(-1)
     newest = torch.where(valid, positions, torch.full_like(positions, -1)).argmax(-1)
@@ -69,6 +76,21 @@ def select_tokens(
         if bool((limit < keep.sum(-1)).any()):
             keep &= _ranks(keep, scores, positions, sink, window, special) < limit.unsqueeze(-1)
     return keep
+
+
+def spread_scores(scores: torch.Tensor, valid: torch.Tensor, positions: torch.Tensor, neighbours: int) -> torch.Tensor:
+    """`(N, S)` scores where each valid token takes the highest score among itself and the `neighbours` valid
+    tokens before and after it in position order (a running maximum over a window of `2 * neighbours + 1`
+    held tokens; slots that are not valid neither give nor take). Invalid slots keep their score."""
+    if neighbours <= 0 or scores.shape[-1] == 0:
+        return scores
+    big = torch.iinfo(positions.dtype).max
+    order = torch.where(valid, positions, torch.full_like(positions, big)).argsort(dim=-1, stable=True)
+    packed = scores.gather(-1, order).to(torch.float32).masked_fill(~valid.gather(-1, order), float("-inf"))
+    width = 2 * neighbours + 1
+    spread = F.max_pool1d(packed.unsqueeze(1), width, stride=1, padding=neighbours).squeeze(1)
+    spread = torch.empty_like(spread).scatter_(-1, order, spread).to(scores.dtype)
+    return torch.where(valid, spread, scores)
 
 
 def _ranks(candidates: torch.Tensor, scores: torch.Tensor, positions: torch.Tensor, sink: torch.Tensor | None,
