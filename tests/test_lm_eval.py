@@ -151,6 +151,9 @@ def test_protected_tokens_come_through_model_args():
 
     args = check_namm_args({"scorer": "namm-cache/keep-all", "sinks": 4, "recent_window": 64})
     assert (args.spec.config.sinks, args.spec.config.recent_window) == (4, 64)
+    assert check_namm_args({"policy": "h2o", "budget": 0.25, "neighbours": 4}).spec.namm_config().neighbours == 4
+    with pytest.raises(ValueError, match="neighbours must be an integer"):
+        check_namm_args({"scorer": "namm-cache/keep-all", "neighbours": -2})
     with pytest.raises(ValueError, match="recent_window"):
         check_namm_args({"scorer": "namm-cache/keep-all", "recent_window": -1})
     with pytest.raises(ValueError, match="Did you mean 'sinks'"):
