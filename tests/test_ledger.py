@@ -392,6 +392,13 @@ def test_widen_scorer_keeps_a_linear_scorers_weights_and_adds_the_new_input_at_t
     zero = load_scorer(tmp_path / "zero").scorer
     features, positions, valid = torch.randn(3, 10, 28), torch.arange(10).repeat(3, 1), torch.ones(3, 10, dtype=torch.bool)
     torch.testing.assert_close(zero(features, positions, valid), source(features[..., :27], positions, valid))
+    # The new input alone, as a rule, with its own threshold and neighbours
+    assert widen_scorer.main([str(tmp_path / "linear"), "linear_all_layers", str(tmp_path / "rule"), "--weight", "-1",
+                              "--only-new", "--bias", "-1.1", "--neighbours", "4"]) == 0
+    rule = load_scorer(tmp_path / "rule")
+    torch.testing.assert_close(rule.scorer.get_flat_params(), torch.tensor([0.0] * 27 + [-1.0, -1.1]))
+    assert rule.config == config.replace(neighbours=4) and "every other weight 0, bias -1.1" in rule.metadata.description
+    torch.testing.assert_close(rule.scorer.spectrogram_mean, source.spectrogram_mean)
     capsys.readouterr()
     for argv, message in (
         ([str(tmp_path / "linear"), "bam", str(tmp_path / "x")], "only a linear scorer widens"),
@@ -402,6 +409,8 @@ def test_widen_scorer_keeps_a_linear_scorers_weights_and_adds_the_new_input_at_t
         ([str(tmp_path / "linear"), "transformer", str(tmp_path / "x")], "unknown scorer kind 'transformer'"),
         ([str(tmp_path / "linear"), "linear_pooled", str(tmp_path / "wide")], "exists and is not empty"),
         ([str(tmp_path / "linear"), "linear_pooled", str(tmp_path / "x"), "--weight", "nan"], "--weight must be a finite number"),
+        ([str(tmp_path / "linear"), "linear_pooled", str(tmp_path / "x"), "--bias", "inf"], "--bias must be a finite number"),
+        ([str(tmp_path / "linear"), "linear_pooled", str(tmp_path / "x"), "--neighbours", "-1"], "neighbours must be an integer"),
         ([str(tmp_path / "nowhere"), "linear_pooled", str(tmp_path / "x")], "nowhere"),
     ):
         assert widen_scorer.main(argv) == 2
