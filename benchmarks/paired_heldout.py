@@ -1,6 +1,6 @@
 """Compare the NAMM rows of two held-out evaluations of the same prompts: paired bootstrap of A minus B.
 
-    python benchmarks/paired_heldout.py A.json B.json [--out FILE]
+    python benchmarks/paired_heldout.py A.json B.json [--a-row POLICY] [--b-row POLICY] [--out FILE]
     python benchmarks/paired_heldout.py benchmarks/results/heldout_pooled_start_threshold.json \
         benchmarks/results/heldout_threshold15_threshold.json
 
@@ -8,7 +8,8 @@ Each JSON is written by `python -m namm_cache.evolution.evaluate`. An ablation (
 input) is judged on the same prompts, so the two results must share model, seed, tasks and prompt count, and
 their full-cache rows must agree prompt by prompt; otherwise the comparison is refused (exit status 2, one
 `error:` line). The interval is `evaluate.paired_bootstrap`'s: within every task, the same resampled prompts
-for A, B and the full cache.
+for A, B and the full cache. `--a-row` / `--b-row` pick another row by its policy (default `namm`), e.g.
+`--b-row pooled_key_norm+protected` to judge a scorer against a rule measured in B's run.
 """
 
 from __future__ import annotations
@@ -22,8 +23,17 @@ from typing import Any
 import numpy as np
 
 
-def compare(a: dict[str, Any], b: dict[str, Any], *, resamples: int = 10000, seed: int = 0) -> dict[str, Any]:
-    """`paired_bootstrap` of A's NAMM row against B's (the row after the full cache in each), with both kept fractions."""
+def pick_row(result: dict[str, Any], policy: str, which: str) -> dict[str, Any]:
+    """The row of `result` whose policy is `policy` (`namm`: the scorer's), or a ValueError naming the rows there."""
+    rows = [row for row in result["rows"] if row["policy"] == policy]
+    if not rows:
+        raise ValueError(f"{which} has no {policy!r} row; its rows: {[row['policy'] for row in result['rows']]}.")
+    return rows[0]
+
+
+def compare(a: dict[str, Any], b: dict[str, Any], *, resamples: int = 10000, seed: int = 0, a_row: str = "namm",
+            b_row: str = "namm") -> dict[str, Any]:
+    """`paired_bootstrap` of A's `a_row` row (default its NAMM row) against B's `b_row`, with both kept fractions."""
     from namm_cache.evolution.evaluate import paired_bootstrap
 
     for key in ("model", "seed", "tasks", "prompts_per_task"):
@@ -32,7 +42,7 @@ def compare(a: dict[str, Any], b: dict[str, Any], *, resamples: int = 10000, see
     full_a, full_b = a["rows"][0], b["rows"][0]
     if full_a["policy"] != "full" or full_b["policy"] != "full" or full_a["scores"] != full_b["scores"]:
         raise ValueError("the full-cache rows differ: the two results were not measured on the same prompts and model.")
-    namm_a, namm_b = a["rows"][1], b["rows"][1]
+    namm_a, namm_b = pick_row(a, a_row, "A"), pick_row(b, b_row, "B")
     scores = [{task: np.asarray(values) for task, values in row["scores"].items()} for row in (namm_a, namm_b, full_a)]
     gate = paired_bootstrap(*scores, resamples=resamples, seed=seed)
     return {"a": a.get("scorer"), "b": b.get("scorer"), "a_label": namm_a["label"], "b_label": namm_b["label"],
@@ -44,11 +54,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("a", help="held-out result JSON of scorer A")
     parser.add_argument("b", help="held-out result JSON of scorer B, on the same prompts")
+    parser.add_argument("--a-row", default="namm", help="the policy of A's row to compare (default: namm)")
+    parser.add_argument("--b-row", default="namm", help="the policy of B's row to compare (default: namm)")
     parser.add_argument("--out", help="write the comparison as JSON here")
     args = parser.parse_args(argv)
     try:
         results = [json.loads(Path(path).read_text()) for path in (args.a, args.b)]
-        comparison = compare(*results)
+        comparison = compare(*results, a_row=args.a_row, b_row=args.b_row)
     except (OSError, ValueError, KeyError, IndexError) as error:
         print(f"paired_heldout: error: {error}", file=sys.stderr)
         return 2

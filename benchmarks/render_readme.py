@@ -203,6 +203,8 @@ RENDERERS = {
     "heldout_lengths14_2000": render_heldout("heldout_lengths14_2000"),
     "heldout_all_layers_start_threshold": render_heldout("heldout_all_layers_start_threshold"),
     "heldout_all_layers_start_2000": render_heldout("heldout_all_layers_start_2000"),
+    "heldout_rule_neighbours_threshold": render_heldout("heldout_rule_neighbours_threshold"),
+    "heldout_rule_neighbours_2000": render_heldout("heldout_rule_neighbours_2000"),
     "overhead_memory": render_overhead_memory,
     "policy_overhead": render_policy_overhead,
     "compare_smollm2": render_compare_smollm2,

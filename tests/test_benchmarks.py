@@ -361,6 +361,12 @@ def test_paired_heldout_compares_two_namm_rows_on_the_same_prompts_and_refuses_o
                                   for row in (better["rows"][1], worse["rows"][1], better["rows"][0])], resamples=500, seed=1)
     assert comparison["difference"] == pytest.approx(expected["difference"]) and comparison["low"] == expected["low"]
     assert comparison["low"] > 0  # +0.1 on every prompt is seen
+    rule = {**worse, "rows": worse["rows"] + [{**worse["rows"][1], "policy": "h2o+protected", "label": "rule"}]}
+    rule["rows"][1] = {**better["rows"][1], "label": "not this one"}
+    against_rule = compare(better, rule, resamples=500, seed=1, b_row="h2o+protected")
+    assert against_rule["b_label"] == "rule" and against_rule["difference"] == pytest.approx(expected["difference"])
+    with pytest.raises(ValueError, match="B has no 'snapkv' row"):
+        compare(better, rule, b_row="snapkv")
     with pytest.raises(ValueError, match="seed"):
         compare(better, result(0.0, seed=1))
     other = result(0.0)
