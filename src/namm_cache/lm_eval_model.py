@@ -37,9 +37,8 @@ from .spec import CacheSpec
 from .validation import check_int, did_you_mean
 
 TASK_PACK = str(Path(__file__).resolve().parent / "lm_eval_tasks")
-NAMM_ARGS = ("scorer", "policy", "budget", "update_interval", "prefill_chunk_size", "max_tokens", "min_fraction", "threshold", "sinks", "recent_window",
-             "neighbours")
 CONFIG_ARGS = ("update_interval", "max_tokens", "min_fraction", "threshold", "sinks", "recent_window", "neighbours")
+NAMM_ARGS = ("scorer", "policy", "budget", "prefill_chunk_size") + CONFIG_ARGS
 
 
 @dataclass
