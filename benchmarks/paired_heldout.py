@@ -1,4 +1,4 @@
-"""Compare the NAMM rows of two held-out evaluations of the same prompts: paired bootstrap of A minus B.
+"""Compare the NAMM rows (or any rows) of two held-out evaluations of the same prompts: paired bootstrap of A minus B.
 
     python benchmarks/paired_heldout.py A.json B.json [--a-row POLICY] [--b-row POLICY] [--out FILE]
     python benchmarks/paired_heldout.py benchmarks/results/heldout_pooled_start_threshold.json \
@@ -42,12 +42,12 @@ def compare(a: dict[str, Any], b: dict[str, Any], *, resamples: int = 10000, see
     full_a, full_b = a["rows"][0], b["rows"][0]
     if full_a["policy"] != "full" or full_b["policy"] != "full" or full_a["scores"] != full_b["scores"]:
         raise ValueError("the full-cache rows differ: the two results were not measured on the same prompts and model.")
-    namm_a, namm_b = pick_row(a, a_row, "A"), pick_row(b, b_row, "B")
-    scores = [{task: np.asarray(values) for task, values in row["scores"].items()} for row in (namm_a, namm_b, full_a)]
+    row_a, row_b = pick_row(a, a_row, "A"), pick_row(b, b_row, "B")
+    scores = [{task: np.asarray(values) for task, values in row["scores"].items()} for row in (row_a, row_b, full_a)]
     gate = paired_bootstrap(*scores, resamples=resamples, seed=seed)
-    return {"a": a.get("scorer"), "b": b.get("scorer"), "a_label": namm_a["label"], "b_label": namm_b["label"],
-            "a_normalized_mean": namm_a["normalized_mean"], "b_normalized_mean": namm_b["normalized_mean"],
-            "a_kept": namm_a["kept_fraction"], "b_kept": namm_b["kept_fraction"], **gate}
+    return {"a": a.get("scorer"), "b": b.get("scorer"), "a_label": row_a["label"], "b_label": row_b["label"],
+            "a_normalized_mean": row_a["normalized_mean"], "b_normalized_mean": row_b["normalized_mean"],
+            "a_kept": row_a["kept_fraction"], "b_kept": row_b["kept_fraction"], **gate}
 
 
 def main(argv: list[str] | None = None) -> int:
