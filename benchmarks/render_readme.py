@@ -205,6 +205,8 @@ RENDERERS = {
     "heldout_all_layers_start_2000": render_heldout("heldout_all_layers_start_2000"),
     "heldout_rule_neighbours_threshold": render_heldout("heldout_rule_neighbours_threshold"),
     "heldout_rule_neighbours_2000": render_heldout("heldout_rule_neighbours_2000"),
+    "heldout_rule_n8_threshold": render_heldout("heldout_rule_n8_threshold"),
+    "heldout_rule_n8_gemma3_10": render_heldout("heldout_rule_n8_gemma3_10"),
     "overhead_memory": render_overhead_memory,
     "policy_overhead": render_policy_overhead,
     "compare_smollm2": render_compare_smollm2,
