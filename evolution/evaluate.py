@@ -231,7 +231,7 @@ def evaluate_heldout(model, tokenizer, scorer_path: str, *, prompts_per_task: in
     namm = run(maker(CacheSpec(scorer=loaded.scorer, budget=budget, config=config)), f"NAMM ({mode})", "namm")
     bar.update(1)
     rows = [full, namm]
-    baseline_config = config.replace(max_tokens=None, sinks=0, recent_window=0, neighbours=0)  # baselines run their own rules
+    baseline_config = config.replace(max_tokens=None, sinks=0, recent_window=0, neighbours=0, smoothing=0)  # baselines run their own rules
     # A fraction budget applies at eviction rounds; the tokens appended since the last round are all held, so a
     # baseline given the scorer's measured kept fraction would end up holding more than the scorer did. Probe
     # the budget -> kept map once (teacher-forced, cheapest policy) and solve for the budget that matches.
@@ -244,13 +244,15 @@ def evaluate_heldout(model, tokenizer, scorer_path: str, *, prompts_per_task: in
         rows.append(run(maker(CacheSpec(policy=policy, budget=fraction, config=baseline_config)),
                         f"{policy} (budget {fraction:.1%})", policy))
         bar.update(1)
-    protection = baseline_config.replace(sinks=config.sinks, recent_window=config.recent_window, neighbours=config.neighbours)
+    protection = baseline_config.replace(sinks=config.sinks, recent_window=config.recent_window, neighbours=config.neighbours,
+                                         smoothing=config.smoothing)
     for policy in protected_baselines:
         spec = CacheSpec(policy=policy, budget=fraction, config=protection)
         rows.append(run(maker(spec), f"{policy} + {protected_label(spec.config)} (budget {fraction:.1%})", f"{policy}+protected"))
         rows[-1]["protected"] = {"sinks": spec.config.sinks, "recent_window": spec.config.recent_window}
-        if spec.config.neighbours:
-            rows[-1]["protected"]["neighbours"] = spec.config.neighbours
+        for name in ("neighbours", "smoothing"):
+            if getattr(spec.config, name):
+                rows[-1]["protected"][name] = getattr(spec.config, name)
         bar.update(1)
     if oracle and with_evidence:
         def oracle_cache(example: Example):
@@ -289,9 +291,11 @@ def best_baseline(rows: list[dict[str, Any]], baselines: list[str], protected_ba
 
 
 def protected_label(config: NAMMConfig) -> str:
-    """What a protected baseline shares with the scorer, for labels: `4 sinks, 64 recent` (`, 4 neighbours`)."""
+    """What a protected baseline shares with the scorer, for labels: `4 sinks, 64 recent` (`, 4 neighbours`,
+    `, smoothing 8`)."""
     label = f"{config.sinks} sinks, {config.recent_window} recent"
-    return label + (f", {config.neighbours} neighbours" if config.neighbours else "")
+    label += f", {config.neighbours} neighbours" if config.neighbours else ""
+    return label + (f", smoothing {config.smoothing}" if config.smoothing else "")
 
 
 def check_baselines(name: str, policies: Any) -> list[str]:

@@ -43,6 +43,7 @@ def test_non_positive_or_non_finite_recency_frequency_is_refused(value):
         ({"min_fraction": 0.3, "threshold": None}, "floor under the threshold, and threshold is None"),
         ({"neighbours": -1}, r"neighbours must be an integer in \[0, 1024\]"),
         ({"neighbours": 2.5}, "not a whole number"),
+        ({"smoothing": -1}, r"smoothing must be an integer in \[0, 1024\]"),
     ],
 )
 def test_every_field_has_a_type_and_a_range(changes, message):
@@ -67,7 +68,8 @@ def test_from_dict_refuses_non_objects_and_suggests_field_names():
         NAMMConfig().replace(treshold=0.5)
 
 
-def test_neighbours_are_written_only_when_set_and_read_back():
-    assert "neighbours" not in NAMMConfig().to_dict()  # files stay readable by versions without the field
-    config = NAMMConfig(neighbours=4)
-    assert config.to_dict()["neighbours"] == 4 and NAMMConfig.from_dict(config.to_dict()) == config
+def test_neighbours_and_smoothing_are_written_only_when_set_and_read_back():
+    for name in ("neighbours", "smoothing"):
+        assert name not in NAMMConfig().to_dict()  # files stay readable by versions without the field
+        config = NAMMConfig(**{name: 4})
+        assert config.to_dict()[name] == 4 and NAMMConfig.from_dict(config.to_dict()) == config

@@ -250,13 +250,14 @@ def test_the_scorers_neighbours_reach_its_protected_baselines_and_not_the_publis
     for neighbours in (0, 3):
         folder = tmp_path / f"scorer{neighbours}"
         save_scorer(folder, random_scorer(seed=3), NAMMConfig(update_interval=128, threshold=0.0, sinks=4, recent_window=16,
-                                                              neighbours=neighbours), ScorerMetadata(description="test"))
+                                                              neighbours=neighbours, smoothing=neighbours and 2),
+                    ScorerMetadata(description="test"))
         runs[neighbours] = evaluate_heldout(model, tokenizer, str(folder), prompts_per_task=1, policies=["h2o"],
                                             protected_policies=["h2o"], progress=False, budget=0.25, oracle=False,
                                             resamples=10)
     plain, spread = ({row["policy"]: row for row in runs[n]["rows"]} for n in (0, 3))
-    assert spread["h2o+protected"]["label"].startswith("h2o + 4 sinks, 16 recent, 3 neighbours (budget ")
-    assert spread["h2o+protected"]["protected"] == {"sinks": 4, "recent_window": 16, "neighbours": 3}
+    assert spread["h2o+protected"]["label"].startswith("h2o + 4 sinks, 16 recent, 3 neighbours, smoothing 2 (budget ")
+    assert spread["h2o+protected"]["protected"] == {"sinks": 4, "recent_window": 16, "neighbours": 3, "smoothing": 2}
     assert plain["h2o+protected"]["protected"] == {"sinks": 4, "recent_window": 16}
     assert spread["h2o"]["scores"] == plain["h2o"]["scores"]  # the published rule runs as published
     assert spread["h2o+protected"]["scores"] != plain["h2o+protected"]["scores"]

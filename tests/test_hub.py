@@ -81,6 +81,12 @@ def test_model_card_is_rendered_from_the_metadata(tmp_path):
     assert "the first 4 tokens (sinks); a token kept keeps the 4 held tokens on either side |" in spread
     loaded = load_scorer(tmp_path / "n")
     assert loaded.config.neighbours == 4 and "neighbours 4" in describe(loaded)
+    assert "averaged" not in spread and "smoothing" not in describe(loaded)
+    save_scorer(tmp_path / "m", calibrated_scorer(), NAMMConfig(neighbours=4, smoothing=8), METADATA, repo_id="org/m")
+    smoothed = (tmp_path / "m" / "README.md").read_text()
+    assert "; each score is first averaged over the 8 held tokens on either side; a token kept keeps the 4" in smoothed
+    loaded = load_scorer(tmp_path / "m")
+    assert loaded.config.smoothing == 8 and "neighbours 4, smoothing 8" in describe(loaded)
 
 
 def build_hf_cache(cache_dir: Path, repo_id: str, source: Path, commit: str = "0123456789abcdef0123456789abcdef01234567"):

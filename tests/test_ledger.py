@@ -394,10 +394,10 @@ def test_widen_scorer_keeps_a_linear_scorers_weights_and_adds_the_new_input_at_t
     torch.testing.assert_close(zero(features, positions, valid), source(features[..., :27], positions, valid))
     # The new input alone, as a rule, with its own threshold and neighbours
     assert widen_scorer.main([str(tmp_path / "linear"), "linear_all_layers", str(tmp_path / "rule"), "--weight", "-1",
-                              "--only-new", "--bias", "-1.1", "--neighbours", "4"]) == 0
+                              "--only-new", "--bias", "-1.1", "--neighbours", "4", "--smoothing", "8"]) == 0
     rule = load_scorer(tmp_path / "rule")
     torch.testing.assert_close(rule.scorer.get_flat_params(), torch.tensor([0.0] * 27 + [-1.0, -1.1]))
-    assert rule.config == config.replace(neighbours=4) and "every other weight 0, bias -1.1" in rule.metadata.description
+    assert rule.config == config.replace(neighbours=4, smoothing=8) and "every other weight 0, bias -1.1" in rule.metadata.description
     torch.testing.assert_close(rule.scorer.spectrogram_mean, source.spectrogram_mean)
     capsys.readouterr()
     for argv, message in (
@@ -411,6 +411,7 @@ def test_widen_scorer_keeps_a_linear_scorers_weights_and_adds_the_new_input_at_t
         ([str(tmp_path / "linear"), "linear_pooled", str(tmp_path / "x"), "--weight", "nan"], "--weight must be a finite number"),
         ([str(tmp_path / "linear"), "linear_pooled", str(tmp_path / "x"), "--bias", "inf"], "--bias must be a finite number"),
         ([str(tmp_path / "linear"), "linear_pooled", str(tmp_path / "x"), "--neighbours", "-1"], "neighbours must be an integer"),
+        ([str(tmp_path / "linear"), "linear_pooled", str(tmp_path / "x"), "--smoothing", "-1"], "smoothing must be an integer"),
         ([str(tmp_path / "nowhere"), "linear_pooled", str(tmp_path / "x")], "nowhere"),
     ):
         assert widen_scorer.main(argv) == 2

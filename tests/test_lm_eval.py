@@ -154,6 +154,7 @@ def test_protected_tokens_come_through_model_args():
     assert check_namm_args({"policy": "h2o", "budget": 0.25, "neighbours": 4}).spec.namm_config().neighbours == 4
     with pytest.raises(ValueError, match="neighbours must be an integer"):
         check_namm_args({"scorer": "namm-cache/keep-all", "neighbours": -2})
+    assert check_namm_args({"scorer": "namm-cache/keep-all", "smoothing": 8}).spec.namm_config().smoothing == 8
     with pytest.raises(ValueError, match="recent_window"):
         check_namm_args({"scorer": "namm-cache/keep-all", "recent_window": -1})
     with pytest.raises(ValueError, match="Did you mean 'sinks'"):

@@ -56,6 +56,8 @@ def cache_kept(model, prompt, scorer, config, chunk, budget=None) -> torch.Tenso
     {"config": NAMMConfig(update_interval=32, threshold=0.0, min_fraction=0.6), "chunk": 20},  # a floor, rounds inside chunks
     {"config": NAMMConfig(update_interval=32, threshold=0.0, neighbours=1), "chunk": 32},  # scores spread to neighbours
     {"config": NAMMConfig(update_interval=32, neighbours=3, sinks=2, recent_window=8), "chunk": 20, "budget": 0.3},
+    {"config": NAMMConfig(update_interval=32, threshold=0.0, smoothing=2, neighbours=1), "chunk": 32},  # means, then spread
+    {"config": NAMMConfig(update_interval=32, smoothing=3, sinks=2), "chunk": 20, "budget": 0.3},
 ])
 def test_replay_evicts_exactly_what_the_cache_evicts_when_scores_do_not_read_attention(settings):
     model = tiny_model("llama")

@@ -165,3 +165,37 @@ def test_with_neighbours_a_kept_token_keeps_its_phrase_under_a_threshold_and_a_c
     capped = select_tokens(scores, valid, positions, threshold=None, max_tokens=4, neighbours=1)
     assert capped.nonzero()[:, 1].tolist() == [2, 3, 4, 9]  # the newest, then the phrase around the best score
     assert select_tokens(scores, valid, positions, neighbours=0).equal(select_tokens(scores, valid, positions))
+
+
+def test_smoothing_averages_a_score_over_the_held_tokens_on_either_side_in_position_order():
+    from namm_cache.selection import smooth_scores
+
+    scores = torch.tensor([[0.0, 6.0, float("nan"), 3.0, 0.0, 0.0, 9.0, 0.0]])
+    valid = torch.tensor([[True, True, False, True, True, True, True, True]])
+    positions = torch.tensor([[7, 6, 5, 4, 3, 2, 1, 0]])  # slots newest first; slot 2 is not held (and NaN)
+    smooth = smooth_scores(scores, valid, positions, 1)
+    # in position order the held scores are 0, 9, 0, 0, 3, 6, 0 (positions 0-4, 6, 7): each token takes the mean of
+    # itself and one held token either side, two at the row's ends; the empty slot neither gives nor takes.
+    by_position = {int(p): float(s) for p, s, v in zip(positions[0], smooth[0], valid[0]) if v}
+    assert by_position == pytest.approx({0: 4.5, 1: 3.0, 2: 3.0, 3: 1.0, 4: 3.0, 6: 3.0, 7: 3.0})
+    assert torch.isnan(smooth[0, 2])  # an invalid slot keeps its score
+    assert smooth_scores(scores, valid, positions, 0) is scores
+
+
+def test_with_smoothing_a_run_of_moderate_scores_outranks_a_lone_spike():
+    # a spike of 3 at position 5; a run of five 1s at positions 10-14; -1 elsewhere
+    scores = torch.full((1, 20), -1.0)
+    scores[0, 5] = 3.0
+    scores[0, 10:15] = 1.0
+    valid = torch.ones(1, 20, dtype=torch.bool)
+    positions = torch.arange(20)[None]
+    capped = select_tokens(scores, valid, positions, threshold=None, max_tokens=4)
+    assert capped.nonzero()[:, 1].tolist()[0] == 5  # by its own score the spike is kept after the newest
+    smoothed = select_tokens(scores, valid, positions, threshold=0.0, smoothing=2)
+    # windows of 5: around the spike (3 - 4) / 5 < 0; positions 10-14 average 1/5, 3/5, 1, 3/5, 1/5, positions 9
+    # and 15 -1/5; the newest is kept whatever its score
+    assert smoothed.nonzero()[:, 1].tolist() == [10, 11, 12, 13, 14, 19]
+    capped = select_tokens(scores, valid, positions, threshold=None, max_tokens=4, smoothing=2)
+    assert capped.nonzero()[:, 1].tolist() == [11, 12, 13, 19]  # a cap ranks by the means too
+    both = select_tokens(scores, valid, positions, threshold=0.0, smoothing=2, neighbours=1)
+    assert both.nonzero()[:, 1].tolist() == [9, 10, 11, 12, 13, 14, 15, 19]

@@ -1,6 +1,7 @@
 """Give an evolved linear scorer one more input, at a chosen weight: the warm start of a richer scorer kind.
 
-    python tools/widen_scorer.py SOURCE KIND OUT [--weight W] [--only-new] [--bias B] [--neighbours K] [--description TEXT]
+    python tools/widen_scorer.py SOURCE KIND OUT [--weight W] [--only-new] [--bias B] [--neighbours K] [--smoothing M]
+        [--description TEXT]
     python tools/widen_scorer.py runs/smollm2-linear-lengths/scorer linear_all_layers runs/smollm2-linear-all-layers-start
 
 KIND must read what SOURCE reads plus one input (`linear` -> `linear_pooled` or `linear_all_layers`). The
@@ -9,7 +10,7 @@ input gets weight W (default 0: the same scores as SOURCE wherever the new input
 `tools/weight_sweep.py` on a run's validation set. `--only-new` zeroes SOURCE's weights instead, so the new
 input alone scores (with `--weight -1` on `linear_all_layers`: the `pooled_key_norm` rule as a scorer, whose
 threshold `--bias B` sets); SOURCE still gives the statistics and settings. `--bias` replaces SOURCE's bias,
-`--neighbours K` the stored `NAMMConfig.neighbours`. Bad arguments exit with status 2 and one `error:` line.
+`--neighbours K` and `--smoothing M` the stored `NAMMConfig.neighbours` and `.smoothing`. Bad arguments exit with status 2 and one `error:` line.
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only-new", action="store_true", help="zero SOURCE's weights: the new input alone scores")
     parser.add_argument("--bias", type=float, default=None, help="replace SOURCE's bias (the threshold's offset)")
     parser.add_argument("--neighbours", type=int, default=None, help="the stored NAMMConfig.neighbours (default: SOURCE's)")
+    parser.add_argument("--smoothing", type=int, default=None, help="the stored NAMMConfig.smoothing (default: SOURCE's)")
     parser.add_argument("--description", default="", help="what the card says the scorer is")
     args = parser.parse_args(argv)
     import math
@@ -71,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
         if Path(args.out).exists() and any(Path(args.out).iterdir()):
             raise ValueError(f"{args.out} exists and is not empty; choose a new folder.")
         loaded = load_scorer(args.source)
-        config = loaded.config if args.neighbours is None else loaded.config.replace(neighbours=args.neighbours)
+        changes = {name: value for name, value in (("neighbours", args.neighbours), ("smoothing", args.smoothing)) if value is not None}
+        config = loaded.config.replace(**changes)
         scorer = widen(loaded.scorer, args.kind, args.weight, only_new=args.only_new, bias=args.bias)
     except (ValueError, OSError, ScorerLoadError) as error:
         print(f"widen_scorer: error: {error}", file=sys.stderr)

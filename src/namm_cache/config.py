@@ -50,6 +50,11 @@ class NAMMConfig:
         neighbours: each token is ranked by the highest score among itself and this many held tokens on
             either side of it (`namm_cache.selection.spread_scores`), so a kept token keeps its phrase
             (default 0: each token by its own score). Applies to the threshold, the cap and budgets alike.
+        smoothing: before `neighbours` spreads them, each token's score is replaced by the mean score of itself
+            and this many held tokens on either side (`namm_cache.selection.smooth_scores`), so that a run of
+            moderately high scores (a sentence the scorer rates as a whole) outranks a lone high score; the
+            threshold then applies to the mean (default 0: each token by its own score). Applies to the
+            threshold, the cap and budgets alike.
     """
 
     n_fft: int = 32
@@ -64,6 +69,7 @@ class NAMMConfig:
     sinks: int = 0
     recent_window: int = 0
     neighbours: int = 0
+    smoothing: int = 0
 
     def __post_init__(self) -> None:
         self.validate()
@@ -102,6 +108,7 @@ class NAMMConfig:
         self.sinks = check_int("sinks", self.sinks, minimum=0, maximum=MAX_TOKEN_COUNT)
         self.recent_window = check_int("recent_window", self.recent_window, minimum=0, maximum=MAX_TOKEN_COUNT)
         self.neighbours = check_int("neighbours", self.neighbours, minimum=0, maximum=MAX_NEIGHBOURS)
+        self.smoothing = check_int("smoothing", self.smoothing, minimum=0, maximum=MAX_NEIGHBOURS)
         if self.n_fft != 2 * self.hop_length:
             raise ValueError(
                 f"n_fft ({self.n_fft}) must be twice hop_length ({self.hop_length}): each token carries a tail of "
@@ -125,7 +132,7 @@ class NAMMConfig:
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
-        for name in ("sinks", "recent_window", "min_fraction", "neighbours"):  # written only when set, so files stay readable by versions without them
+        for name in ("sinks", "recent_window", "min_fraction", "neighbours", "smoothing"):  # written only when set, so files stay readable by versions without them
             if not data[name]:
                 del data[name]
         return data

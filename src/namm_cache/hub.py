@@ -457,7 +457,8 @@ def describe(loaded: LoadedScorer) -> str:
         f"eviction: every {config.update_interval} tokens, threshold {config.threshold}, max_tokens {config.max_tokens}"
         f"{f', min_fraction {config.min_fraction}' if config.min_fraction is not None else ''}"
         f"{f', sinks {config.sinks}, recent_window {config.recent_window}' if config.sinks or config.recent_window else ''}"
-        f"{f', neighbours {config.neighbours}' if config.neighbours else ''}",
+        f"{f', neighbours {config.neighbours}' if config.neighbours else ''}"
+        f"{f', smoothing {config.smoothing}' if config.smoothing else ''}",
         f"normalisation: mean {[round(float(v), 4) for v in loaded.scorer.spectrogram_mean[:4]]}..., "
         f"std {[round(float(v), 4) for v in loaded.scorer.spectrogram_std[:4]]}...",
         f"base models: {', '.join(meta.base_models) or 'not recorded'}",

@@ -465,13 +465,13 @@ class NAMMLayer(CacheLayerMixin):
                                          device=positions.device).repeat_interleave(heads)
                 kept = select_tokens(scores, valid, positions, threshold=self.config.threshold, max_tokens=self.config.max_tokens,
                                      min_tokens=floor, sinks=self.config.sinks, recent_window=self.config.recent_window,
-                                     neighbours=self.config.neighbours)
+                                     neighbours=self.config.neighbours, smoothing=self.config.smoothing)
             else:
                 if self.config.max_tokens is not None:
                     budget = budget.clamp_max(self.config.max_tokens)
                 kept = select_tokens(scores, valid, positions, threshold=None, max_tokens=budget,
                                      sinks=self.config.sinks, recent_window=self.config.recent_window,
-                                     neighbours=self.config.neighbours)
+                                     neighbours=self.config.neighbours, smoothing=self.config.smoothing)
         kept |= present & ~arrived
         keep[index] = kept.view(len(due_rows), heads, slots)
         for statistic in self.statistics.values():

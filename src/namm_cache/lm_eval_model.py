@@ -37,7 +37,7 @@ from .spec import CacheSpec
 from .validation import check_int, did_you_mean
 
 TASK_PACK = str(Path(__file__).resolve().parent / "lm_eval_tasks")
-CONFIG_ARGS = ("update_interval", "max_tokens", "min_fraction", "threshold", "sinks", "recent_window", "neighbours")
+CONFIG_ARGS = ("update_interval", "max_tokens", "min_fraction", "threshold", "sinks", "recent_window", "neighbours", "smoothing")
 NAMM_ARGS = ("scorer", "policy", "budget", "prefill_chunk_size") + CONFIG_ARGS
 
 
@@ -103,7 +103,7 @@ class NAMMLM(HFLM):
     only), `policy` (namm, h2o, key_norm, streaming_llm, snapkv, tova, random, pooled_key_norm, full), `budget` (a token
     count such as 512, a fraction such as 0.25 or 25%, or "threshold"; 1 is refused as ambiguous: write
     100% or 1.0 for a full budget), `update_interval`, `max_tokens`, `min_fraction`, `threshold`, `sinks`, `recent_window`,
-    `neighbours`, `prefill_chunk_size`
+    `neighbours`, `smoothing`, `prefill_chunk_size`
     (default: update_interval). `pretrained` also accepts the offline model names of `namm_cache.offline`.
     """
 

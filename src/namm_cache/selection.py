@@ -17,6 +17,7 @@ def select_tokens(
     sinks: int = 0,
     recent_window: int = 0,
     neighbours: int = 0,
+    smoothing: int = 0,
 ) -> torch.Tensor:
     """Decide which tokens to keep.
 
@@ -39,6 +40,9 @@ def select_tokens(
         neighbours: with `k > 0`, each valid token is ranked by the highest score among itself and the `k`
             valid tokens on either side of it in position order (`spread_scores`), so that a token worth
             keeping keeps the words around it: a fact survives as a phrase, not as scattered tokens.
+        smoothing: with `m > 0`, each valid token's score is first replaced by the mean score of itself and
+            the `m` valid tokens on either side of it in position order (`smooth_scores`); `neighbours` then
+            spreads the means. A sentence whose tokens all score moderately high outranks a lone spike.
 
     Returns:
         `(N, S)` bool keep mask (a subset of `valid`).
@@ -51,6 +55,8 @@ def select_tokens(
             "The scorer returned NaN or inf scores for real tokens; refusing to evict on them. Check the scorer's "
             "parameters and normalisation statistics (std must be > 0)."
         )
+    if smoothing:
+        scores = smooth_scores(scores, valid, positions, smoothing)
     if neighbours:
         scores = spread_scores(scores, valid, positions, neighbours)
     keep = valid.clone() if threshold is None else valid & (scores >= threshold)
@@ -78,19 +84,42 @@ def select_tokens(
     return keep
 
 
+def _position_order(valid: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """`(N, S)` slot indices that put each row's valid tokens first, in position order."""
+    big = torch.iinfo(positions.dtype).max
+    return torch.where(valid, positions, torch.full_like(positions, big)).argsort(dim=-1, stable=True)
+
+
 def spread_scores(scores: torch.Tensor, valid: torch.Tensor, positions: torch.Tensor, neighbours: int) -> torch.Tensor:
     """`(N, S)` scores where each valid token takes the highest score among itself and the `neighbours` valid
     tokens before and after it in position order (a running maximum over a window of `2 * neighbours + 1`
     held tokens; slots that are not valid neither give nor take). Invalid slots keep their score."""
     if neighbours <= 0 or scores.shape[-1] == 0:
         return scores
-    big = torch.iinfo(positions.dtype).max
-    order = torch.where(valid, positions, torch.full_like(positions, big)).argsort(dim=-1, stable=True)
+    order = _position_order(valid, positions)
     packed = scores.gather(-1, order).to(torch.float32).masked_fill(~valid.gather(-1, order), float("-inf"))
     width = 2 * neighbours + 1
     spread = F.max_pool1d(packed.unsqueeze(1), width, stride=1, padding=neighbours).squeeze(1)
     spread = torch.empty_like(spread).scatter_(-1, order, spread).to(scores.dtype)
     return torch.where(valid, spread, scores)
+
+
+def smooth_scores(scores: torch.Tensor, valid: torch.Tensor, positions: torch.Tensor, smoothing: int) -> torch.Tensor:
+    """`(N, S)` scores where each valid token takes the mean score of itself and the `smoothing` valid tokens
+    before and after it in position order (a running mean over a window of `2 * smoothing + 1` held tokens,
+    fewer at a row's ends; slots that are not valid neither give nor take). Invalid slots keep their score."""
+    if smoothing <= 0 or scores.shape[-1] == 0:
+        return scores
+    order = _position_order(valid, positions)
+    held = valid.gather(-1, order).to(torch.float32).unsqueeze(1)
+    packed = scores.gather(-1, order).to(torch.float32).masked_fill(held.squeeze(1) == 0, 0.0).unsqueeze(1)
+    width = 2 * smoothing + 1
+    # window sums of scores and of held slots: valid slots are packed first, so a window counts only real tokens
+    total = F.avg_pool1d(packed, width, stride=1, padding=smoothing, count_include_pad=False).squeeze(1)
+    count = F.avg_pool1d(held, width, stride=1, padding=smoothing, count_include_pad=False).squeeze(1)
+    mean = total / count.clamp_min(torch.finfo(torch.float32).tiny)
+    mean = torch.empty_like(mean).scatter_(-1, order, mean).to(scores.dtype)
+    return torch.where(valid, mean, scores)
 
 
 def _ranks(candidates: torch.Tensor, scores: torch.Tensor, positions: torch.Tensor, sink: torch.Tensor | None,
