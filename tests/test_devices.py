@@ -85,14 +85,15 @@ def test_evicting_caches_run_and_free_memory(device, dtype, policy):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("neighbours", [0, 2])
-def test_evicting_namm_decides_the_same_on_the_device_as_on_cpu(device, neighbours):
+@pytest.mark.parametrize("neighbours, smoothing", [(0, 0), (2, 0), (2, 3)])
+def test_evicting_namm_decides_the_same_on_the_device_as_on_cpu(device, neighbours, smoothing):
     """float32 on the device keeps what the CPU keeps (a budget, so ties at a threshold cannot flip), with
-    scores spread to neighbours or not."""
+    scores averaged and spread to neighbours or not."""
     kept = {}
     for where in ("cpu", device):
         model = model_on(where, torch.float32)
-        cache = NAMMCache(model=model, scorer=random_scorer(1), update_interval=32, budget=0.5, neighbours=neighbours)
+        cache = NAMMCache(model=model, scorer=random_scorer(1), update_interval=32, budget=0.5, neighbours=neighbours,
+                          smoothing=smoothing)
         generate(model, random_ids(128).to(where), cache, new_tokens=4)
         kept[where] = [{(h, int(p)) for h in range(layer.keys.shape[1]) for p in layer.positions[0, h][layer.token_valid[0, h]]}
                        for layer in cache.namm_layers]

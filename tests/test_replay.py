@@ -74,6 +74,8 @@ def test_replay_evicts_exactly_what_the_cache_evicts_when_scores_do_not_read_att
     assert torch.equal(replayed, real)
     if config.neighbours:  # the spreading changes what is kept
         assert not torch.equal(replay_kept(recording, scorer, config.replace(neighbours=0), budget), replayed)
+    if config.smoothing:  # so does the averaging
+        assert not torch.equal(replay_kept(recording, scorer, config.replace(smoothing=0), budget), replayed)
     if config.min_fraction is not None:  # the floor binds: without it the threshold alone keeps fewer
         unfloored = replay_kept(recording, scorer, config.replace(min_fraction=None), budget)
         assert replayed.sum() > unfloored.sum()
@@ -260,10 +262,11 @@ def test_validation_reports_baselines_at_the_stage_cap_once_per_stage(tmp_path, 
         EvolutionConfig.from_dict({**config.to_dict(), "stages": [{"tasks": [{"name": "passkey", "tokens": 150}], "generations": 1}],
                                    "validation_baselines": ["h20"]})
     # A scorer's protected tokens are not the baselines': they run their own rule at the cap.
-    run.config.namm.update(sinks=4, recent_window=16)
+    run.config.namm.update(sinks=4, recent_window=16, neighbours=2, smoothing=3)
     baseline, member = run.make_cache("streaming_llm", 0)(), run.make_cache(np.zeros(run.dim), 0)()
-    assert (baseline.namm_config.sinks, baseline.namm_config.recent_window) == (0, 0)
-    assert (member.namm_config.sinks, member.namm_config.recent_window) == (4, 16)
+    fields = ("sinks", "recent_window", "neighbours", "smoothing")
+    assert tuple(getattr(baseline.namm_config, name) for name in fields) == (0, 0, 0, 0)
+    assert tuple(getattr(member.namm_config, name) for name in fields) == (4, 16, 2, 3)
     with pytest.raises(ValueError, match="fitness: replay only"):
         EvolutionConfig.from_dict({**config.to_dict(), "fitness": "exact", "replay_refeed": 64})
 

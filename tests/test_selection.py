@@ -172,14 +172,17 @@ def test_smoothing_averages_a_score_over_the_held_tokens_on_either_side_in_posit
 
     scores = torch.tensor([[0.0, 6.0, float("nan"), 3.0, 0.0, 0.0, 9.0, 0.0]])
     valid = torch.tensor([[True, True, False, True, True, True, True, True]])
-    positions = torch.tensor([[7, 6, 5, 4, 3, 2, 1, 0]])  # slots newest first; slot 2 is not held (and NaN)
+    positions = torch.tensor([[7, 4, 5, 6, 3, 2, 1, 0]])  # slots in no order; slot 2 is not held (and NaN)
     smooth = smooth_scores(scores, valid, positions, 1)
-    # in position order the held scores are 0, 9, 0, 0, 3, 6, 0 (positions 0-4, 6, 7): each token takes the mean of
+    # in position order the held scores are 0, 9, 0, 0, 6, 3, 0 (positions 0-4, 6, 7): each token takes the mean of
     # itself and one held token either side, two at the row's ends; the empty slot neither gives nor takes.
     by_position = {int(p): float(s) for p, s, v in zip(positions[0], smooth[0], valid[0]) if v}
-    assert by_position == pytest.approx({0: 4.5, 1: 3.0, 2: 3.0, 3: 1.0, 4: 3.0, 6: 3.0, 7: 3.0})
+    assert by_position == pytest.approx({0: 4.5, 1: 3.0, 2: 3.0, 3: 2.0, 4: 3.0, 6: 3.0, 7: 1.5})
     assert torch.isnan(smooth[0, 2])  # an invalid slot keeps its score
     assert smooth_scores(scores, valid, positions, 0) is scores
+    # a window of equal scores keeps that score exactly: a run at the threshold stays kept
+    level = torch.full((1, 40), -0.2)
+    assert select_tokens(level, torch.ones(1, 40, dtype=torch.bool), torch.arange(40)[None], threshold=-0.2, smoothing=8).all()
 
 
 def test_with_smoothing_a_run_of_moderate_scores_outranks_a_lone_spike():

@@ -107,17 +107,24 @@ def spread_scores(scores: torch.Tensor, valid: torch.Tensor, positions: torch.Te
 def smooth_scores(scores: torch.Tensor, valid: torch.Tensor, positions: torch.Tensor, smoothing: int) -> torch.Tensor:
     """`(N, S)` scores where each valid token takes the mean score of itself and the `smoothing` valid tokens
     before and after it in position order (a running mean over a window of `2 * smoothing + 1` held tokens,
-    fewer at a row's ends; slots that are not valid neither give nor take). Invalid slots keep their score."""
+    fewer at a row's ends; slots that are not valid neither give nor take). Invalid slots keep their score.
+    Computed in float32 and clamped into each window's range, so a window of equal scores keeps that score
+    exactly (a run of tokens at the threshold stays at it)."""
     if smoothing <= 0 or scores.shape[-1] == 0:
         return scores
     order = _position_order(valid, positions)
-    held = valid.gather(-1, order).to(torch.float32).unsqueeze(1)
-    packed = scores.gather(-1, order).to(torch.float32).masked_fill(held.squeeze(1) == 0, 0.0).unsqueeze(1)
+    held = valid.gather(-1, order).unsqueeze(1)
+    packed = scores.gather(-1, order).to(torch.float32).unsqueeze(1)
     width = 2 * smoothing + 1
-    # window sums of scores and of held slots: valid slots are packed first, so a window counts only real tokens
-    total = F.avg_pool1d(packed, width, stride=1, padding=smoothing, count_include_pad=False).squeeze(1)
-    count = F.avg_pool1d(held, width, stride=1, padding=smoothing, count_include_pad=False).squeeze(1)
+    pool = dict(kernel_size=width, stride=1, padding=smoothing)
+    # the window means of the scores and of the held flags share one divisor, which cancels: their ratio is the
+    # mean over the held tokens alone (valid slots are packed first, so a window reaches held tokens only)
+    total = F.avg_pool1d(packed.masked_fill(~held, 0.0), count_include_pad=False, **pool)
+    count = F.avg_pool1d(held.to(torch.float32), count_include_pad=False, **pool)
     mean = total / count.clamp_min(torch.finfo(torch.float32).tiny)
+    low = -F.max_pool1d(-packed.masked_fill(~held, float("inf")), **pool)
+    high = F.max_pool1d(packed.masked_fill(~held, float("-inf")), **pool)
+    mean = torch.minimum(torch.maximum(mean, low), high).squeeze(1)
     mean = torch.empty_like(mean).scatter_(-1, order, mean).to(scores.dtype)
     return torch.where(valid, mean, scores)
 
