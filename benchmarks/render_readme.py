@@ -206,6 +206,9 @@ HELDOUT_BLOCKS = (
     "heldout_rule_n8_b13_threshold",
     "heldout_rule_gemma3_budget30_10",
     "heldout_rule_gemma3_budget23_10",
+    "heldout_rule_smooth8_threshold",
+    "heldout_rule_smooth8_threshold_more",
+    "heldout_rule_smooth8_gemma3_budget23_10",
 )
 
 
