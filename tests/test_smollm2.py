@@ -8,7 +8,7 @@ from helpers import observing_keep_all_scorer
 from transformers import DynamicCache
 
 from namm_cache import NAMMCache
-from namm_cache.tasks import passkey_prompt
+from namm_cache.tasks import TRAINING_TEXT, load_text, passkey_prompt
 
 pytestmark = pytest.mark.slow
 
@@ -70,3 +70,22 @@ def test_policies_at_a_quarter_budget_on_a_passkey_prompt(smollm2):
     print({policy: (answer, prompt.is_answered(answer)) for policy, answer in first.items()})
     assert prompt.is_answered(first["full"]), first["full"]
     assert first == second
+
+
+@pytest.mark.parametrize("depth", [0.15, 0.3])
+def test_the_bundled_smoothing_rule_answers_an_early_pass_key_from_under_a_third_of_the_cache(smollm2, depth):
+    """`namm-cache/smollm2-135m-key-norm-smooth` on its threshold holds the needle sentence at shallow depths,
+    where recency (streaming_llm at the same kept fraction) has dropped it."""
+    model, tokenizer = smollm2
+    prompt = passkey_prompt(tokenizer, 1000, depth=depth, seed=5, haystack=load_text(TRAINING_TEXT))
+    inputs = tokenizer(prompt.text, return_tensors="pt", add_special_tokens=False)
+    length = inputs.input_ids.shape[1]
+    cache = NAMMCache.from_pretrained("namm-cache/smollm2-135m-key-norm-smooth", model=model)
+    assert (cache.namm_config.smoothing, cache.namm_config.neighbours) == (8, 4)
+    out = model.generate(**inputs, cache=cache, max_new_tokens=7, do_sample=False, prefill_chunk_size=128)
+    answer = tokenizer.decode(out[0, length:], skip_special_tokens=True)
+    kept = cache.kept_fraction()
+    assert prompt.is_answered(answer) and kept < 0.35, (answer, kept)
+    recency = NAMMCache(model=model, policy="streaming_llm", budget=kept, update_interval=128)
+    out = model.generate(**inputs, cache=recency, max_new_tokens=7, do_sample=False, prefill_chunk_size=128)
+    assert not prompt.is_answered(tokenizer.decode(out[0, length:], skip_special_tokens=True))
