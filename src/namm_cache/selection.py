@@ -55,10 +55,11 @@ def select_tokens(
             "The scorer returned NaN or inf scores for real tokens; refusing to evict on them. Check the scorer's "
             "parameters and normalisation statistics (std must be > 0)."
         )
+    order = _position_order(valid, positions) if smoothing or neighbours else None  # sorted once for both
     if smoothing:
-        scores = smooth_scores(scores, valid, positions, smoothing)
+        scores = smooth_scores(scores, valid, positions, smoothing, order=order)
     if neighbours:
-        scores = spread_scores(scores, valid, positions, neighbours)
+        scores = spread_scores(scores, valid, positions, neighbours, order=order)
     keep = valid.clone() if threshold is None else valid & (scores >= threshold)
     has_token = valid.any(-1)
     newest = torch.where(valid, positions, torch.full_like(positions, -1)).argmax(-1)
@@ -90,13 +91,15 @@ def _position_order(valid: torch.Tensor, positions: torch.Tensor) -> torch.Tenso
     return torch.where(valid, positions, torch.full_like(positions, big)).argsort(dim=-1, stable=True)
 
 
-def spread_scores(scores: torch.Tensor, valid: torch.Tensor, positions: torch.Tensor, neighbours: int) -> torch.Tensor:
+def spread_scores(scores: torch.Tensor, valid: torch.Tensor, positions: torch.Tensor, neighbours: int, *,
+                  order: torch.Tensor | None = None) -> torch.Tensor:
     """`(N, S)` scores where each valid token takes the highest score among itself and the `neighbours` valid
     tokens before and after it in position order (a running maximum over a window of `2 * neighbours + 1`
-    held tokens; slots that are not valid neither give nor take). Invalid slots keep their score."""
+    held tokens; slots that are not valid neither give nor take). Invalid slots keep their score. `order`:
+    `_position_order(valid, positions)`, when the caller has it."""
     if neighbours <= 0 or scores.shape[-1] == 0:
         return scores
-    order = _position_order(valid, positions)
+    order = _position_order(valid, positions) if order is None else order
     packed = scores.gather(-1, order).to(torch.float32).masked_fill(~valid.gather(-1, order), float("-inf"))
     width = 2 * neighbours + 1
     spread = F.max_pool1d(packed.unsqueeze(1), width, stride=1, padding=neighbours).squeeze(1)
@@ -104,15 +107,16 @@ def spread_scores(scores: torch.Tensor, valid: torch.Tensor, positions: torch.Te
     return torch.where(valid, spread, scores)
 
 
-def smooth_scores(scores: torch.Tensor, valid: torch.Tensor, positions: torch.Tensor, smoothing: int) -> torch.Tensor:
+def smooth_scores(scores: torch.Tensor, valid: torch.Tensor, positions: torch.Tensor, smoothing: int, *,
+                  order: torch.Tensor | None = None) -> torch.Tensor:
     """`(N, S)` scores where each valid token takes the mean score of itself and the `smoothing` valid tokens
     before and after it in position order (a running mean over a window of `2 * smoothing + 1` held tokens,
     fewer at a row's ends; slots that are not valid neither give nor take). Invalid slots keep their score.
     Computed in float32 and clamped into each window's range, so a window of equal scores keeps that score
-    exactly (a run of tokens at the threshold stays at it)."""
+    exactly (a run of tokens at the threshold stays at it). `order` as in `spread_scores`."""
     if smoothing <= 0 or scores.shape[-1] == 0:
         return scores
-    order = _position_order(valid, positions)
+    order = _position_order(valid, positions) if order is None else order
     held = valid.gather(-1, order).unsqueeze(1)
     packed = scores.gather(-1, order).to(torch.float32).unsqueeze(1)
     width = 2 * smoothing + 1
