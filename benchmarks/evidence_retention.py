@@ -228,7 +228,7 @@ def main(argv: list[str] | None = None) -> dict:
         caches[policy] = (f"{policy} + {protected}",
                           lambda e, i, policy=policy: CacheSpec(policy=policy, budget=budget, config=protection))
     caches["oracle"] = ("oracle (ceiling)", lambda e, i: CacheSpec(
-        policy="oracle", budget=budget, config=protection.replace(neighbours=0, smoothing=0),  # the evidence first, as is
+        policy="oracle", budget=budget, config=protection.own_rule(keep_protection=True),  # the evidence first, as is
         policy_kwargs={"positions": evidence[i].tolist()}))
 
     rows, full_results = [], None

@@ -39,7 +39,7 @@ import torch
 from tqdm.auto import tqdm
 
 from namm_cache import CacheSpec, NAMMConfig
-from namm_cache.config import MAX_TOKEN_COUNT
+from namm_cache.config import MAX_TOKEN_COUNT, PROTECTION
 from namm_cache.policies import BASELINE_POLICIES, COMPARABLE_POLICIES
 from namm_cache.hub import load_scorer, weights_digest
 from namm_cache.tasks import HELDOUT_SEED, Example, heldout_examples, heldout_tasks
@@ -231,7 +231,7 @@ def evaluate_heldout(model, tokenizer, scorer_path: str, *, prompts_per_task: in
     namm = run(maker(CacheSpec(scorer=loaded.scorer, budget=budget, config=config)), f"NAMM ({mode})", "namm")
     bar.update(1)
     rows = [full, namm]
-    baseline_config = config.replace(max_tokens=None, sinks=0, recent_window=0, neighbours=0, smoothing=0)  # baselines run their own rules
+    baseline_config = config.replace(max_tokens=None).own_rule()  # baselines run their own rules
     # A fraction budget applies at eviction rounds; the tokens appended since the last round are all held, so a
     # baseline given the scorer's measured kept fraction would end up holding more than the scorer did. Probe
     # the budget -> kept map once (teacher-forced, cheapest policy) and solve for the budget that matches.
@@ -244,15 +244,12 @@ def evaluate_heldout(model, tokenizer, scorer_path: str, *, prompts_per_task: in
         rows.append(run(maker(CacheSpec(policy=policy, budget=fraction, config=baseline_config)),
                         f"{policy} (budget {fraction:.1%})", policy))
         bar.update(1)
-    protection = baseline_config.replace(sinks=config.sinks, recent_window=config.recent_window, neighbours=config.neighbours,
-                                         smoothing=config.smoothing)
+    protection = baseline_config.replace(**config.selection_rules())
     for policy in protected_baselines:
         spec = CacheSpec(policy=policy, budget=fraction, config=protection)
         rows.append(run(maker(spec), f"{policy} + {protected_label(spec.config)} (budget {fraction:.1%})", f"{policy}+protected"))
-        rows[-1]["protected"] = {"sinks": spec.config.sinks, "recent_window": spec.config.recent_window}
-        for name in ("neighbours", "smoothing"):
-            if getattr(spec.config, name):
-                rows[-1]["protected"][name] = getattr(spec.config, name)
+        rows[-1]["protected"] = {name: value for name, value in spec.config.selection_rules().items()
+                                 if value or name in PROTECTION}  # spreading only where set
         bar.update(1)
     if oracle and with_evidence:
         def oracle_cache(example: Example):

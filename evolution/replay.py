@@ -264,13 +264,10 @@ def replay_kept(recording: PromptRecording, scorer: Scorer, config: NAMMConfig, 
         if limit is None:
             floor = None if config.min_fraction is None else FractionBudget(config.min_fraction).tokens_for(round_.now + 1)
             keep = select_tokens(scores, arrived, positions, threshold=config.threshold, max_tokens=config.max_tokens,
-                                 min_tokens=floor, sinks=config.sinks, recent_window=config.recent_window,
-                                 neighbours=config.neighbours, smoothing=config.smoothing)
+                                 min_tokens=floor, **config.selection_rules())
         else:
             cap = limit if config.max_tokens is None else min(limit, config.max_tokens)
-            keep = select_tokens(scores, arrived, positions, threshold=None, max_tokens=cap,
-                                 sinks=config.sinks, recent_window=config.recent_window,
-                                 neighbours=config.neighbours, smoothing=config.smoothing)
+            keep = select_tokens(scores, arrived, positions, threshold=None, max_tokens=cap, **config.selection_rules())
         keep |= slot_valid & ~arrived  # tokens of the chunk past the round's point stay, as in the cache
         kept = torch.zeros(rows, slots, dtype=torch.bool).scatter_(1, order, keep & slot_valid)
         held = torch.ones(rows, recording.tokens, dtype=torch.bool)

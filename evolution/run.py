@@ -169,7 +169,7 @@ class EvolutionRun:
             # A baseline runs its own rule: the scorer's protected tokens are not part of it.
             budget = self.baseline_budget(stage)
             cap = config.max_tokens if isinstance(budget, (FractionBudget, TokenBudget)) else None  # members' clamp
-            own_rule = config.replace(max_tokens=cap, sinks=0, recent_window=0, neighbours=0, smoothing=0)
+            own_rule = config.replace(max_tokens=cap).own_rule()
             spec = CacheSpec(policy=vector, budget=budget, config=own_rule)
         else:
             self.scorer.set_flat_params(torch.as_tensor(vector, dtype=torch.float32))

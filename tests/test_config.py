@@ -73,3 +73,20 @@ def test_neighbours_and_smoothing_are_written_only_when_set_and_read_back():
         assert name not in NAMMConfig().to_dict()  # files stay readable by versions without the field
         config = NAMMConfig(**{name: 4})
         assert config.to_dict()[name] == 4 and NAMMConfig.from_dict(config.to_dict()) == config
+
+
+def test_selection_rules_and_own_rule_name_the_four_settings_a_scorer_adds():
+    import inspect
+
+    from namm_cache.config import SELECTION_RULES
+    from namm_cache.selection import select_tokens
+
+    config = NAMMConfig(update_interval=128, max_tokens=300, sinks=4, recent_window=64, neighbours=2, smoothing=8)
+    assert config.selection_rules() == {"sinks": 4, "recent_window": 64, "neighbours": 2, "smoothing": 8}
+    assert set(SELECTION_RULES) <= set(inspect.signature(select_tokens).parameters)  # passed on as keywords
+    plain = config.own_rule()
+    assert plain.selection_rules() == {"sinks": 0, "recent_window": 0, "neighbours": 0, "smoothing": 0}
+    assert (plain.max_tokens, plain.update_interval) == (300, 128)  # everything else unchanged
+    protected = config.own_rule(keep_protection=True)
+    assert protected.selection_rules() == {"sinks": 4, "recent_window": 64, "neighbours": 0, "smoothing": 0}
+    assert config.smoothing == 8  # a copy

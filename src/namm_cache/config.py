@@ -17,6 +17,9 @@ MAX_HOP_LENGTH = 4096
 MAX_RECENCY_DIM = 1024
 MAX_TOKEN_COUNT = 2**40  # update_interval, max_tokens: larger than any context window
 MAX_NEIGHBOURS = 1024  # a wider window than this keeps whole chapters around one token: not a phrase
+PROTECTION = ("sinks", "recent_window")  # tokens kept whatever the policy scores
+SPREADING = ("neighbours", "smoothing")  # how scores pass to the tokens around them before selection
+SELECTION_RULES = PROTECTION + SPREADING  # what a scorer adds to its scores (`select_tokens`' keywords of these names)
 
 
 @dataclass
@@ -129,6 +132,17 @@ class NAMMConfig:
         """Return a copy with some fields changed (validated)."""
         _refuse_unknown_fields(changes)
         return dataclasses.replace(self, **changes)
+
+    def selection_rules(self) -> dict[str, int]:
+        """`{name: value}` of `SELECTION_RULES` (sinks, recent_window, neighbours, smoothing): what this config adds
+        to a policy's scores when tokens are selected, as keywords of `namm_cache.selection.select_tokens`."""
+        return {name: getattr(self, name) for name in SELECTION_RULES}
+
+    def own_rule(self, keep_protection: bool = False) -> "NAMMConfig":
+        """A copy without `SELECTION_RULES`, as a baseline policy runs by its own rule: no protected tokens
+        (`sinks`, `recent_window`; kept with `keep_protection=True`) and no score spreading (`neighbours`,
+        `smoothing`). Every other field, the cap included, is unchanged."""
+        return self.replace(**{name: 0 for name in (SPREADING if keep_protection else SELECTION_RULES)})
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)

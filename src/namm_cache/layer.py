@@ -464,14 +464,12 @@ class NAMMLayer(CacheLayerMixin):
                     floor = torch.tensor([fraction.tokens_for(self.real_tokens_seen[b]) for b in due_rows],
                                          device=positions.device).repeat_interleave(heads)
                 kept = select_tokens(scores, valid, positions, threshold=self.config.threshold, max_tokens=self.config.max_tokens,
-                                     min_tokens=floor, sinks=self.config.sinks, recent_window=self.config.recent_window,
-                                     neighbours=self.config.neighbours, smoothing=self.config.smoothing)
+                                     min_tokens=floor, **self.config.selection_rules())
             else:
                 if self.config.max_tokens is not None:
                     budget = budget.clamp_max(self.config.max_tokens)
                 kept = select_tokens(scores, valid, positions, threshold=None, max_tokens=budget,
-                                     sinks=self.config.sinks, recent_window=self.config.recent_window,
-                                     neighbours=self.config.neighbours, smoothing=self.config.smoothing)
+                                     **self.config.selection_rules())
         kept |= present & ~arrived
         keep[index] = kept.view(len(due_rows), heads, slots)
         for statistic in self.statistics.values():
