@@ -378,3 +378,68 @@ def test_paired_heldout_compares_two_namm_rows_on_the_same_prompts_and_refuses_o
         path.write_text(json.dumps(data))
     assert main([str(p) for p in paths]) == 2
     assert capsys.readouterr().err.startswith("paired_heldout: error: the full-cache rows differ")
+
+
+def test_depth_probe_reads_scorer_changes_and_refuses_malformed_ones():
+    from depth_probe import parse_scorer
+
+    assert parse_scorer("runs/x") == ("runs/x", {}, {})
+    assert parse_scorer("runs/x:smoothing=12, p28=-0.1,max_tokens=none,threshold=0.5") == (
+        "runs/x", {"smoothing": 12, "max_tokens": None, "threshold": 0.5}, {28: -0.1})
+    for bad in (":smoothing=1", "runs/x:smoothing", "runs/x:=3", "runs/x:smoothing=big", "runs/x:p3=none"):
+        with pytest.raises(ValueError, match="--scorer"):
+            parse_scorer(bad)
+
+
+def test_depth_probe_places_needles_at_even_depths_and_matches_each_baseline_to_its_scorer(tmp_path, tiny_model_dir):
+    import depth_probe
+    from helpers import random_scorer
+
+    from namm_cache import NAMMConfig
+    from namm_cache.hub import ScorerMetadata, load_scorer, save_scorer
+
+    folder = tmp_path / "scorer"
+    save_scorer(folder, random_scorer(seed=3), NAMMConfig(update_interval=64, threshold=0.0, sinks=4, recent_window=32),
+                ScorerMetadata(description="test scorer"))
+    first = float(load_scorer(str(folder)).scorer.get_flat_params()[0])
+    out = tmp_path / "probe.json"
+    result = depth_probe.main(["--scorer", f"{folder}:max_tokens=100", "--scorer", f"{folder}:max_tokens=150,smoothing=2,p0={first + 1}",
+                               "--baselines", "streaming_llm", "--model", str(tiny_model_dir), "--prompts-per-task", "3",
+                               "--tokens", "300", "--out", str(out)])
+    assert json.loads(out.read_text())["rows"] == result["rows"]
+    scorer_a, baseline_a, scorer_b, baseline_b = result["rows"]
+    assert (scorer_a["config"]["max_tokens"], scorer_b["config"]["max_tokens"], scorer_b["config"]["smoothing"]) == (100, 150, 2)
+    assert "smoothing" not in scorer_a["config"] and scorer_a["scorer_weights"] != scorer_b["scorer_weights"]
+    for task, depths in result["depths"].items():  # 5%..95% in thirds: one prompt in each
+        assert len(depths) == 3 and depths == sorted(depths) and depths[0] < 0.33 < depths[1] < 0.67 < depths[2]
+    for scorer, baseline in ((scorer_a, baseline_a), (scorer_b, baseline_b)):
+        assert baseline["beside"] == scorer["scorer"] and baseline["policy"] == "streaming_llm"
+        assert [len(answers) for answers in baseline["correct"].values()] == [3, 3]
+        assert baseline["kept_fraction"] == pytest.approx(scorer["kept_fraction"], abs=0.03)  # the matched budget
+    assert scorer_a["kept_fraction"] < scorer_b["kept_fraction"] < 1.0  # caps of 100 and 150 tokens (plus the tokens after the last round)
+
+
+@pytest.mark.parametrize("flags", [["--baselines", "nope"], ["--prompts-per-task", "0"], ["--tokens", "100"],
+                                   ["--tasks", "long_text"], ["--haystack", "nowhere"], ["--out", "/nonexistent/dir/o.json"],
+                                   ["--scorer", "/nonexistent/scorer"], ["--scorer", "{folder}:nope=1"],
+                                   ["--scorer", "{folder}:smoothing=-1"], ["--scorer", "{folder}:p99999=1"]])
+def test_depth_probe_refuses_bad_flags_with_one_error_line_before_loading_the_model(flags, tmp_path, capsys, monkeypatch):
+    import depth_probe
+    from helpers import random_scorer
+
+    from namm_cache import NAMMConfig
+    from namm_cache.evolution import run
+    from namm_cache.hub import ScorerMetadata, save_scorer
+
+    def load_model(name):
+        raise AssertionError("the flags should have been refused before the model loads")
+
+    monkeypatch.setattr(run, "load_model", load_model)
+    folder = tmp_path / "scorer"
+    save_scorer(folder, random_scorer(seed=3), NAMMConfig(update_interval=64), ScorerMetadata(description="test scorer"))
+    argv = {"--scorer": str(folder), "--out": str(tmp_path / "out.json")}
+    argv.update({flag: value.format(folder=folder) for flag, value in zip(flags[::2], flags[1::2])})
+    with pytest.raises(SystemExit) as stopped:
+        depth_probe.main([part for pair in argv.items() for part in pair])
+    err = capsys.readouterr().err
+    assert stopped.value.code == 2 and err.count("\n") == 1 and err.startswith("depth_probe: error: ")
