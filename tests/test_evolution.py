@@ -244,6 +244,18 @@ def test_heldout_evaluation_matches_baselines_to_the_scorers_memory_and_bundles(
     assert "NAMM (threshold, 16 recent)" in card and "NAMM (cap 64)" in card and "h2o (budget" in card
     assert "| threshold, 16 recent |" in card and "| stored settings |" in card
     assert "keep score >= 0.0; always kept: the 16 newest |" in card  # the stored window, in the settings table
+    # One suite split across two runs (other baselines, same full and NAMM rows) merges into one table and one gate
+    # over every baseline of both; the capped run (another setting) stays apart.
+    split = evaluate_heldout(model, tokenizer, str(folder), prompts_per_task=1, policies=["streaming_llm"], progress=False,
+                             no_cap=True, recent_window=16, oracle=False)
+    split_json = tmp_path / "split.json"
+    split_json.write_text(json.dumps(split))
+    assert bundle_evolved.main([str(folder), str(heldout), str(split_json), str(capped_json), "org/test-split"]) == 0
+    card = (tmp_path / "bundled" / "org" / "test-split" / "README.md").read_text()
+    assert card.count("| threshold, 16 recent | NAMM (threshold, 16 recent) |") == 1 and card.count("| NAMM (cap 64) |") == 1
+    assert "| threshold, 16 recent | streaming_llm (budget" in card and "| threshold, 16 recent | h2o (budget" in card
+    best = max(free["rows"][2:3] + split["rows"][2:3], key=lambda row: row["normalized_mean"])
+    assert f"At `threshold, 16 recent`: NAMM minus the best baseline ({best['policy']})" in card
     # Refused, each with one error line and nothing written: a budget evaluation first (a budget is not stored),
     # other weights (by the digest evaluate records; by folder for results without it), another prompt suite,
     # a malformed result, an unreadable file, a NAME that is not org/name.
@@ -263,6 +275,33 @@ def test_heldout_evaluation_matches_baselines_to_the_scorers_memory_and_bundles(
     assert bundle_evolved.main([str(folder), str(heldout), str(capped_json)]) == 2  # NAME left off
     assert "NAME must look like org/name" in capsys.readouterr().err
     assert not (tmp_path / "bundled" / "org" / "refused").exists() and not (tmp_path / "bundled" / "capped.json").exists()
+
+
+def test_bundled_gate_is_retaken_over_merged_rows_and_names_the_best_published_baseline():
+    sys.path.insert(0, str(ROOT / "tools"))
+    import bundle_evolved
+
+    from namm_cache.evolution.evaluate import paired_bootstrap
+
+    def row(policy, scores):
+        full = [1.0, 0.8, 0.6]
+        return {"policy": policy, "label": policy, "scores": {"passkey": scores},
+                "normalized_mean": sum(scores) / sum(full)}
+
+    full, namm = row("full", [1.0, 0.8, 0.6]), row("namm", [0.9, 0.8, 0.5])
+    first = {"no_cap": True, "date": "d1", "rows": [full, namm, row("h2o", [0.2, 0.1, 0.3])],
+             "gate": {"baseline": "h2o", "resamples": 200, "seed": 3}}
+    second = {"no_cap": True, "date": "d2", "rows": [full, namm, row("tova", [0.5, 0.2, 0.3]),
+                                                     row("key_norm+protected", [0.7, 0.6, 0.4])], "gate": {"baseline": "x"}}
+    other = {"no_cap": True, "date": "d3", "rows": [full, row("namm", [0.1, 0.8, 0.5]), row("snapkv", [0.0, 0.0, 0.0])]}
+    merged = bundle_evolved.merge_splits([first, second, other])
+    assert len(merged) == 2 and [r["policy"] for r in merged[0]["rows"]] == ["full", "namm", "h2o", "tova", "key_norm+protected"]
+    assert merged[0]["date"] == "d1, d2" and len(first["rows"]) == 3  # the inputs are not changed
+    gate, published = merged[0]["gate"], merged[0]["published_gate"]
+    assert gate["baseline"] == "key_norm+protected" and published["baseline"] == "tova"
+    expected = paired_bootstrap(namm["scores"], {"passkey": [0.5, 0.2, 0.3]}, full["scores"], resamples=200, seed=3)
+    assert {key: published[key] for key in expected} == expected
+    assert "gate" not in merged[1] and merged[1]["rows"][1]["scores"]["passkey"][0] == 0.1  # other NAMM scores: apart
 
 
 def test_matched_budget_solves_the_budget_to_kept_line():
