@@ -89,6 +89,25 @@ def test_model_card_is_rendered_from_the_metadata(tmp_path):
     assert loaded.config.smoothing == 8 and "neighbours 4, smoothing 8" in describe(loaded)
 
 
+def test_the_card_names_what_a_scorer_reads_and_what_a_linear_one_ignores(tmp_path):
+    from namm_cache.scorers import build_scorer
+
+    def card_of(scorer, name):
+        save_scorer(tmp_path / name, scorer, NAMMConfig(), METADATA, repo_id=f"org/{name}")
+        return " ".join((tmp_path / name / "README.md").read_text().split())
+
+    assert "scores every cached token from its age and attention spectrogram and decides" in card_of(calibrated_scorer(), "bam")
+    linear = build_scorer("linear_all_layers")  # 8 age + 17 spectrogram + key_norm, value_norm, all_layer_key_norm
+    assert linear.inputs_read() == ([], ["age", "attention spectrogram", "key_norm", "value_norm", "all_layer_key_norm"])
+    assert "scores every cached token alike (one constant score) (the weights on its age," in card_of(linear, "zero")
+    flat = linear.get_flat_params()
+    flat[27], flat[3] = -1.0, 0.5  # all_layer_key_norm, one age dimension
+    linear.set_flat_params(flat)
+    assert linear.inputs_read() == (["age", "all_layer_key_norm"], ["attention spectrogram", "key_norm", "value_norm"])
+    assert ("scores every cached token from its age and all_layer_key_norm (the weights on its attention spectrogram, "
+            "key_norm and value_norm are zero) and decides") in card_of(linear, "rule")
+
+
 def build_hf_cache(cache_dir: Path, repo_id: str, source: Path, commit: str = "0123456789abcdef0123456789abcdef01234567"):
     """Lay out files the way huggingface_hub's cache stores a downloaded repo (blobs + snapshot links)."""
     import hashlib

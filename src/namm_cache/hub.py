@@ -123,6 +123,7 @@ def render_card(scorer: Scorer, config: NAMMConfig, metadata: ScorerMetadata, re
         tags=["namm", "kv-cache", "kv-cache-compression", "long-context", f"namm-{scorer.kind}"],
         base_model=list(metadata.base_models) or None,
     )
+    read, ignored = scorer.inputs_read()
     results_columns: list[str] = []
     for row in metadata.results:
         results_columns += [key for key in row if key not in results_columns]
@@ -138,6 +139,8 @@ def render_card(scorer: Scorer, config: NAMMConfig, metadata: ScorerMetadata, re
         input_dim=scorer.input_dim,
         n_bins=scorer.n_bins,
         extra_inputs=", ".join(scorer.extra_inputs),
+        inputs_read=_spoken_list(read),
+        inputs_ignored=_spoken_list(ignored),
         base_models=", ".join(metadata.base_models) or "not recorded",
         training_tasks=", ".join(metadata.training_tasks) or "none (not evolved)",
         fitness=None if metadata.fitness is None else f"{metadata.fitness:.4f}",
@@ -146,6 +149,11 @@ def render_card(scorer: Scorer, config: NAMMConfig, metadata: ScorerMetadata, re
         format_version=FORMAT_VERSION,
         **config.to_dict(),
     )
+
+
+def _spoken_list(names: list[str]) -> str:
+    """`a`, `a and b`, `a, b and c`."""
+    return " and ".join([", ".join(names[:-1]), names[-1]] if len(names) > 1 else names)
 
 
 def save_scorer(

@@ -108,6 +108,18 @@ class Scorer(nn.Module):
             return float(readout.bias.detach()[0]) if readout.bias is not None else 0.0
         return None
 
+    def input_groups(self) -> dict[str, int]:
+        """`{name: size}` of the input groups in input order: `"age"` (the recency embedding), `"attention
+        spectrogram"`, then each of `extra_inputs`."""
+        sizes = {"age": self.input_dim - self.n_bins - len(self.extra_inputs), "attention spectrogram": self.n_bins,
+                 **{name: 1 for name in self.extra_inputs}}
+        return {name: size for name, size in sizes.items() if size > 0}
+
+    def inputs_read(self) -> tuple[list[str], list[str]]:
+        """`(read, ignored)`: the input groups (`input_groups`) the scores can depend on, and those they cannot.
+        Every group is read unless a scorer can tell otherwise (a linear one: a group whose weights are all zero)."""
+        return list(self.input_groups()), []
+
     # Evolution works on one flat vector of the trainable parameters (buffers are not included).
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

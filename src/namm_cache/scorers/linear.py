@@ -27,6 +27,14 @@ class LinearScorer(Scorer):
     def score_tokens(self, features: torch.Tensor, positions: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         return self.readout(features.to(self.readout.weight.dtype)).squeeze(-1)
 
+    def inputs_read(self) -> tuple[list[str], list[str]]:
+        weights = self.readout.weight.detach()[0]
+        read, ignored, start = [], [], 0
+        for name, size in self.input_groups().items():
+            (read if bool(weights[start:start + size].any()) else ignored).append(name)
+            start += size
+        return read, ignored
+
 
 class LinearPooledScorer(LinearScorer):
     """`LinearScorer` that also reads each token's pooled key norm: the mean over the KV heads of the layers
