@@ -34,13 +34,13 @@ def pick_row(result: dict[str, Any], policy: str, which: str) -> dict[str, Any]:
 def compare(a: dict[str, Any], b: dict[str, Any], *, resamples: int = 10000, seed: int = 0, a_row: str = "namm",
             b_row: str = "namm") -> dict[str, Any]:
     """`paired_bootstrap` of A's `a_row` row (default its NAMM row) against B's `b_row`, with both kept fractions."""
-    from namm_cache.evolution.evaluate import paired_bootstrap
+    from namm_cache.evolution.evaluate import paired_bootstrap, same_scores
 
     for key in ("model", "seed", "tasks", "prompts_per_task"):
         if a.get(key) != b.get(key):
             raise ValueError(f"the two results were not measured on the same prompts: {key} {a.get(key)!r} != {b.get(key)!r}.")
     full_a, full_b = a["rows"][0], b["rows"][0]
-    if full_a["policy"] != "full" or full_b["policy"] != "full" or full_a["scores"] != full_b["scores"]:
+    if full_a["policy"] != "full" or full_b["policy"] != "full" or not same_scores(full_a["scores"], full_b["scores"]):
         raise ValueError("the full-cache rows differ: the two results were not measured on the same prompts and model.")
     row_a, row_b = pick_row(a, a_row, "A"), pick_row(b, b_row, "B")
     scores = [{task: np.asarray(values) for task, values in row["scores"].items()} for row in (row_a, row_b, full_a)]

@@ -278,6 +278,17 @@ def evaluate_heldout(model, tokenizer, scorer_path: str, *, prompts_per_task: in
     return result
 
 
+SAME_SCORE_RTOL = 1e-4  # two runs of one cache on one prompt differ by float rounding across library builds (~1e-6)
+
+
+def same_scores(a: dict[str, list[float]], b: dict[str, list[float]]) -> bool:
+    """Whether two rows' `scores` (`{task: [per-prompt score]}`) are one cache's scores of the same prompts: the same
+    tasks, as many prompts each, every score equal within a relative `SAME_SCORE_RTOL` (rounding between runs)."""
+    if set(a) != set(b):
+        return False
+    return all(len(a[task]) == len(b[task]) and np.allclose(a[task], b[task], rtol=SAME_SCORE_RTOL, atol=0.0) for task in a)
+
+
 def best_baseline(rows: list[dict[str, Any]], baselines: list[str], protected_baselines: list[str]) -> dict[str, Any] | None:
     """The row the gate compares NAMM with: the highest `normalized_mean` among the baselines run by their own rules
     (`policy` in `baselines`) and those run with the scorer's protection (`"<name>+protected"`); never the full

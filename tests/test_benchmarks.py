@@ -369,6 +369,9 @@ def test_paired_heldout_compares_two_namm_rows_on_the_same_prompts_and_refuses_o
         compare(better, rule, b_row="snapkv")
     with pytest.raises(ValueError, match="seed"):
         compare(better, result(0.0, seed=1))
+    rounded = result(0.0)  # the full cache run again elsewhere: the same scores up to float rounding
+    rounded["rows"][0] = {**rounded["rows"][0], "scores": {t: [s * (1 + 3e-6) for s in v] for t, v in full.items()}}
+    assert compare(better, rounded, resamples=500, seed=1)["b_normalized_mean"] == rounded["rows"][1]["normalized_mean"]
     other = result(0.0)
     other["rows"][0] = {**other["rows"][0], "scores": {t: [s + 0.01 for s in v] for t, v in full.items()}}
     with pytest.raises(ValueError, match="full-cache rows differ"):

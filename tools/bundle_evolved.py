@@ -30,6 +30,7 @@ from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from namm_cache.evolution.evaluate import same_scores
 from namm_cache.hub import LoadedScorer, bundled_root, load_scorer, resolve, save_scorer, weights_digest
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*")
@@ -115,12 +116,13 @@ SINGLE_ROWS = ("full", "namm")  # rows every evaluation of a suite repeats; the 
 
 def merge_splits(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """`results` with each evaluation merged into the first earlier one of the same setting whose full-cache and NAMM
-    rows hold the same per-prompt scores: its other rows (baselines, oracle) join that one's. Evaluations that differ
+    rows hold the same per-prompt scores (`evaluate.same_scores`: up to rounding): its other rows (baselines, oracle) join that one's. Evaluations that differ
     there stay apart. Every gate is then taken again over its evaluation's rows (`regate`)."""
     merged: list[dict[str, Any]] = []
     for heldout in results:
         home = next((earlier for earlier in merged if setting(earlier) == setting(heldout)
-                     and all(_row(earlier, policy)["scores"] == _row(heldout, policy)["scores"] for policy in SINGLE_ROWS)),
+                     and all(same_scores(_row(earlier, policy)["scores"], _row(heldout, policy)["scores"])
+                             for policy in SINGLE_ROWS)),
                     None)
         if home is None:
             merged.append({**heldout, "rows": list(heldout["rows"])})
