@@ -209,6 +209,8 @@ HELDOUT_BLOCKS = (
     "heldout_rule_smooth8_threshold",
     "heldout_rule_smooth8_threshold_more",
     "heldout_rule_smooth8_gemma3_budget23_10",
+    "heldout_rule_smooth8_b0_threshold",
+    "heldout_rule_smooth8_b0_threshold_more",
 )
 
 
