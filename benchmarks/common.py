@@ -24,6 +24,28 @@ def provenance(script: str, argv: list[str] | None = None) -> dict[str, str]:
     }
 
 
+def refuse(program: str, error: BaseException):
+    """A user's mistake: one `PROGRAM: error: ...` line on stderr, exit status 2 (no traceback)."""
+    print(f"{program}: error: {' '.join(str(error).split())}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def output_file(flag: str, value: str) -> Path:
+    """`value` as a results file whose folder exists (a `ValueError` naming `flag` otherwise)."""
+    out = Path(value)
+    if out.is_dir() or not out.parent.is_dir():
+        raise ValueError(f"{flag} {value!r} must be a file in an existing folder.")
+    return out
+
+
+def task_names(flag: str, value: str, allowed: tuple[str, ...]) -> tuple[str, ...]:
+    """A comma-separated list of task names, each once, in order; a `ValueError` unless some and only `allowed`."""
+    tasks = tuple(dict.fromkeys(name.strip() for name in value.split(",") if name.strip()))
+    if not tasks or set(tasks) - set(allowed):
+        raise ValueError(f"{flag} must name some of {', '.join(allowed)}, got {value!r}.")
+    return tasks
+
+
 def scorer_id(name_or_path: str) -> str:
     """The scorer's name plus a hash of its weights and config, so a re-exported folder is not mistaken for the old one."""
     from namm_cache.hub import resolve

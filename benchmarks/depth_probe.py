@@ -37,7 +37,7 @@ import torch
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import provenance  # noqa: E402
+from common import output_file, provenance, refuse, task_names  # noqa: E402
 
 TASKS = ("passkey", "needle")
 
@@ -139,31 +139,23 @@ def main(argv: list[str] | None = None) -> dict:
     from namm_cache.tasks import build_task
     from namm_cache.validation import check_int
 
-    def fail(error: BaseException) -> dict:
-        print(f"depth_probe: error: {' '.join(str(error).split())}", file=sys.stderr)
-        raise SystemExit(2)
-
     try:  # every flag is checked before the model loads
         baselines = check_baselines("--baselines", args.baselines)
         prompts_per_task = check_int("--prompts-per-task", _number("--prompts-per-task", args.prompts_per_task), minimum=1)
         tokens = check_int("--tokens", _number("--tokens", args.tokens), minimum=256)
         threads = check_int("--threads", _number("--threads", args.threads), minimum=1)
-        out = Path(args.out)
-        if out.is_dir() or not out.parent.is_dir():
-            raise ValueError(f"--out {args.out!r} must be a file in an existing folder.")
-        tasks = tuple(dict.fromkeys(name.strip() for name in args.tasks.split(",") if name.strip()))
-        if not tasks or set(tasks) - set(TASKS):
-            raise ValueError(f"--tasks must name some of {', '.join(TASKS)}, got {args.tasks!r}.")
+        out = output_file("--out", args.out)
+        tasks = task_names("--tasks", args.tasks, TASKS)
         for name in tasks:
             build_task({"name": name, "tokens": tokens, "haystack": args.haystack})
         scorers = [(text, load_variant(text)) for text in args.scorer]
     except (ValueError, OSError) as error:  # ScorerLoadError is a ValueError
-        return fail(error)
+        return refuse("depth_probe", error)
     torch.set_num_threads(threads)
     try:
         model, tokenizer = load_model(args.model)
     except (ValueError, OSError) as error:
-        return fail(error)
+        return refuse("depth_probe", error)
     examples = depth_examples(tokenizer, tasks, prompts_per_task, tokens, args.haystack, args.seed)
 
     def run(label: str, make_spec, chunk: int) -> dict[str, Any]:

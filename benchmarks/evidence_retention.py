@@ -39,7 +39,7 @@ import torch
 from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import provenance  # noqa: E402
+from common import output_file, provenance, refuse, task_names  # noqa: E402
 
 TASKS = ("passkey", "needle")  # the default --tasks; variable_tracking also carries evidence (its statements)
 EVIDENCE_TASKS = ("passkey", "needle", "variable_tracking")
@@ -179,10 +179,6 @@ def main(argv: list[str] | None = None) -> dict:
     from namm_cache.tasks.base import token_ids
     from namm_cache.validation import check_float, check_int
 
-    def fail(error: BaseException) -> dict:
-        print(f"evidence_retention: error: {' '.join(str(error).split())}", file=sys.stderr)
-        raise SystemExit(2)
-
     try:  # every flag is checked before the model loads
         baselines = check_baselines("--baselines", args.baselines)
         prompts_per_task = check_int("--prompts-per-task", _number("--prompts-per-task", args.prompts_per_task), minimum=1)
@@ -190,12 +186,8 @@ def main(argv: list[str] | None = None) -> dict:
         threads = check_int("--threads", _number("--threads", args.threads), minimum=1)
         fraction = None if args.budget is None else check_float("--budget", _number("--budget", args.budget), above=0.0,
                                                                  maximum=1.0)
-        out = Path(args.out)
-        if out.is_dir() or not out.parent.is_dir():
-            raise ValueError(f"--out {args.out!r} must be a file in an existing folder.")
-        tasks = tuple(dict.fromkeys(name.strip() for name in args.tasks.split(",") if name.strip()))
-        if not tasks or set(tasks) - set(EVIDENCE_TASKS):
-            raise ValueError(f"--tasks must name some of {', '.join(EVIDENCE_TASKS)}, got {args.tasks!r}.")
+        out = output_file("--out", args.out)
+        tasks = task_names("--tasks", args.tasks, EVIDENCE_TASKS)
         task_specs = [{"name": task, "tokens": tokens, "haystack": args.haystack} for task in tasks]
         for spec in task_specs:
             build_task(spec)
@@ -204,12 +196,12 @@ def main(argv: list[str] | None = None) -> dict:
         if fraction is None and config.max_tokens is None:
             raise ValueError(f"{args.scorer} has no cap (max_tokens): give --budget F so that every cache holds the same memory.")
     except (ValueError, OSError) as error:  # ScorerLoadError is a ValueError
-        return fail(error)
+        return refuse("evidence_retention", error)
     torch.set_num_threads(threads)
     try:
         model, tokenizer = load_model(args.model)
     except (ValueError, OSError) as error:
-        return fail(error)
+        return refuse("evidence_retention", error)
     chunk = config.update_interval
     protection = config.replace(max_tokens=None)  # the baselines' budget replaces the cap; sinks, window stay
     budget = fraction if fraction is not None else config.max_tokens

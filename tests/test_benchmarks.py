@@ -289,20 +289,13 @@ def test_held_shares_count_each_head_s_own_tokens_and_skip_empty_slots():
                                    ["--tasks", "long_text"], ["--tasks", ","]])
 def test_evidence_retention_refuses_bad_flags_with_one_error_line_before_loading_the_model(flags, tmp_path, capsys, monkeypatch):
     import evidence_retention
-    from helpers import random_scorer
+    from helpers import scorer_folder_without_model
 
     from namm_cache import NAMMConfig
-    from namm_cache.evolution import run
-    from namm_cache.hub import ScorerMetadata, save_scorer
 
-    def load_model(name):
-        raise AssertionError("the flags should have been refused before the model loads")
-
-    monkeypatch.setattr(run, "load_model", load_model)
-    folder = tmp_path / "scorer"
-    save_scorer(folder, random_scorer(seed=3), NAMMConfig(update_interval=64, max_tokens=96, sinks=4, recent_window=32),
-                ScorerMetadata(description="test scorer"))
-    argv = {"--scorer": str(folder), "--out": str(tmp_path / "out.json")}
+    folder = scorer_folder_without_model(tmp_path / "scorer", NAMMConfig(update_interval=64, max_tokens=96, sinks=4,
+                                                                         recent_window=32), monkeypatch)
+    argv = {"--scorer": folder, "--out": str(tmp_path / "out.json")}
     argv.update(dict(zip(flags[::2], flags[1::2])))
     with pytest.raises(SystemExit) as stopped:
         evidence_retention.main([part for pair in argv.items() for part in pair])
@@ -428,19 +421,12 @@ def test_depth_probe_places_needles_at_even_depths_and_matches_each_baseline_to_
                                    ["--scorer", "{folder}:smoothing=-1"], ["--scorer", "{folder}:p99999=1"]])
 def test_depth_probe_refuses_bad_flags_with_one_error_line_before_loading_the_model(flags, tmp_path, capsys, monkeypatch):
     import depth_probe
-    from helpers import random_scorer
+    from helpers import scorer_folder_without_model
 
     from namm_cache import NAMMConfig
-    from namm_cache.evolution import run
-    from namm_cache.hub import ScorerMetadata, save_scorer
 
-    def load_model(name):
-        raise AssertionError("the flags should have been refused before the model loads")
-
-    monkeypatch.setattr(run, "load_model", load_model)
-    folder = tmp_path / "scorer"
-    save_scorer(folder, random_scorer(seed=3), NAMMConfig(update_interval=64), ScorerMetadata(description="test scorer"))
-    argv = {"--scorer": str(folder), "--out": str(tmp_path / "out.json")}
+    folder = scorer_folder_without_model(tmp_path / "scorer", NAMMConfig(update_interval=64), monkeypatch)
+    argv = {"--scorer": folder, "--out": str(tmp_path / "out.json")}
     argv.update({flag: value.format(folder=folder) for flag, value in zip(flags[::2], flags[1::2])})
     with pytest.raises(SystemExit) as stopped:
         depth_probe.main([part for pair in argv.items() for part in pair])

@@ -365,19 +365,13 @@ def test_the_table_reads_results_written_before_the_gate():
                                    ["--no-cap", "--min-fraction", "0"], ["--no-cap", "--min-fraction", "1.5"],
                                    ["--tokens", "100"], ["--tokens", "2000.5"]])
 def test_the_cli_refuses_bad_flags_with_one_error_line(flags, tmp_path, capsys, monkeypatch):
-    from helpers import random_scorer
+    from helpers import random_scorer, scorer_folder_without_model
 
-    from namm_cache.evolution import run
     from namm_cache.hub import ScorerMetadata, save_scorer
 
-    def load_model(name):
-        raise AssertionError("the flags should have been refused before the model loads")
-
-    monkeypatch.setattr(run, "load_model", load_model)
-    folder = tmp_path / "scorer"
-    save_scorer(folder, random_scorer(seed=3), NAMMConfig(update_interval=128, threshold=0.0, max_tokens=64),
-                ScorerMetadata(description="test scorer"))
-    scorer, out = str(folder), str(tmp_path / "out.json")
+    scorer = scorer_folder_without_model(tmp_path / "scorer", NAMMConfig(update_interval=128, threshold=0.0, max_tokens=64),
+                                         monkeypatch)
+    out = str(tmp_path / "out.json")
     if flags[-1] == "--scorer-with-window":  # protects 8 recent positions, which --recent-window 0 takes away
         flags, scorer = flags[:-1], str(tmp_path / "windowed")
         save_scorer(scorer, random_scorer(seed=3), NAMMConfig(update_interval=128, threshold=0.0, recent_window=8),
