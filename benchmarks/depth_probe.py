@@ -9,7 +9,7 @@ Each `--scorer` is a scorer folder or name, optionally followed by `:` and comma
 and `pINDEX=VALUE` for one of its parameters (`get_flat_params()` order; `p28=-0.1` is the pooled_key_norm
 rule's bias). Every scorer runs with its stored settings (cap included, unless `max_tokens=none`) on the same
 prompts: pass-key and needle prompts of `--haystack` (default `kjv_genesis`, the training text; never the
-held-out `kjv_proverbs`) with the needle placed at evenly spaced depths from 5% to 95%, so every fifth of the
+held-out `kjv_proverbs`) with the needle of prompt i of n at depth 5% + 90% (i + 0.5) / n, so every fifth of the
 prompt gets its share. Each `--baselines` policy runs once per scorer under the fraction budget that holds that
 scorer's mean kept fraction (`namm_cache.evolution.evaluate.matched_budget`, solved from one streaming_llm
 run of the first prompt: tokens appended since the last eviction round are all held, so a budget of F holds
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import random
 import sys
@@ -45,7 +46,9 @@ TASKS = ("passkey", "needle")
 def parse_scorer(text: str) -> tuple[str, dict[str, Any], dict[int, float]]:
     """`PATH[:NAME=VALUE,pINDEX=VALUE,...]` as (path, config changes, parameter changes). Values are ints where
     they read as ints, `none` is None, else floats."""
-    path, _, changes = text.partition(":")
+    if Path(text).exists():  # a folder whose name holds a colon
+        return text, {}, {}
+    path, _, changes = text.rpartition(":") if ":" in text else (text, "", "")
     if not path:
         raise ValueError(f"--scorer {text!r} names no scorer.")
     config: dict[str, Any] = {}
@@ -56,7 +59,11 @@ def parse_scorer(text: str) -> tuple[str, dict[str, Any], dict[int, float]]:
         if not equals or not name or not value:
             raise ValueError(f"--scorer {text!r}: write each change as NAME=VALUE, got {part!r}.")
         if name[0] == "p" and name[1:].isdigit():
+            if int(name[1:]) in params:
+                raise ValueError(f"--scorer {text!r}: parameter {name} is changed twice.")
             params[int(name[1:])] = _value(text, value, number_only=True)
+            if not math.isfinite(params[int(name[1:])]):
+                raise ValueError(f"--scorer {text!r}: {name} must be a finite number, got {value!r}.")
         else:
             config[name] = _value(text, value)
     return path, config, params
@@ -81,8 +88,11 @@ def load_variant(text: str):
     path, config_changes, param_changes = parse_scorer(text)
     loaded = load_scorer(path)
     if config_changes:
+        from namm_cache.hub import _check_compatible
+
         try:
             loaded.config = loaded.config.replace(**config_changes)
+            _check_compatible(loaded.scorer, loaded.config, text)  # e.g. recency_dim changes the scorer's input size
         except (TypeError, ValueError) as error:  # unknown fields name the known ones; bad values say why
             raise ValueError(f"--scorer {text!r}: {error}") from None
     if param_changes:

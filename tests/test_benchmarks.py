@@ -382,7 +382,9 @@ def test_depth_probe_reads_scorer_changes_and_refuses_malformed_ones():
     assert parse_scorer("runs/x") == ("runs/x", {}, {})
     assert parse_scorer("runs/x:smoothing=12, p28=-0.1,max_tokens=none,threshold=0.5") == (
         "runs/x", {"smoothing": 12, "max_tokens": None, "threshold": 0.5}, {28: -0.1})
-    for bad in (":smoothing=1", "runs/x:smoothing", "runs/x:=3", "runs/x:smoothing=big", "runs/x:p3=none"):
+    assert parse_scorer("run:12/x:p1=2") == ("run:12/x", {}, {1: 2.0})  # the changes follow the last colon
+    for bad in (":smoothing=1", "runs/x:smoothing", "runs/x:=3", "runs/x:smoothing=big", "runs/x:p3=none", "runs/x:p3=nan",
+                "runs/x:p3=inf", "runs/x:p3=1,p3=2"):
         with pytest.raises(ValueError, match="--scorer"):
             parse_scorer(bad)
 
@@ -418,7 +420,8 @@ def test_depth_probe_places_needles_at_even_depths_and_matches_each_baseline_to_
 @pytest.mark.parametrize("flags", [["--baselines", "nope"], ["--prompts-per-task", "0"], ["--tokens", "100"],
                                    ["--tasks", "long_text"], ["--haystack", "nowhere"], ["--out", "/nonexistent/dir/o.json"],
                                    ["--scorer", "/nonexistent/scorer"], ["--scorer", "{folder}:nope=1"],
-                                   ["--scorer", "{folder}:smoothing=-1"], ["--scorer", "{folder}:p99999=1"]])
+                                   ["--scorer", "{folder}:smoothing=-1"], ["--scorer", "{folder}:p99999=1"],
+                                   ["--scorer", "{folder}:recency_dim=4"]])
 def test_depth_probe_refuses_bad_flags_with_one_error_line_before_loading_the_model(flags, tmp_path, capsys, monkeypatch):
     import depth_probe
     from helpers import scorer_folder_without_model

@@ -301,7 +301,14 @@ def test_bundled_gate_is_retaken_over_merged_rows_and_names_the_best_published_b
     assert gate["baseline"] == "key_norm+protected" and published["baseline"] == "tova"
     expected = paired_bootstrap(namm["scores"], {"passkey": [0.5, 0.2, 0.3]}, full["scores"], resamples=200, seed=3)
     assert {key: published[key] for key in expected} == expected
-    assert "gate" not in merged[1] and merged[1]["rows"][1]["scores"]["passkey"][0] == 0.1  # other NAMM scores: apart
+    assert merged[1]["rows"][1]["scores"]["passkey"][0] == 0.1  # other NAMM scores: apart, with a gate of its own
+    assert merged[1]["gate"]["baseline"] == "snapkv"
+    oracle_first = {**first, "rows": first["rows"] + [row("oracle", [1.0, 0.8, 0.6])]}
+    assert [r["policy"] for r in bundle_evolved.merge_splits([oracle_first, second])[0]["rows"]][-1] == "oracle"
+    old_format = {"no_cap": True, "date": "d0", "rows": [{"label": "full cache", "scores": full["scores"]}],
+                  "gate": {"baseline": "h2o", "difference": 0.1}}
+    kept = bundle_evolved.merge_splits([old_format, old_format])  # rows without a policy: kept apart, gate as given
+    assert len(kept) == 2 and kept[0]["gate"] == old_format["gate"]
 
 
 def test_matched_budget_solves_the_budget_to_kept_line():

@@ -99,7 +99,9 @@ def test_the_card_names_what_a_scorer_reads_and_what_a_linear_one_ignores(tmp_pa
     assert "scores every cached token from its age and attention spectrogram and decides" in card_of(calibrated_scorer(), "bam")
     linear = build_scorer("linear_all_layers")  # 8 age + 17 spectrogram + key_norm, value_norm, all_layer_key_norm
     assert linear.inputs_read() == ([], ["age", "attention spectrogram", "key_norm", "value_norm", "all_layer_key_norm"])
-    assert "scores every cached token alike (one constant score) (the weights on its age," in card_of(linear, "zero")
+    assert "scores every cached token alike (one constant score, whatever its age," in card_of(linear, "zero")
+    from namm_cache import BAMScorer
+    assert "alike (one constant score, whatever its age and attention spectrogram)" in card_of(BAMScorer(), "keep")
     flat = linear.get_flat_params()
     flat[27], flat[3] = -1.0, 0.5  # all_layer_key_norm, one age dimension
     linear.set_flat_params(flat)

@@ -120,24 +120,31 @@ def merge_splits(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     there stay apart. Every gate is then taken again over its evaluation's rows (`regate`)."""
     merged: list[dict[str, Any]] = []
     for heldout in results:
-        home = next((earlier for earlier in merged if setting(earlier) == setting(heldout)
-                     and all(same_scores(_row(earlier, policy)["scores"], _row(heldout, policy)["scores"])
-                             for policy in SINGLE_ROWS)),
+        home = next((earlier for earlier in merged if setting(earlier) == setting(heldout) and _same_suite_rows(earlier, heldout)),
                     None)
         if home is None:
             merged.append({**heldout, "rows": list(heldout["rows"])})
             continue
         known = {row["policy"] for row in home["rows"]}
-        home["rows"] += [row for row in heldout["rows"] if row["policy"] not in known]
+        rows = home["rows"] + [row for row in heldout["rows"] if row["policy"] not in known]
+        home["rows"] = [row for row in rows if row["policy"] != "oracle"] + [row for row in rows if row["policy"] == "oracle"]
         home["date"] = f"{home['date']}, {heldout['date']}"
     for heldout in merged:
-        if heldout.get("gate"):
-            regate(heldout)
+        if all(isinstance(row, dict) and "policy" in row and "scores" in row for row in heldout["rows"]):
+            regate(heldout)  # results written before rows named their policy keep the gate they carry
     return merged
 
 
-def _row(heldout: dict[str, Any], policy: str) -> dict[str, Any]:
-    return next(row for row in heldout["rows"] if row.get("policy") == policy)  # StopIteration: refused by main
+def _row(heldout: dict[str, Any], policy: str) -> dict[str, Any] | None:
+    return next((row for row in heldout["rows"] if isinstance(row, dict) and row.get("policy") == policy), None)
+
+
+def _same_suite_rows(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Whether both evaluations have full-cache and NAMM rows with the same per-prompt scores (older results,
+    whose rows name no policy, never merge)."""
+    pairs = [(_row(a, policy), _row(b, policy)) for policy in SINGLE_ROWS]
+    return all(x is not None and y is not None and "scores" in x and "scores" in y and same_scores(x["scores"], y["scores"])
+               for x, y in pairs)
 
 
 def regate(heldout: dict[str, Any]) -> None:
@@ -152,7 +159,10 @@ def regate(heldout: dict[str, Any]) -> None:
         return
     old = heldout.get("gate") or {}
     settings = {"resamples": old.get("resamples", RESAMPLES), "seed": old.get("seed", 0)}
-    full, namm = (_row(heldout, policy)["scores"] for policy in SINGLE_ROWS)
+    full, namm = (_row(heldout, policy) for policy in SINGLE_ROWS)
+    if full is None or namm is None:
+        return
+    full, namm = full["scores"], namm["scores"]
 
     def gate(rows: list[dict[str, Any]]) -> dict[str, Any]:
         best = max(rows, key=lambda row: row["normalized_mean"])

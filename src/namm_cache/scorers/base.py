@@ -117,7 +117,10 @@ class Scorer(nn.Module):
 
     def inputs_read(self) -> tuple[list[str], list[str]]:
         """`(read, ignored)`: the input groups (`input_groups`) the scores can depend on, and those they cannot.
-        Every group is read unless a scorer can tell otherwise (a linear one: a group whose weights are all zero)."""
+        Every group is read unless a scorer can tell otherwise: none when its scores are constant (`constant_score`),
+        and for a linear one, no group whose weights are all zero."""
+        if self.constant_score() is not None:
+            return [], list(self.input_groups())
         return list(self.input_groups()), []
 
     # Evolution works on one flat vector of the trainable parameters (buffers are not included).
