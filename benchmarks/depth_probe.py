@@ -59,10 +59,11 @@ def parse_scorer(text: str) -> tuple[str, dict[str, Any], dict[int, float]]:
         if not equals or not name or not value:
             raise ValueError(f"--scorer {text!r}: write each change as NAME=VALUE, got {part!r}.")
         if name[0] == "p" and name[1:].isdigit():
-            if int(name[1:]) in params:
+            index = int(name[1:])
+            if index in params:
                 raise ValueError(f"--scorer {text!r}: parameter {name} is changed twice.")
-            params[int(name[1:])] = _value(text, value, number_only=True)
-            if not math.isfinite(params[int(name[1:])]):
+            params[index] = _value(text, value, number_only=True)
+            if not math.isfinite(params[index]):
                 raise ValueError(f"--scorer {text!r}: {name} must be a finite number, got {value!r}.")
         else:
             config[name] = _value(text, value)
@@ -108,9 +109,6 @@ def load_variant(text: str):
 def depth_examples(tokenizer, tasks: tuple[str, ...], prompts_per_task: int, tokens: int, haystack: str, seed: str):
     """`prompts_per_task` examples per task, the single needle of prompt i at depth 0.05 + 0.9 (i + 0.5) / n."""
     from namm_cache.tasks import build_task
-    from namm_cache.tasks.base import Example
-    from namm_cache.tasks.haystack import needle_spans
-    from namm_cache.tasks.prompts import haystack_prompt
 
     rng = random.Random(seed)
     examples = []
@@ -120,9 +118,7 @@ def depth_examples(tokenizer, tasks: tuple[str, ...], prompts_per_task: int, tok
             fields = task.draw(rng)
             (_, sentence), = fields["needles"]
             fields["needles"] = [(0.05 + 0.9 * (i + 0.5) / prompts_per_task, sentence)]
-            answer = fields.pop("answer")
-            prompt = haystack_prompt(tokenizer, tokens, haystack=task.haystack, haystack_offset=rng.randrange(10**6), **fields)
-            examples.append(Example(prompt, answer, name, evidence=needle_spans(prompt, fields["needles"])))
+            examples.append(task.render(tokenizer, rng, fields))
     return examples
 
 

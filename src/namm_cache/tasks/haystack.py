@@ -34,13 +34,15 @@ class HaystackTask(Task):
         raise NotImplementedError
 
     def sample(self, tokenizer, rng, n):
-        examples = []
-        for _ in range(n):
-            fields = self.draw(rng)
-            answer = fields.pop("answer")
-            prompt = haystack_prompt(tokenizer, self.tokens, haystack=self.haystack, haystack_offset=rng.randrange(10**6), **fields)
-            examples.append(Example(prompt, answer, self.name, evidence=needle_spans(prompt, fields["needles"])))
-        return examples
+        return [self.render(tokenizer, rng, self.draw(rng)) for _ in range(n)]
+
+    def render(self, tokenizer, rng: random.Random, fields: dict[str, Any]) -> Example:
+        """The `Example` of drawn `fields` (`draw`'s, needles possibly moved): the prompt on a haystack passage from
+        an offset drawn from `rng`, the needle sentences as evidence."""
+        fields = dict(fields)
+        answer = fields.pop("answer")
+        prompt = haystack_prompt(tokenizer, self.tokens, haystack=self.haystack, haystack_offset=rng.randrange(10**6), **fields)
+        return Example(prompt, answer, self.name, evidence=needle_spans(prompt, fields["needles"]))
 
 
 def needle_spans(prompt: str, needles: list[tuple[float, str]]) -> list[tuple[int, int]]:
